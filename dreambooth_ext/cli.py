@@ -1,0 +1,178 @@
+"""Command line: `train` (our JSON config, JoePenna's flags or config file) and `demo`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from . import __version__
+from .config import CONCEPT_OPTIONS, OPTIONS, ConfigError, from_dict, load_json, to_dict
+from .errors import DreamboothError
+from .hosts.files import FolderHost
+from .train.run import Progress, RunResult, TrainingRun
+
+log = logging.getLogger(__name__)
+
+# JoePenna's main.py flags that are named differently here: his name -> (where, our name).
+JOEPENNA_ALIASES = {
+    "training_model": ("config", "base_model"),
+    "max_training_steps": ("config", "max_train_steps"),
+    "save_every_x_steps": ("config", "save_every_n_steps"),
+    "training_images": ("concept", "instance_dir"),
+    "regularization_images": ("concept", "class_dir"),
+}
+
+
+def _add_option(parser: argparse.ArgumentParser, name: str, kind: str, help_text: str) -> None:
+    if kind == "bool":
+        parser.add_argument(f"--{name}", nargs="?", const="true", default=argparse.SUPPRESS, metavar="BOOL",
+                            help=help_text)
+    else:
+        parser.add_argument(f"--{name}", default=argparse.SUPPRESS, help=help_text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m dreambooth_ext",
+                                     description="Dreambooth training for Stable Diffusion 1.x/2.x checkpoints.")
+    parser.add_argument("--version", action="version", version=__version__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="train per a config file and/or flags",
+                                description="Train. Flags override the config file; every option of the "
+                                            "schema is a flag, and JoePenna's flags work too.")
+    train.add_argument("--config", "--config_file_path", dest="config_file", metavar="FILE.json",
+                       help="project JSON, JoePenna's config JSON or a concepts_list.json")
+    _add_common(train)
+    train.add_argument("--resume", action="store_true", help="continue the project's interrupted run")
+    for option in OPTIONS:
+        _add_option(train, option.name, option.kind, option.help)
+    for option in CONCEPT_OPTIONS:
+        _add_option(train, option.name, option.kind, f"(first concept) {option.help}")
+    for alias, (_, target) in JOEPENNA_ALIASES.items():
+        train.add_argument(f"--{alias}", default=argparse.SUPPRESS, help=f"same as --{target} (JoePenna)")
+    train.add_argument("--gpu", type=int, default=argparse.SUPPRESS, help="same as --device cuda:N (JoePenna)")
+
+    demo = commands.add_parser("demo", help="train a small built-in model on demo images (no downloads)",
+                               description="End-to-end demo with prior preservation. Without --model it builds "
+                                           "a small SD1-architecture model and trains on CPU in a few minutes.")
+    _add_common(demo)
+    demo.add_argument("--model", help="your own SD1/SD2 checkpoint instead of the built-in small model")
+    demo.add_argument("--images", help="a folder of your own training images instead of the demo images")
+    demo.add_argument("--steps", type=int, help="training steps (default: 150 small model, 400 your model)")
+    return parser
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--models-dir", default="models", type=Path,
+                        help="results go to DIR/Stable-diffusion/<project>/ (default ./models)")
+    parser.add_argument("--work-dir", type=Path, default=None,
+                        help="training state, class images and samples (default DIR/dreambooth)")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logging")
+
+
+def config_from_args(args: argparse.Namespace) -> object:
+    """The config file (if any) with every given flag applied on top, checked as one."""
+    given = vars(args)
+    data = to_dict(load_json(args.config_file)) if args.config_file else {"concepts": [{}]}
+    if not data.get("concepts"):
+        data["concepts"] = [{}]
+    concept = data["concepts"][0]
+    for option in OPTIONS:
+        if option.name in given:
+            data[option.name] = given[option.name]
+    for option in CONCEPT_OPTIONS:
+        if option.name in given:
+            concept[option.name] = given[option.name]
+    for alias, (where, target) in JOEPENNA_ALIASES.items():
+        if alias in given:
+            (data if where == "config" else concept)[target] = given[alias]
+    if "regularization_images" in given:
+        data.setdefault("prior_preservation", True)
+    if "gpu" in given:
+        data["device"] = f"cuda:{given['gpu']}"
+    return from_dict(data)
+
+
+class ConsoleProgress:
+    """A console progress bar: step, loss, it/s and ETA."""
+
+    def __init__(self, stream=None):
+        self.stream = stream or sys.stderr
+        self.last_phase = None
+
+    def __call__(self, p: Progress) -> None:
+        if p.phase == "training":
+            self._bar(p)
+            return
+        if self.last_phase == "training":
+            self.stream.write("\n")
+        if p.message and (p.phase != self.last_phase or p.phase in ("saving", "finished", "cancelled")
+                          or p.done in (1, p.total)):
+            self.stream.write(f"[{p.phase}] {p.message}\n")
+        self.stream.flush()
+        self.last_phase = p.phase
+
+    def _bar(self, p: Progress) -> None:
+        width = 30
+        filled = int(width * p.step / max(1, p.total_steps))
+        eta = _clock(p.eta_s) if p.eta_s is not None else "--:--"
+        rate = f"{p.it_per_s:.2f} it/s" if p.it_per_s else "-- it/s"
+        self.stream.write(f"\r[{'#' * filled}{'.' * (width - filled)}] step {p.step}/{p.total_steps} "
+                          f"loss {p.loss:.4f} lr {p.lr:.2e} {rate} ETA {eta}   ")
+        self.stream.flush()
+        self.last_phase = "training"
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(seconds)
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60:02d}:{rest % 60:02d}"
+
+
+def run_training(config, args: argparse.Namespace, *, resume: bool = False) -> RunResult:
+    host = FolderHost(args.models_dir, args.work_dir)
+    run = TrainingRun(config, host, resume=resume, on_progress=ConsoleProgress())
+    try:
+        return run.run()
+    except KeyboardInterrupt:
+        # Ctrl+C: the loop saves resumable state at the next step boundary only if it is still running, so
+        # tell the user what is kept.
+        raise DreamboothError("Interrupted. Saved models and the last saved training state are kept; run again "
+                              "with --resume to continue from the last save point.") from None
+
+
+def _setup_logging(debug: bool) -> None:
+    # Only our own logger: the command line is its own process, but the engine never touches the root logger.
+    logger = logging.getLogger("dreambooth_ext")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG if debug else logging.INFO)
+    logger.propagate = False
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.debug)
+    try:
+        if args.command == "train":
+            result = run_training(config_from_args(args), args, resume=args.resume)
+        else:
+            from .demo import run_demo
+
+            result = run_demo(args)
+    except (DreamboothError, ConfigError) as exc:
+        if args.debug:
+            raise
+        print(f"\nError: {exc}", file=sys.stderr)
+        return 2
+    if result.status == "cancelled":
+        print(f"Cancelled at step {result.step}; continue with --resume.", file=sys.stderr)
+        return 3
+    for path in result.checkpoints:
+        print(f"Saved {path}")
+    return 0

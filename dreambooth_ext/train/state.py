@@ -1,0 +1,102 @@
+"""Resumable training state: trained weights, optimizer, LR schedule, loss scaler, EMA and the step.
+
+Randomness (data order, flips, crops, noise, timesteps) is derived from (seed, step), so the step number is
+all the data-order and RNG state a resume needs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .. import __version__
+from ..errors import DreamboothError
+
+STATE_FORMAT = 1
+
+
+@dataclass
+class TrainingState:
+    step: int
+    weights: dict[str, torch.Tensor]
+    ema: dict[str, torch.Tensor] | None
+    optimizer: dict
+    lr_scheduler: dict
+    scaler: dict | None
+    meta: dict
+
+
+def trainable_weights(modules: dict[str, torch.nn.Module]) -> dict[str, torch.Tensor]:
+    """fp32 copies of every trainable parameter, keyed '<module>.<parameter>'."""
+    return {f"{prefix}.{name}": p.detach().float().cpu().contiguous()
+            for prefix, module in modules.items() for name, p in module.named_parameters() if p.requires_grad}
+
+
+def save_state(folder: Path, state: TrainingState) -> Path:
+    """Write the state to `folder`, replacing an older one only once the new one is complete."""
+    folder = Path(folder)
+    partial = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    save_file(state.weights, str(partial / "weights.safetensors"))
+    if state.ema is not None:
+        save_file({k: v.contiguous() for k, v in state.ema.items()}, str(partial / "ema.safetensors"))
+    torch.save({"optimizer": state.optimizer, "lr_scheduler": state.lr_scheduler, "scaler": state.scaler},
+               partial / "optimizer.pt")
+    meta = {**state.meta, "step": state.step, "format": STATE_FORMAT, "engine_version": __version__}
+    (partial / "state.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
+    old = folder.with_name(folder.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if folder.exists():
+        os.replace(folder, old)
+    os.replace(partial, folder)
+    shutil.rmtree(old, ignore_errors=True)
+    return folder
+
+
+def find_state(folder: Path) -> Path | None:
+    """The saved state, also after a crash between the two renames of `save_state`."""
+    folder = Path(folder)
+    for candidate in (folder, folder.with_name(folder.name + ".old")):
+        if (candidate / "state.json").is_file():
+            return candidate
+    return None
+
+
+def load_state(folder: Path) -> TrainingState:
+    found = find_state(folder)
+    if found is None:
+        raise DreamboothError(f"No saved training state in {folder}: there is nothing to resume. Start the run "
+                              "without resume, or set save_every_n_steps so future runs save resumable state.")
+    meta = json.loads((found / "state.json").read_text(encoding="utf-8"))
+    if meta.get("format") != STATE_FORMAT:
+        raise DreamboothError(f"The training state in {found} has format {meta.get('format')!r}; this version "
+                              f"reads format {STATE_FORMAT}. Start the run again without resume.")
+    # weights_only: the state is plain tensors and numbers, and nothing else may be unpickled.
+    extra = torch.load(found / "optimizer.pt", map_location="cpu", weights_only=True)
+    ema_file = found / "ema.safetensors"
+    return TrainingState(
+        step=int(meta["step"]),
+        weights=load_file(str(found / "weights.safetensors")),
+        ema=load_file(str(ema_file)) if ema_file.is_file() else None,
+        optimizer=extra["optimizer"], lr_scheduler=extra["lr_scheduler"], scaler=extra["scaler"], meta=meta)
+
+
+def restore_weights(modules: dict[str, torch.nn.Module], weights: dict[str, torch.Tensor]) -> None:
+    expected = trainable_weights(modules).keys()
+    missing = expected - weights.keys()
+    if missing:
+        raise DreamboothError(f"The saved training state lacks {len(missing)} trained weights (e.g. "
+                              f"{sorted(missing)[0]}): it belongs to a different model or options. Start the run "
+                              "again without resume.")
+    with torch.no_grad():
+        for prefix, module in modules.items():
+            for name, param in module.named_parameters():
+                if param.requires_grad:
+                    param.copy_(weights[f"{prefix}.{name}"].to(param.device, param.dtype))

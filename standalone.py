@@ -1,0 +1,67 @@
+#!/usr/bin/env python3
+"""Run the Dreambooth engine outside the WebUI, setting up its own virtual environment first.
+
+    python3 standalone.py demo                      train the built-in small model (CPU, a few minutes)
+    python3 standalone.py train --config my.json    train per a project file (see README)
+    python3 standalone.py test                      run the test suite
+
+The environment (.venv beside this file) gets the packages in requirements.txt at the WebUI v1.10.1
+versions pinned in constraints.txt; it is set up again only when those files change.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+VENV = Path(os.environ.get("DREAMBOOTH_VENV", ROOT / ".venv"))
+REQUIREMENT_FILES = ("constraints.txt", "requirements.txt", "requirements-test.txt")
+
+
+def venv_python() -> Path:
+    return VENV / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
+
+
+def pip(*args: str) -> None:
+    # Every install passes the constraints file, so nothing can resolve an unpinned torch.
+    command = [str(venv_python()), "-m", "pip", "install", "--disable-pip-version-check",
+               "-c", str(ROOT / "constraints.txt"), *args]
+    print("+", " ".join(command[3:]), flush=True)
+    subprocess.run(command, check=True)
+
+
+def ensure_environment() -> None:
+    stamp = VENV / ".dreambooth-stamp"
+    digest = hashlib.sha256(b"".join((ROOT / f).read_bytes() for f in REQUIREMENT_FILES)).hexdigest()
+    if stamp.is_file() and stamp.read_text() == digest and venv_python().exists():
+        return
+    if not venv_python().exists():
+        print(f"Creating a virtual environment in {VENV}", flush=True)
+        venv.EnvBuilder(with_pip=True).create(VENV)
+    pip("-r", str(ROOT / "requirements.txt"), "-r", str(ROOT / "requirements-test.txt"))
+    # open-clip-torch only for the CLIP vocabulary file it ships; its own dependencies (torchvision) are not
+    # needed and are not installed.
+    pip("--no-deps", "open-clip-torch")
+    stamp.write_text(digest)
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0
+    ensure_environment()
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    if argv[0] == "test":
+        command = [str(venv_python()), "-m", "pytest", *argv[1:]]
+    else:
+        command = [str(venv_python()), "-m", "dreambooth_ext", *argv]
+    return subprocess.run(command, cwd=ROOT, env=env).returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

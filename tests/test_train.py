@@ -1,0 +1,245 @@
+"""The training run end to end on a tiny model: loss terms, resume, saving, class images, options."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+
+from dreambooth_ext.config import from_dict
+from dreambooth_ext.errors import DreamboothError
+from dreambooth_ext.hosts.files import FolderHost
+from dreambooth_ext.models.checkpoint import read_checkpoint
+from dreambooth_ext.models.tiny import save_tiny_checkpoint
+from dreambooth_ext.train.run import Progress, TrainingRun
+
+UNET = "model.diffusion_model."
+
+
+@pytest.fixture(scope="module")
+def tiny_sd1(tmp_path_factory) -> Path:
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("base") / "tiny_sd1.safetensors", family="sd1", seed=0)
+
+
+@pytest.fixture(scope="module")
+def instance_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("instance")
+    for i, color in enumerate([(200, 30, 30), (30, 200, 30), (30, 30, 200)]):
+        image = Image.new("RGB", (80, 64), color)
+        image.paste((250, 250, 0), (10 + 5 * i, 10, 40, 40))
+        image.save(folder / f"img{i}.png")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def class_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("class")
+    for i in range(3):
+        Image.new("RGB", (64, 64), (40 * i, 90, 160)).save(folder / f"class{i}.png")
+    return folder
+
+
+def make_config(base: Path, instance: Path, class_folder: Path | None = None, **overrides):
+    concept = {"instance_dir": str(instance), "token": "ohwx", "class_word": "toy", "num_class_images": 3}
+    if class_folder is not None:
+        concept["class_dir"] = str(class_folder)
+    concept.update(overrides.pop("concept", {}))
+    data = {"project_name": "t", "base_model": str(base), "resolution": 64, "max_train_steps": 4,
+            "learning_rate": 1e-3, "seed": 5, "prior_preservation": class_folder is not None,
+            "save_precision": "fp32", "concepts": [concept]}
+    data.update(overrides)
+    return from_dict(data)
+
+
+def train(config, root: Path, **kwargs):
+    host = FolderHost(root / "models")
+    run = TrainingRun(config, host, **kwargs)
+    return run, run.run()
+
+
+def unet_of(path: Path) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in read_checkpoint(path).items() if k.startswith(UNET)}
+
+
+def max_difference(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+def test_run_writes_webui_checkpoint_that_differs_from_base(tiny_sd1, instance_dir, class_dir, tmp_path):
+    config = make_config(tiny_sd1, instance_dir, class_dir, save_precision="fp16")
+    _, result = train(config, tmp_path)
+    assert result.status == "finished" and result.step == 4
+    path = result.checkpoints[-1]
+    assert path == tmp_path / "models" / "Stable-diffusion" / "t" / "t_4.safetensors"
+    assert [p.name for p in path.parent.iterdir()] == ["t_4.safetensors"]  # no temp files left behind
+    trained, base = read_checkpoint(path), read_checkpoint(tiny_sd1)
+    assert trained.keys() == base.keys()
+    assert trained[UNET + "input_blocks.0.0.weight"].dtype == torch.float16
+    assert max_difference(unet_of(path), {k: v for k, v in base.items() if k.startswith(UNET)}) > 1e-3
+    with safe_open(str(path), "pt") as handle:
+        metadata = handle.metadata()
+    assert metadata["dreambooth.token"] == "ohwx"
+    assert metadata["dreambooth.steps"] == "4"
+    assert json.loads(metadata["dreambooth.config"])["learning_rate"] == 1e-3
+    assert "modelspec.architecture" in metadata
+
+
+def test_prior_loss_term_reaches_the_gradient(tiny_sd1, instance_dir, class_dir, tmp_path):
+    """The class images' loss must change the update (a known competitor computes it and drops it)."""
+    # A large Adam epsilon makes the update proportional to the gradient, so float noise in tiny gradients
+    # stays tiny instead of being normalized up to the learning rate.
+    sgd_like = {"max_train_steps": 2, "learning_rate": 1.0, "adam_epsilon": 1.0, "max_grad_norm": 0.0}
+    without = make_config(tiny_sd1, instance_dir, None, **sgd_like)
+    weight0 = make_config(tiny_sd1, instance_dir, class_dir, prior_loss_weight=0.0, **sgd_like)
+    weight1 = make_config(tiny_sd1, instance_dir, class_dir, prior_loss_weight=1.0, **sgd_like)
+    results = {name: unet_of(train(cfg, tmp_path / name)[1].checkpoints[-1])
+               for name, cfg in (("without", without), ("w0", weight0), ("w1", weight1))}
+    base = {k: v for k, v in read_checkpoint(tiny_sd1).items() if k.startswith(UNET)}
+    update = max_difference(results["without"], base)
+    # Weight 0: the class samples ride along in the batch but contribute nothing.
+    assert max_difference(results["w0"], results["without"]) < 1e-4 * update
+    # Weight 1: the class term changes the update substantially.
+    assert max_difference(results["w1"], results["w0"]) > 0.1 * update
+
+
+def test_cancel_then_resume_matches_an_uninterrupted_run(tiny_sd1, instance_dir, class_dir, tmp_path):
+    config = make_config(tiny_sd1, instance_dir, class_dir, max_train_steps=6, lr_scheduler="cosine",
+                         lr_warmup_steps=2, ema=True, ema_decay=0.5)
+    _, straight = train(config, tmp_path / "straight")
+
+    root = tmp_path / "interrupted"
+    holder = {}
+
+    def stop_at_3(p: Progress) -> None:
+        if p.phase == "training" and p.step == 3:
+            holder["run"].cancel()
+
+    run = TrainingRun(config, FolderHost(root / "models"), on_progress=stop_at_3)
+    holder["run"] = run
+    cancelled = run.run()
+    assert cancelled.status == "cancelled" and cancelled.step == 3
+    assert (root / "models" / "dreambooth" / "t" / "state" / "state.json").is_file()
+    assert not cancelled.checkpoints
+
+    _, resumed = train(config, root, resume=True)
+    assert resumed.status == "finished" and resumed.step == 6
+    assert [s for s, _ in resumed.losses] == [4, 5, 6]
+    assert max_difference(unet_of(resumed.checkpoints[-1]), unet_of(straight.checkpoints[-1])) < 1e-5
+    assert not (root / "models" / "dreambooth" / "t" / "state").exists()  # finished: state cleaned up
+
+
+def test_resume_without_saved_state_is_a_clear_error(tiny_sd1, instance_dir, tmp_path):
+    with pytest.raises(DreamboothError, match="nothing to resume"):
+        train(make_config(tiny_sd1, instance_dir), tmp_path, resume=True)
+
+
+def test_periodic_saves_and_samples(tiny_sd1, instance_dir, tmp_path):
+    config = make_config(tiny_sd1, instance_dir, max_train_steps=4, save_every_n_steps=2,
+                         sample_every_n_steps=2, sample_steps=2, sample_prompts="photo of {token} {class}\nsecond")
+    _, result = train(config, tmp_path)
+    assert [p.name for p in result.checkpoints] == ["t_2.safetensors", "t_4.safetensors"]
+    assert [p.name for p in result.samples] == ["step000002_0.png", "step000002_1.png",
+                                                "step000004_0.png", "step000004_1.png"]
+    assert Image.open(result.samples[0]).size == (64, 64)
+
+
+def test_missing_class_images_are_generated_once(tiny_sd1, instance_dir, tmp_path):
+    classes = tmp_path / "classes"
+    config = make_config(tiny_sd1, instance_dir, classes, max_train_steps=1, class_image_steps=2,
+                         concept={"num_class_images": 2})
+    phases = []
+    train_run, _ = train(config, tmp_path, on_progress=lambda p: phases.append(p.phase))
+    made = sorted(p.name for p in classes.iterdir())
+    assert made == ["class_00000.png", "class_00001.png"]
+    assert "class_images" in phases
+    before = {p: p.stat().st_mtime_ns for p in classes.iterdir()}
+    phases.clear()
+    train(config, tmp_path)
+    assert {p: p.stat().st_mtime_ns for p in classes.iterdir()} == before
+    assert "class_images" not in phases
+
+
+def test_no_usable_images_fails_before_the_model_loads(tiny_sd1, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("no images here")
+
+    class Host(FolderHost):
+        def load_base(self, config):
+            raise AssertionError("the model must not load when there are no images")
+
+    with pytest.raises(DreamboothError, match=str(empty.name)):
+        TrainingRun(make_config(tiny_sd1, empty), Host(tmp_path)).run()
+
+
+def test_ema_with_decay_one_exports_the_base_unet(tiny_sd1, instance_dir, tmp_path):
+    _, result = train(make_config(tiny_sd1, instance_dir, ema=True, ema_decay=1.0), tmp_path)
+    base = {k: v for k, v in read_checkpoint(tiny_sd1).items() if k.startswith(UNET)}
+    assert max_difference(unet_of(result.checkpoints[-1]), base) == 0.0
+
+
+def test_text_encoder_training_and_its_stop_fraction(tiny_sd1, instance_dir, tmp_path):
+    te = "cond_stage_model.transformer.text_model.encoder.layers.0.mlp.fc1.weight"
+    base = read_checkpoint(tiny_sd1)[te]
+    _, trained = train(make_config(tiny_sd1, instance_dir, train_text_encoder=True, text_encoder_lr=1e-3),
+                       tmp_path / "a")
+    assert not torch.equal(read_checkpoint(trained.checkpoints[-1])[te], base)
+    _, frozen = train(make_config(tiny_sd1, instance_dir, train_text_encoder=True, text_encoder_lr=1e-3,
+                                  stop_text_encoder=0.0), tmp_path / "b")
+    assert torch.equal(read_checkpoint(frozen.checkpoints[-1])[te], base)
+
+
+def test_latent_cache_does_not_change_the_result(tiny_sd1, instance_dir, tmp_path):
+    cached = make_config(tiny_sd1, instance_dir, cache_latents=True, precompute_text_embeddings=True, flip_p=0.5)
+    direct = make_config(tiny_sd1, instance_dir, cache_latents=False, precompute_text_embeddings=False,
+                         flip_p=0.5)
+    a = unet_of(train(cached, tmp_path / "a")[1].checkpoints[-1])
+    b = unet_of(train(direct, tmp_path / "b")[1].checkpoints[-1])
+    assert max_difference(a, b) < 1e-5
+
+
+def test_progress_reports_step_loss_speed_and_eta(tiny_sd1, instance_dir, tmp_path):
+    seen: list[Progress] = []
+    train(make_config(tiny_sd1, instance_dir, max_train_steps=3), tmp_path, on_progress=seen.append)
+    steps = [p for p in seen if p.phase == "training"]
+    assert [p.step for p in steps] == [1, 2, 3]
+    assert all(p.total_steps == 3 and p.loss > 0 and p.lr == 1e-3 and p.it_per_s > 0 for p in steps)
+    assert steps[-1].eta_s == 0
+    assert seen[-1].phase == "finished"
+
+
+def test_options_that_change_the_math_run(tiny_sd1, instance_dir, class_dir, tmp_path):
+    config = make_config(tiny_sd1, instance_dir, class_dir, max_train_steps=2, min_snr_gamma=5.0,
+                         noise_offset=0.1, gradient_accumulation_steps=2, train_batch_size=2,
+                         aspect_ratio_buckets=True, lr_scheduler="linear", crop="random", max_grad_norm=0.5)
+    _, result = train(config, tmp_path)
+    assert result.status == "finished"
+    assert all(torch.isfinite(torch.tensor(loss)) for _, loss in result.losses)
+
+
+def test_8bit_adam_is_refused_clearly_where_unavailable(tiny_sd1, instance_dir, tmp_path):
+    with pytest.raises(DreamboothError, match="adamw_8bit"):
+        train(make_config(tiny_sd1, instance_dir, optimizer="adamw_8bit"), tmp_path)
+
+
+def test_fp16_on_cpu_is_refused_with_the_fix(tiny_sd1, instance_dir, tmp_path):
+    with pytest.raises(DreamboothError, match="bf16 or no"):
+        train(make_config(tiny_sd1, instance_dir, mixed_precision="fp16", device="cpu"), tmp_path)
+
+
+def test_bf16_autocast_on_cpu_trains(tiny_sd1, instance_dir, tmp_path):
+    _, result = train(make_config(tiny_sd1, instance_dir, mixed_precision="bf16", max_train_steps=2), tmp_path)
+    assert result.status == "finished"
+    assert read_checkpoint(result.checkpoints[-1])[UNET + "out.2.weight"].dtype == torch.float32
+
+
+def test_two_runs_in_one_process_do_not_share_state(tiny_sd1, instance_dir, tmp_path):
+    config = make_config(tiny_sd1, instance_dir, max_train_steps=2)
+    a = unet_of(train(config, tmp_path / "a")[1].checkpoints[-1])
+    b = unet_of(train(config, tmp_path / "b")[1].checkpoints[-1])
+    assert max_difference(a, b) == 0.0
