@@ -100,13 +100,14 @@ class ConsoleProgress:
 
     def __init__(self, stream=None):
         self.stream = stream or sys.stderr
+        self.interactive = hasattr(self.stream, "isatty") and self.stream.isatty()
         self.last_phase = None
 
     def __call__(self, p: Progress) -> None:
         if p.phase == "training":
             self._bar(p)
             return
-        if self.last_phase == "training":
+        if self.last_phase == "training" and self.interactive:
             self.stream.write("\n")
         if p.message and (p.phase != self.last_phase or p.phase in ("saving", "finished", "cancelled")
                           or p.done in (1, p.total)):
@@ -115,12 +116,15 @@ class ConsoleProgress:
         self.last_phase = p.phase
 
     def _bar(self, p: Progress) -> None:
+        if not self.interactive and p.step not in (1, p.total_steps) and p.step % max(1, p.total_steps // 10):
+            return  # a log file gets about ten lines, a terminal a live bar
         width = 30
         filled = int(width * p.step / max(1, p.total_steps))
         eta = _clock(p.eta_s) if p.eta_s is not None else "--:--"
         rate = f"{p.it_per_s:.2f} it/s" if p.it_per_s else "-- it/s"
-        self.stream.write(f"\r[{'#' * filled}{'.' * (width - filled)}] step {p.step}/{p.total_steps} "
-                          f"loss {p.loss:.4f} lr {p.lr:.2e} {rate} ETA {eta}   ")
+        start, end = ("\r", "   ") if self.interactive else ("", "\n")
+        self.stream.write(f"{start}[{'#' * filled}{'.' * (width - filled)}] step {p.step}/{p.total_steps} "
+                          f"loss {p.loss:.4f} lr {p.lr:.2e} {rate} ETA {eta}{end}")
         self.stream.flush()
         self.last_phase = "training"
 

@@ -139,7 +139,7 @@ def collect_class_examples(config: Config, class_dirs: list[Path]) -> list[Examp
         return []
     buckets = _buckets(config)
     examples: list[Example] = []
-    for i, (concept, folder) in enumerate(zip(config.concepts, class_dirs)):
+    for i, (concept, folder) in enumerate(zip(config.concepts, class_dirs, strict=True)):
         if not _uses_class_images(concept):
             continue
         folder = Path(folder)

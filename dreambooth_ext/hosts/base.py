@@ -24,11 +24,11 @@ class Host(ABC):
     def work_dir(self, project: str) -> Path:
         """The project's folder for training state, generated class images and samples."""
 
-    def publish(self, path: Path) -> None:
+    def publish(self, path: Path) -> None:  # noqa: B027 - optional hook
         """A finished model file exists at `path`: make it visible (e.g. refresh the checkpoint list)."""
 
-    def release_device(self) -> None:
+    def release_device(self) -> None:  # noqa: B027 - optional hook
         """Free the accelerator for training (the WebUI moves its own model off the GPU)."""
 
-    def restore_device(self) -> None:
+    def restore_device(self) -> None:  # noqa: B027 - optional hook
         """Undo `release_device`; called after success, error or cancel."""

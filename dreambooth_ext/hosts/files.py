@@ -32,4 +32,4 @@ class FolderHost(Host):
         return self.work_root / project
 
     def publish(self, path: Path) -> None:
-        log.info("Saved %s", path)
+        log.debug("Published %s", path)

@@ -106,7 +106,7 @@ class TextConditioning:
         for start in range(0, len(unique), batch_size):
             chunk = unique[start:start + batch_size]
             states = encode_prompts(tokenizer, text_encoder, chunk).float().cpu()
-            table.update(zip(chunk, states))
+            table.update(zip(chunk, states, strict=True))
         return cls(tokenizer, text_encoder, table)
 
     def encode(self, captions: list[str], device: torch.device, *, grad: bool) -> torch.Tensor:
