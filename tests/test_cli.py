@@ -1,0 +1,96 @@
+"""The command line: JoePenna's flags, our config file, errors as one paragraph, the demo."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from dreambooth_ext import cli
+from dreambooth_ext.models.checkpoint import read_checkpoint
+from dreambooth_ext.models.tiny import save_tiny_checkpoint
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> Path:
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("base") / "tiny.safetensors")
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("photos")
+    for i in range(2):
+        Image.new("RGB", (64, 64), (100 + 50 * i, 20, 60)).save(folder / f"p{i}@a photo of S as a C.png")
+    return folder
+
+
+def test_joepenna_flags_map_onto_the_schema(base, photos):
+    args = cli.build_parser().parse_args([
+        "train", "--project_name", "anna", "--training_model", str(base), "--training_images", str(photos),
+        "--regularization_images", "reg", "--class_word", "woman", "--token", "zwx", "--token_only",
+        "--max_training_steps", "30", "--save_every_x_steps", "10", "--flip_p", "0.5", "--learning_rate", "1e-6",
+        "--seed", "7", "--resolution", "768", "--gpu", "1"])
+    config = cli.config_from_args(args)
+    assert (config.project_name, config.base_model, config.max_train_steps, config.save_every_n_steps) == (
+        "anna", str(base), 30, 10)
+    assert (config.flip_p, config.learning_rate, config.seed, config.resolution) == (0.5, 1e-6, 7, 768)
+    assert config.device == "cuda:1"
+    concept = config.concepts[0]
+    assert (concept.instance_dir, concept.class_dir, concept.class_word, concept.token, concept.token_only) == (
+        str(photos), "reg", "woman", "zwx", True)
+
+
+def test_flags_override_the_config_file(tmp_path, base, photos):
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps({"schema_version": 1, "project_name": "file", "max_train_steps": 99,
+                                "concepts": [{"instance_dir": str(photos), "token": "abc"}]}))
+    args = cli.build_parser().parse_args(["train", "--config", str(path), "--max_train_steps", "5",
+                                          "--train_text_encoder"])
+    config = cli.config_from_args(args)
+    assert config.project_name == "file" and config.max_train_steps == 5 and config.train_text_encoder
+    assert config.concepts[0].token == "abc"
+
+
+def test_train_writes_the_webui_layout(tmp_path, base, photos, capsys):
+    code = cli.main(["train", "--project_name", "cli", "--training_model", str(base), "--training_images",
+                     str(photos), "--class_word", "toy", "--token", "zwx", "--max_training_steps", "2",
+                     "--resolution", "64", "--num_class_images", "1", "--class_image_steps", "2",
+                     "--models-dir", str(tmp_path / "models")])
+    assert code == 0
+    out = tmp_path / "models" / "Stable-diffusion" / "cli" / "cli_2.safetensors"
+    assert out.is_file()
+    assert f"Saved {out}" in capsys.readouterr().out
+    assert any(k.startswith("model.diffusion_model.") for k in read_checkpoint(out))
+
+
+def test_user_errors_are_one_paragraph_without_traceback(tmp_path, base, capsys):
+    code = cli.main(["train", "--training_model", str(base), "--training_images", str(tmp_path / "missing"),
+                     "--learning_rate", "fast", "--resolution", "100", "--models-dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "learning_rate = 'fast'" in err and "Traceback" not in err
+
+
+def test_debug_shows_the_traceback(tmp_path, base):
+    with pytest.raises(Exception, match="learning_rate"):
+        cli.main(["train", "--debug", "--training_model", str(base), "--learning_rate", "fast"])
+
+
+def test_missing_images_folder_is_named(tmp_path, base, capsys):
+    missing = tmp_path / "no_such_folder"
+    code = cli.main(["train", "--training_model", str(base), "--training_images", str(missing),
+                     "--resolution", "64", "--models-dir", str(tmp_path)])
+    assert code == 2
+    assert "no_such_folder" in capsys.readouterr().err
+
+
+def test_demo_needs_nothing_else(tmp_path, capsys):
+    code = cli.main(["demo", "--models-dir", str(tmp_path / "models"), "--steps", "6"])
+    assert code == 0
+    result = tmp_path / "models" / "Stable-diffusion" / "demo" / "demo_6.safetensors"
+    assert result.is_file()
+    out = capsys.readouterr().out
+    assert "Demo finished" in out and "UNet tensors changed" in out
+    assert len(list((tmp_path / "models" / "dreambooth" / "demo" / "class_images").glob("*.png"))) == 6
