@@ -243,3 +243,30 @@ def test_two_runs_in_one_process_do_not_share_state(tiny_sd1, instance_dir, tmp_
     a = unet_of(train(config, tmp_path / "a")[1].checkpoints[-1])
     b = unet_of(train(config, tmp_path / "b")[1].checkpoints[-1])
     assert max_difference(a, b) == 0.0
+
+
+def test_sd2_v_prediction_run_writes_the_yaml_the_webui_needs(instance_dir, tmp_path):
+    base = save_tiny_checkpoint(tmp_path / "tiny_sd2.safetensors", family="sd2", seed=1)
+    config = make_config(base, instance_dir, prediction_type="v_prediction", max_train_steps=2)
+    _, result = train(config, tmp_path)
+    path = result.checkpoints[-1]
+    yaml_text = path.with_suffix(".yaml").read_text()
+    assert 'parameterization: "v"' in yaml_text or "parameterization: v" in yaml_text
+    trained = read_checkpoint(path)
+    assert "cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight" in trained
+    with safe_open(str(path), "pt") as handle:
+        assert handle.metadata()["modelspec.prediction_type"] == "v"
+
+
+def test_engine_never_imports_diffusers_pipelines():
+    """The WebUI's transformers 4.30.2 cannot import diffusers' pipeline classes."""
+    import subprocess
+    import sys
+
+    code = ("import sys, dreambooth_ext.cli, dreambooth_ext.train.run\n"
+            "from dreambooth_ext.models.bundle import load_bundle\n"
+            "from dreambooth_ext.models.tiny import tiny_checkpoint\n"
+            "load_bundle(tiny_checkpoint())\n"
+            "print([m for m in sys.modules if m.startswith('diffusers.pipelines')])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
