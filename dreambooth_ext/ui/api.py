@@ -1,0 +1,125 @@
+"""The HTTP API: start / status / cancel a run, list and read saved projects.
+
+Routes added to the WebUI's app get no authentication from the host, so they check the `--api-auth`
+credentials themselves (HTTP basic, like the host's own /sdapi routes). Handlers are plain `def`s: FastAPI runs
+them in its thread pool, and training itself runs in the JobManager's background thread.
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import Any
+
+from fastapi import Depends, FastAPI, HTTPException
+from fastapi.security import HTTPBasic, HTTPBasicCredentials
+
+from .. import config as schema
+from ..errors import ConfigError, DreamboothError
+from . import projects
+from .adapter import HostAdapter
+from .jobs import JobManager, error_message
+
+PREFIX = "/dreambooth/v1"
+
+
+def parse_credentials(auth: str | None) -> dict[str, str]:
+    """`user:pass,user2:pass2` (the WebUI's --api-auth) -> {user: pass}; a malformed entry is an error."""
+    credentials = {}
+    for entry in (auth or "").split(","):
+        entry = entry.strip()
+        if not entry:
+            continue
+        user, sep, password = entry.partition(":")
+        if not sep:
+            raise DreamboothError("--api-auth entries must look like user:password (several separated by commas); "
+                                  f"got an entry without ':' ({user[:2]}...).")
+        credentials[user] = password
+    return credentials
+
+
+def _auth_dependency(credentials: dict[str, str]):
+    basic = Depends(HTTPBasic())
+
+    def check(given: HTTPBasicCredentials = basic) -> None:
+        ok = False
+        for user, password in credentials.items():
+            # Compare every entry in full, so timing says nothing about which part was wrong.
+            ok |= (secrets.compare_digest(given.username.encode(), user.encode())
+                   & secrets.compare_digest(given.password.encode(), password.encode()))
+        if not ok:
+            raise HTTPException(status_code=401, detail="Incorrect username or password",
+                                headers={"WWW-Authenticate": "Basic"})
+
+    return check
+
+
+def _unprocessable(problems: list[str], message: str) -> HTTPException:
+    return HTTPException(status_code=422, detail={"message": message, "problems": problems})
+
+
+def register_api(app: FastAPI, jobs: JobManager, host_adapter: HostAdapter, auth: str | None) -> None:
+    """Add the routes to `app` (again on a new app after the host reloads; once per app)."""
+    if any(getattr(route, "path", "").startswith(PREFIX) for route in app.routes):
+        return
+    credentials = parse_credentials(auth)
+    dependencies = [Depends(_auth_dependency(credentials))] if credentials else []
+
+    def start(body: dict[str, Any], resume: bool = False, checkpoint: str | None = None) -> dict:
+        """Body: a project config as JSON (as in project.json). `checkpoint`: a checkpoint title to train instead
+        of base_model / the loaded model. `resume`: continue the project's saved state."""
+        try:
+            config = schema.validate(schema.from_dict(body))
+            projects.check_project_name(config.project_name)
+        except ConfigError as exc:
+            raise _unprocessable(exc.problems, "The configuration is invalid") from None
+        except DreamboothError as exc:
+            raise _unprocessable([str(exc)], "The configuration is invalid") from None
+
+        def make_host():
+            return host_adapter.prepare(config, checkpoint)[1]
+
+        prepared_config = config
+        if checkpoint:  # the folder host turns a picked title into base_model; check the title now, not later
+            try:
+                prepared_config = host_adapter.prepare(config, checkpoint)[0]
+            except DreamboothError as exc:
+                raise _unprocessable([error_message(exc)], "Unknown checkpoint") from None
+        try:
+            jobs.start_background(prepared_config, make_host, resume=resume, wrap=host_adapter.background,
+                                  should_cancel=host_adapter.should_cancel)
+        except DreamboothError as exc:
+            raise HTTPException(status_code=409, detail={"message": error_message(exc)}) from None
+        return {"started": True, "status": jobs.status()}
+
+    def status() -> dict:
+        return jobs.status()
+
+    def cancel() -> dict:
+        return {"cancelling": jobs.cancel(), "status": jobs.status()}
+
+    def list_projects() -> dict:
+        root = host_adapter.projects_dir()
+        return {"projects": [projects.project_info(root, name) for name in projects.list_projects(root)]}
+
+    def read_project(name: str) -> dict:
+        try:
+            path = projects.project_file(host_adapter.projects_dir(), name)
+        except DreamboothError as exc:
+            raise _unprocessable([error_message(exc)], "Invalid project name") from None
+        if not path.is_file():
+            raise HTTPException(status_code=404, detail={"message": f"There is no saved project {name!r}"})
+        try:
+            config = schema.load_json(path)
+        except ConfigError as exc:
+            raise _unprocessable(exc.problems, f"Project {name!r} cannot be read") from None
+        return schema.to_dict(config)
+
+    def add(path: str, endpoint, methods: list[str]) -> None:
+        app.add_api_route(PREFIX + path, endpoint, methods=methods, dependencies=dependencies)
+
+    add("/start", start, ["POST"])
+    add("/status", status, ["GET"])
+    add("/cancel", cancel, ["POST"])
+    add("/projects", list_projects, ["GET"])
+    add("/projects/{name}", read_project, ["GET"])
+

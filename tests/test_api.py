@@ -1,0 +1,155 @@
+"""The HTTP API on a bare FastAPI app: start/status/cancel/projects, --api-auth, name checks, 422 problems."""
+
+from __future__ import annotations
+
+import base64
+import time
+from pathlib import Path
+
+import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+from ui_helpers import BlockingHost, make_instance_images, make_models_dir, quick_run_data
+
+from dreambooth_ext import config as schema
+from dreambooth_ext.errors import DreamboothError
+from dreambooth_ext.ui import JobManager, folder_adapter
+from dreambooth_ext.ui.api import PREFIX, parse_credentials, register_api
+
+
+@pytest.fixture(scope="module")
+def ui_models(tmp_path_factory) -> Path:
+    return make_models_dir(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="module")
+def ui_images(tmp_path_factory) -> Path:
+    return make_instance_images(tmp_path_factory.mktemp("images") / "subject")
+
+
+def basic(user: str, password: str) -> dict:
+    return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+
+
+@pytest.fixture
+def api(tmp_path, ui_models):
+    adapter = folder_adapter(ui_models, tmp_path / "work")
+    jobs = JobManager()
+    app = FastAPI()
+    register_api(app, jobs, adapter, None)
+    client = TestClient(app)
+    client.jobs, client.adapter = jobs, adapter
+    yield client
+    jobs.shutdown(30)
+
+
+def wait_until_settled(client, timeout=120) -> dict:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        status = client.get(f"{PREFIX}/status").json()
+        if not status["active"]:
+            return status
+        time.sleep(0.2)
+    raise AssertionError(f"run still active after {timeout}s: {status}")
+
+
+def test_start_runs_in_the_background_and_status_reports_the_result(api, ui_models, ui_images):
+    wrapped = []
+    api.adapter.background = lambda body: (wrapped.append(body), body)[1]
+    assert api.get(f"{PREFIX}/status").json()["state"] == "idle"
+    data = quick_run_data("", ui_images, project="apirun")
+    response = api.post(f"{PREFIX}/start", json=data, params={"checkpoint": "tiny.safetensors"})
+    assert response.status_code == 200, response.text
+    assert response.json()["started"] is True and wrapped  # the host's wrapper was applied to the thread body
+    status = wait_until_settled(api)
+    result = ui_models / "Stable-diffusion" / "apirun" / "apirun_2.safetensors"
+    assert status["state"] == "finished" and status["checkpoints"] == [str(result)], status
+    assert result.is_file() and [s for s, _ in status["losses"]] == [1, 2]
+
+
+def test_second_start_is_409_and_cancel_stops_the_active_run(api, tmp_path, ui_images):
+    blocking = BlockingHost(tmp_path / "b")
+    config = schema.from_dict(quick_run_data(tmp_path / "x.safetensors", ui_images, project="busy"))
+    api.jobs.start_background(config, lambda: blocking)
+    assert blocking.entered.wait(30)
+    response = api.post(f"{PREFIX}/start", json=quick_run_data(tmp_path / "y.safetensors", ui_images))
+    assert response.status_code == 409 and "already active" in response.json()["detail"]["message"]
+    response = api.post(f"{PREFIX}/cancel")
+    assert response.status_code == 200 and response.json()["cancelling"] is True
+    blocking.release.set()
+    status = wait_until_settled(api)
+    assert status["project"] == "busy" and not status["active"]
+    assert api.post(f"{PREFIX}/cancel").json()["cancelling"] is False
+
+
+def test_invalid_config_is_422_listing_every_problem(api, ui_images, tmp_path):
+    data = quick_run_data(tmp_path / "m.safetensors", ui_images, resolution=100, learning_rate="fast",
+                          unknown_thing=1)
+    response = api.post(f"{PREFIX}/start", json=data)
+    assert response.status_code == 422
+    problems = response.json()["detail"]["problems"]
+    assert any(p.startswith("learning_rate = 'fast'") for p in problems)
+    assert any(p.startswith("unknown_thing: unknown option") for p in problems)
+    # Field-by-field errors come first; cross-field checks (resolution % 64) once the fields parse.
+    response = api.post(f"{PREFIX}/start", json=quick_run_data(tmp_path / "m.safetensors", ui_images, resolution=100,
+                                                               concept={"instance_dir": ""}))
+    problems = response.json()["detail"]["problems"]
+    assert response.status_code == 422 and len(problems) == 2
+    assert api.post(f"{PREFIX}/start", json=[1, 2]).status_code == 422
+    assert api.jobs.active is None
+
+
+@pytest.mark.parametrize("name", ["../escape", "/abs/path", "a\\b", "C:x", ".."])
+def test_project_names_that_are_paths_are_rejected(api, ui_images, tmp_path, name):
+    response = api.post(f"{PREFIX}/start", json=quick_run_data(tmp_path / "m.safetensors", ui_images, project=name))
+    assert response.status_code == 422, response.text
+    assert any("project_name" in p for p in response.json()["detail"]["problems"])
+    assert api.jobs.active is None
+    if "/" not in name:  # a '/' cannot reach the {name} route at all
+        assert api.get(f"{PREFIX}/projects/{name}").status_code in (404, 422)
+
+
+def test_projects_lists_saved_projects_and_reads_one(api, ui_images, tmp_path):
+    assert api.get(f"{PREFIX}/projects").json() == {"projects": []}
+    config = schema.from_dict(quick_run_data(tmp_path / "m.safetensors", ui_images, project="saved one"))
+    schema.save_json(config, tmp_path / "work" / "saved one" / "project.json")
+    listed = api.get(f"{PREFIX}/projects").json()["projects"]
+    assert [p["name"] for p in listed] == ["saved one"] and listed[0]["resumable"] is False
+    assert schema.from_dict(api.get(f"{PREFIX}/projects/saved one").json()) == config
+    assert api.get(f"{PREFIX}/projects/missing").status_code == 404
+    assert api.get(f"{PREFIX}/projects/..%5Cx").status_code == 422
+    assert api.get(f"{PREFIX}/projects/bad%7Cname").status_code == 422
+
+
+def test_unknown_checkpoint_is_422(api, ui_images):
+    response = api.post(f"{PREFIX}/start", json=quick_run_data("", ui_images), params={"checkpoint": "../x.ckpt"})
+    assert response.status_code == 422 and "not in" in response.json()["detail"]["problems"][0]
+
+
+def test_api_auth_is_enforced_when_set(tmp_path, ui_models):
+    app = FastAPI()
+    register_api(app, JobManager(), folder_adapter(ui_models, tmp_path / "work"), "alice:s3cret,bob:pa:ss")
+    client = TestClient(app)
+    for method, path in (("get", "/status"), ("post", "/cancel"), ("get", "/projects"), ("post", "/start")):
+        assert getattr(client, method)(PREFIX + path).status_code == 401
+        response = getattr(client, method)(PREFIX + path, headers=basic("alice", "wrong"))
+        assert response.status_code == 401 and response.headers["WWW-Authenticate"] == "Basic"
+        assert getattr(client, method)(PREFIX + path, headers=basic("mallory", "s3cret")).status_code == 401
+    assert client.get(f"{PREFIX}/status", headers=basic("alice", "s3cret")).status_code == 200
+    assert client.get(f"{PREFIX}/status", headers=basic("bob", "pa:ss")).status_code == 200  # ':' in a password
+
+
+def test_no_auth_when_unset_and_routes_registered_once(tmp_path, ui_models):
+    app = FastAPI()
+    adapter = folder_adapter(ui_models, tmp_path / "work")
+    register_api(app, JobManager(), adapter, None)
+    register_api(app, JobManager(), adapter, None)  # the host calls on_app_started again after a reload
+    assert sum(getattr(r, "path", "") == f"{PREFIX}/status" for r in app.routes) == 1
+    assert TestClient(app).get(f"{PREFIX}/status").status_code == 200
+
+
+def test_credentials_parsing():
+    assert parse_credentials("a:b, c:d:e") == {"a": "b", "c": "d:e"}
+    assert parse_credentials(None) == {} and parse_credentials("") == {}
+    with pytest.raises(DreamboothError, match="user:password"):
+        parse_credentials("nocolon")

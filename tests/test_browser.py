@@ -1,0 +1,115 @@
+"""The tab in a real browser: gradio 3.41 serves it (folder host, tiny model), headless Chromium drives it.
+
+Needs Chromium from the system (Debian/Ubuntu: `apt-get install -y chromium`) and the `playwright` package;
+the test fails, saying so, when either is missing. The screenshot lands in artifacts/dreambooth_tab.png.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+from ui_helpers import make_instance_images, make_models_dir
+
+ROOT = Path(__file__).resolve().parent.parent
+ARTIFACTS = ROOT / "artifacts"
+INSTALL_HINT = ("Chromium is needed for the browser test: install it with "
+                "`apt-get update && apt-get install -y chromium` (or set DREAMBOOTH_CHROMIUM to its path), and the "
+                "Python package with `pip install -c constraints.txt -r requirements-test.txt`.")
+
+
+def chromium_path() -> str:
+    candidates = [os.environ.get("DREAMBOOTH_CHROMIUM"), "/usr/bin/chromium", shutil.which("chromium"),
+                  shutil.which("chromium-browser")]
+    for path in candidates:
+        if path and Path(path).is_file():
+            return path
+    pytest.fail(INSTALL_HINT)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    from dreambooth_ext.ui.standalone import serve
+
+    root = tmp_path_factory.mktemp("browser")
+    models = make_models_dir(root)
+    images = make_instance_images(root / "photos")
+    app = serve(models, root / "work", port=None)
+    yield app, models, images, root
+    app.close()
+
+
+@pytest.fixture(scope="module")
+def page():
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.fail(INSTALL_HINT)
+    executable = chromium_path()
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=executable,
+            args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        yield page
+        browser.close()
+
+
+def fill(page, elem_id: str, value: str) -> None:
+    field = page.locator(f"#{elem_id} textarea, #{elem_id} input[type=number], #{elem_id} input[type=text]").first
+    field.fill(value)
+    field.press("Tab")
+
+
+def test_train_a_tiny_model_from_the_browser(served, page):
+    app, models, images, root = served
+    errors = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.goto(app.url)
+    page.wait_for_selector("#dreambooth_start", timeout=60_000)
+    page.wait_for_function("typeof dreambooth_start === 'function'", timeout=30_000)  # the extension's JS
+
+    fill(page, "dreambooth_project_name", "browser run")
+    fill(page, "dreambooth_base_model", str(models / "Stable-diffusion" / "tiny.safetensors"))
+    fill(page, "dreambooth_c0_instance_dir", str(images))
+    fill(page, "dreambooth_resolution", "64")
+    for group in ("training", "saving", "samples"):  # closed accordions
+        page.click(f"#dreambooth_group_{group} .label-wrap")
+    fill(page, "dreambooth_max_train_steps", "12")
+    fill(page, "dreambooth_sample_every_n_steps", "6")
+    fill(page, "dreambooth_save_every_n_steps", "6")
+    page.locator("#dreambooth_prior_preservation input[type=checkbox]").uncheck()
+
+    # Save twice: the second save asks before overwriting (accepted here).
+    dialogs = []
+    page.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.accept()))
+    page.click("#dreambooth_project_save")
+    page.wait_for_selector("#dreambooth_project_message :text('Saved')", timeout=30_000)
+    page.click("#dreambooth_project_save")
+    page.wait_for_function("() => document.querySelector('#dreambooth_project_message') && "
+                           "document.querySelector('#dreambooth_project_message').textContent.includes('Saved')")
+    deadline = time.time() + 10
+    while not dialogs and time.time() < deadline:
+        page.wait_for_timeout(100)
+    assert dialogs and "exists already" in dialogs[0]
+    assert (root / "work" / "browser run" / "project.json").is_file()
+
+    page.click("#dreambooth_start")
+    page.wait_for_selector("#dreambooth_status [data-state='running']", timeout=60_000)
+    page.wait_for_selector("#dreambooth_status .dreambooth-numbers:has-text('step')", timeout=60_000)
+    progress_text = page.inner_text("#dreambooth_status")
+    page.wait_for_selector("#dreambooth_status [data-state='finished']", timeout=180_000)
+
+    result = models / "Stable-diffusion" / "browser run" / "browser run_12.safetensors"
+    status_text = page.inner_text("#dreambooth_status")
+    assert result.is_file()
+    assert "browser run_12.safetensors" in status_text and "browser run_6.safetensors" in status_text
+    page.wait_for_selector("#dreambooth_gallery img", timeout=30_000)
+    page.wait_for_selector("#dreambooth_loss_chart canvas, #dreambooth_loss_chart svg", timeout=30_000)
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "dreambooth_tab.png"), full_page=True)
+    assert "step" in progress_text
+    assert not errors, errors

@@ -1,0 +1,272 @@
+"""The Dreambooth tab: built from the schema under gradio 3.41, its handlers run real (tiny) training."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import threading
+from pathlib import Path
+
+import gradio as gr
+import pytest
+from ui_helpers import BlockingHost, make_instance_images, make_models_dir, quick_run_data
+
+from dreambooth_ext import config as schema
+from dreambooth_ext.errors import DreamboothError
+from dreambooth_ext.ui import JobManager, folder_adapter
+from dreambooth_ext.ui.jobs import CANCELLED, FAILED, FINISHED
+from dreambooth_ext.ui.tab import DEFAULT_PICK, build_tab
+from dreambooth_ext.ui.widgets import slider_step, widget_kind
+
+WIDGET_TYPES = {"checkbox": gr.Checkbox, "dropdown": gr.Dropdown, "textarea": gr.Textbox, "textbox": gr.Textbox,
+                "slider": gr.Slider, "number": gr.Number}
+
+@pytest.fixture(scope="module")
+def ui_models(tmp_path_factory) -> Path:
+    return make_models_dir(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="module")
+def ui_images(tmp_path_factory) -> Path:
+    return make_instance_images(tmp_path_factory.mktemp("images") / "subject")
+
+
+@pytest.fixture
+def tab_factory(tmp_path):
+    def make(adapter=None, jobs=None, **kwargs):
+        adapter = adapter or folder_adapter(tmp_path / "models", tmp_path / "work")
+        return build_tab(adapter, jobs or JobManager(), **kwargs)
+
+    return make
+
+
+def form_for(tab, data: dict) -> list:
+    return tab.form_values(schema.from_dict(data))
+
+
+def value_of(component):
+    return component.value
+
+
+# -- built from the schema --------------------------------------------------------------------------------
+
+
+def test_every_option_has_a_widget_of_its_kind_with_its_help(tab_factory):
+    tab = tab_factory()
+    assert set(tab.widgets) == {o.name for o in schema.OPTIONS}
+    for option in schema.OPTIONS:
+        widget = tab.widgets[option.name]
+        assert isinstance(widget, WIDGET_TYPES[widget_kind(option)]), option.name
+        assert widget.info == option.help and widget.label == option.label
+    assert len(tab.concept_widgets) == 3
+    for slot in tab.concept_widgets:
+        assert set(slot) == {o.name for o in schema.CONCEPT_OPTIONS}
+    assert tab.widgets["sample_prompts"].lines > 1  # 'text' options are multi-line
+    assert tab.widgets["optimizer"].choices == [(c, c) for c in schema.OPTIONS_BY_NAME["optimizer"].choices] or \
+        list(tab.widgets["optimizer"].choices) == list(schema.OPTIONS_BY_NAME["optimizer"].choices)
+
+
+def test_widget_kinds_follow_the_ranges():
+    by_name = schema.OPTIONS_BY_NAME
+    assert widget_kind(by_name["learning_rate"]) == "number"  # 2e-6 on a 0..1 slider is unusable
+    assert widget_kind(by_name["adam_epsilon"]) == "number"
+    assert widget_kind(by_name["max_train_steps"]) == "number"
+    assert widget_kind(by_name["flip_p"]) == "slider" and slider_step(by_name["flip_p"]) == 0.01
+    assert widget_kind(by_name["sample_steps"]) == "slider" and slider_step(by_name["sample_steps"]) == 1
+    assert widget_kind(by_name["train_text_encoder"]) == "checkbox"
+    assert widget_kind(by_name["lr_scheduler"]) == "dropdown"
+    assert widget_kind(by_name["base_model"]) == "textbox"
+
+
+def test_changing_the_schema_changes_the_tab(tab_factory, monkeypatch):
+    extra = schema.Option(name="brand_new_switch", kind="bool", default=True, help="A new option.", group="saving")
+    other = schema.Option(name="groupless", kind="int", default=3, help="No known group.", group="elsewhere")
+    monkeypatch.setattr(schema, "OPTIONS", schema.OPTIONS + (extra, other))
+    tab = tab_factory()
+    assert isinstance(tab.widgets["brand_new_switch"], gr.Checkbox) and tab.widgets["brand_new_switch"].value is True
+    assert isinstance(tab.widgets["groupless"], gr.Number)
+    assert tab.form[len(schema.OPTIONS) - 2:len(schema.OPTIONS)] == [tab.widgets["brand_new_switch"],
+                                                                      tab.widgets["groupless"]]
+
+
+def test_collecting_the_untouched_form_gives_the_defaults(tab_factory):
+    tab = tab_factory()
+    config = tab.collect([value_of(c) for c in tab.form])
+    assert config == schema.default_config()
+    assert schema.to_dict(config) == schema.to_dict(schema.default_config())
+
+
+def test_form_values_round_trip_with_several_concepts(tab_factory, tmp_path):
+    tab = tab_factory()
+    data = quick_run_data(tmp_path / "m.safetensors", tmp_path / "a", learning_rate=3e-6, flip_p=0.5)
+    data["concepts"].append({"instance_dir": str(tmp_path / "b"), "token": "zwx", "class_word": "dog"})
+    config = schema.from_dict(data)
+    assert tab.collect(tab.form_values(config)) == config
+    too_many = dataclasses.replace(config, concepts=config.concepts * 2)
+    with pytest.raises(DreamboothError, match="up to 3"):
+        tab.form_values(too_many)
+
+
+# -- running --------------------------------------------------------------------------------------------
+
+
+def test_start_trains_with_the_picked_checkpoint_and_reports_it(tab_factory, ui_models, ui_images, tmp_path):
+    calls = []
+    adapter = folder_adapter(ui_models, tmp_path / "work")
+
+    def foreground(fn, extra_outputs):
+        def wrapped(*args):
+            calls.append((args[0], len(extra_outputs)))
+            return fn(*args)
+        return wrapped
+
+    adapter.foreground = foreground
+    tab = tab_factory(adapter)
+    values = form_for(tab, quick_run_data("", ui_images, project="tabrun", sample_every_n_steps=1))
+    assert "tiny.safetensors" in tab.checkpoint_pick.choices or \
+        ("tiny.safetensors", "tiny.safetensors") in tab.checkpoint_pick.choices
+    outputs = tab.start("task(abc123)", "tiny.safetensors", None, *values)
+
+    assert calls == [("task(abc123)", 5)]  # the task id reaches the host's wrapper; extra outputs fit
+    chart, gallery, seen, load_button, pick, status = outputs
+    result = ui_models / "Stable-diffusion" / "tabrun" / "tabrun_2.safetensors"
+    assert result.is_file()
+    assert "data-state='finished'" in status and str(result) in status, status
+    assert list(chart["step"]) == [1, 2] and chart["loss"].notna().all()
+    assert len(gallery) == 2 and all(caption.endswith(".png") for _, caption in gallery)  # samples at steps 1, 2
+    assert load_button["visible"] is False  # a folder host has no loaded model to replace
+    assert "tabrun/tabrun_2.safetensors" in pick["choices"]  # the new model is listed at once
+    assert tab.jobs.status()["checkpoints"] == [str(result)]
+    # Polling afterwards sends the chart and gallery only when they changed.
+    again = tab.refresh(seen)
+    assert again[0] == gr.update() and again[1] == gr.update() and "finished" in again[-1]
+
+
+def test_interrupt_cancels_with_resumable_state_and_resume_finishes(tab_factory, ui_models, ui_images, tmp_path):
+    interrupted = threading.Event()
+    adapter = folder_adapter(ui_models, tmp_path / "work")
+    adapter.should_cancel = interrupted.is_set
+    tab = tab_factory(adapter)
+    data = quick_run_data(str(ui_models / "Stable-diffusion" / "tiny.safetensors"), ui_images, project="resumable",
+                          max_train_steps=4)
+    values = form_for(tab, data)
+    steps_seen = []
+    original = tab.jobs.claim
+
+    def claim(config, *, resume=False):  # interrupt as soon as step 1 is reported, like the host's Interrupt
+        job = original(config, resume=resume)
+        apply = job.status.apply
+
+        def spy(progress):
+            apply(progress)
+            if progress.phase == "training":
+                steps_seen.append(progress.step)
+                interrupted.set()
+        job.status.apply = spy
+        return job
+
+    tab.jobs.claim = claim
+    outputs = tab.start("task(x)", DEFAULT_PICK, None, *values)
+    status = tab.jobs.status()
+    assert status["state"] == CANCELLED and status["step"] == 1, outputs[-1]
+    assert "Resume" in outputs[-1]
+    assert (tmp_path / "work" / "resumable" / "state").is_dir()
+
+    interrupted.clear()
+    tab.jobs.claim = original
+    tab.resume("task(y)", DEFAULT_PICK, None, *values)
+    status = tab.jobs.status()
+    assert status["state"] == FINISHED and status["step"] == 4 and status["resume"] is True
+    assert status["losses"][0][0] == 2  # continued after step 1, not from scratch
+
+
+def test_a_second_start_while_one_is_active_is_refused(tab_factory, ui_images, tmp_path):
+    jobs = JobManager()
+    tab = tab_factory(jobs=jobs)
+    blocking = BlockingHost(tmp_path / "other")
+    config = schema.from_dict(quick_run_data(tmp_path / "x.safetensors", ui_images, project="first"))
+    jobs.start_background(config, lambda: blocking)
+    assert blocking.entered.wait(30)
+    try:
+        values = form_for(tab, quick_run_data(tmp_path / "y.safetensors", ui_images, project="second"))
+        status = tab.start("task(2)", DEFAULT_PICK, None, *values)[-1]
+        assert "A training run (project &#x27;first&#x27;) is already active; cancel it or wait" in status
+        assert "data-state='running'" in status  # the page keeps following the active run
+        with pytest.raises(DreamboothError, match="already active"):
+            jobs.claim(config)
+    finally:
+        blocking.release.set()
+        jobs.wait(30)
+    assert jobs.status()["state"] == FAILED and "blocking host released" in jobs.status()["error"]
+    assert jobs.active is None
+
+
+def test_errors_appear_plainly_in_the_status(tab_factory, ui_images, tmp_path):
+    tab = tab_factory()
+    # Invalid form: each problem is listed, nothing starts.
+    values = form_for(tab, quick_run_data("", ui_images, resolution=100, concept={"instance_dir": ""}))
+    status = tab.start("task(e)", DEFAULT_PICK, None, *values)[-1]
+    assert "resolution = 100: must be a multiple of 64" in status
+    assert "instance_dir = &#x27;&#x27;: give the folder of the training images" in status
+    assert tab.jobs.active is None
+    # Failing run: the exception becomes the status' error, the slot is free again.
+    missing = tmp_path / "no_such_model.safetensors"
+    values = form_for(tab, quick_run_data(missing, ui_images, project="broken"))
+    status = tab.start("task(f)", DEFAULT_PICK, None, *values)[-1]
+    assert "data-state='failed'" in status and "dreambooth-error" in status
+    assert "no_such_model.safetensors" in tab.jobs.status()["error"]
+    assert tab.jobs.active is None
+
+
+def test_cancel_without_a_run_says_so(tab_factory):
+    tab = tab_factory()
+    assert "No training run is active" in tab.cancel(None)[-1]
+
+
+# -- projects --------------------------------------------------------------------------------------------
+
+
+def test_save_asks_before_overwriting_and_load_restores_the_form(tab_factory, ui_images, tmp_path):
+    tab = tab_factory()
+    data = quick_run_data(tmp_path / "m.safetensors", ui_images, project="anna v1", learning_rate=5e-6)
+    values = form_for(tab, data)
+    pick, existing, message = tab.save(False, "[]", "anna v1", *values)
+    saved = tmp_path / "work" / "anna v1" / "project.json"
+    assert saved.is_file() and "Saved" in message and json.loads(existing) == ["anna v1"]
+    assert pick["value"] == "anna v1" and pick["choices"] == ["anna v1"]
+    assert schema.load_json(saved) == schema.from_dict(data)
+
+    changed = form_for(tab, dict(data, learning_rate=9e-6))
+    message = tab.save(False, existing, "anna v1", *changed)[-1]  # the page's confirm was declined
+    assert "exists already; not overwritten" in message and schema.load_json(saved).learning_rate == 5e-6
+    tab.save(True, existing, "anna v1", *changed)
+    assert schema.load_json(saved).learning_rate == 9e-6
+
+    loaded = tab.load("anna v1")
+    assert tab.collect(loaded[:-1]) == schema.from_dict(dict(data, learning_rate=9e-6))
+    assert "Loaded project" in loaded[-1]
+
+
+@pytest.mark.parametrize("name", ["..", "../escape", "/etc/passwd", "a\\b", "C:evil", "bad|name"])
+def test_project_names_that_are_paths_are_refused(tab_factory, ui_images, tmp_path, name):
+    tab = tab_factory()
+    values = form_for(tab, quick_run_data(tmp_path / "m.safetensors", ui_images))
+    values[[o.name for o in schema.OPTIONS].index("project_name")] = name
+    message = tab.save(True, "[]", name, *values)[-1]
+    assert "dreambooth-error" in message
+    assert not any((tmp_path / "work").rglob("project.json")) and not (tmp_path / "escape").exists()
+    outputs = tab.load(name)
+    assert "dreambooth-error" in outputs[-1] and all(o == gr.update() for o in outputs[:-1])
+
+
+def test_the_blocks_render_to_a_gradio_config(tab_factory):
+    tab = tab_factory()
+    config = tab.blocks.get_config_file()
+    ids = {c["props"].get("elem_id") for c in config["components"]}
+    for elem_id in ("dreambooth_start", "dreambooth_cancel", "dreambooth_resume", "dreambooth_status",
+                    "dreambooth_refresh", "dreambooth_loss_chart", "dreambooth_gallery", "dreambooth_project_save"):
+        assert elem_id in ids
+    js = {d.get("js") for d in config["dependencies"]}
+    assert {"dreambooth_start", "dreambooth_confirm_save"} <= js
+    script = (Path(__file__).parent.parent / "javascript" / "dreambooth.js").read_text()
+    assert "function dreambooth_start(" in script and "function dreambooth_confirm_save(" in script
