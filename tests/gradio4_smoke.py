@@ -1,0 +1,80 @@
+"""Smoke test of the tab and API under Forge's stack: gradio 4.40.0, fastapi 0.104.1, pydantic 2.8.2.
+
+Not collected by pytest (the main environment has the WebUI's gradio 3.41.2). Run it in a second environment
+that takes torch & co. from the main .venv and adds Forge's gradio on top:
+
+    python3 -m venv /tmp/g4 && .venv/bin/python -c "import site; print(site.getsitepackages()[0])" \
+        > "$(/tmp/g4/bin/python -c 'import site; print(site.getsitepackages()[0])')/main_venv.pth"
+    printf 'torch==2.13.0\ngradio==4.40.0\nfastapi==0.104.1\npydantic==2.8.2\n' > /tmp/g4-constraints.txt
+    /tmp/g4/bin/pip install -c /tmp/g4-constraints.txt gradio==4.40.0
+    PYTHONPATH=.:tests /tmp/g4/bin/python tests/gradio4_smoke.py
+
+(pip leaves the main .venv alone: it reports "Not uninstalling gradio ... outside environment".)
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import urllib.request
+from pathlib import Path
+
+import gradio as gr
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+from ui_helpers import make_instance_images, make_models_dir, quick_run_data
+
+from dreambooth_ext import config as schema
+from dreambooth_ext.ui import JobManager, folder_adapter
+from dreambooth_ext.ui.api import PREFIX, register_api
+from dreambooth_ext.ui.standalone import build_page, serve
+
+
+def check(condition: bool, what: str) -> None:
+    print(("ok   " if condition else "FAIL ") + what, flush=True)
+    if not condition:
+        raise SystemExit(1)
+
+
+def main() -> int:
+    check(gr.__version__.startswith("4."), f"gradio {gr.__version__} is 4.x")
+    root = Path(tempfile.mkdtemp(prefix="db_g4_"))
+    models = make_models_dir(root)
+    images = make_instance_images(root / "photos")
+    adapter = folder_adapter(models, root / "work")
+
+    page, tab, jobs = build_page(adapter)
+    check(set(tab.widgets) == {o.name for o in schema.OPTIONS}, "every option has a widget")
+    check(tab.collect([c.value for c in tab.form]) == schema.default_config(), "untouched form = defaults")
+    config = page.get_config_file()
+    check({"dreambooth_start", "dreambooth_confirm_save"} <= {d.get("js") for d in config["dependencies"]},
+          "page JS attached with js= (not _js=)")
+
+    values = tab.form_values(schema.from_dict(quick_run_data("", images, project="g4", sample_every_n_steps=2)))
+    outputs = tab.start("task(g4)", "tiny.safetensors", None, *values)
+    check("data-state='finished'" in outputs[-1], "a tiny run through the Start handler finishes")
+    chart, gallery = outputs[0], outputs[1]
+    check(tab.chart.postprocess(chart) is not None, "the loss chart's data is accepted by gr.LinePlot")
+    check(len(tab.gallery.postprocess(gallery).root) == 1, "the sample images are accepted by gr.Gallery")
+    check(tab.refresh(outputs[2])[0] == gr.update(), "polling sends the chart only on change")
+    check(jobs.active is None and tab.jobs is jobs, "the run's slot is free again")
+
+    app = FastAPI()
+    register_api(app, JobManager(), adapter, "u:p")
+    client = TestClient(app)
+    check(client.get(f"{PREFIX}/status").status_code == 401, "API auth enforced (fastapi 0.104 / pydantic 2)")
+    bad = client.post(f"{PREFIX}/start", json={"resolution": 100, "bogus": 1}, auth=("u", "p"))
+    check(bad.status_code == 422 and len(bad.json()["detail"]["problems"]) == 1, "invalid config -> 422 problems")
+
+    served = serve(models, root / "work2", port=None)
+    try:
+        with urllib.request.urlopen(served.url.rstrip("/") + "/config", timeout=30) as response:
+            check(response.status == 200 and b"dreambooth_start" in response.read(), "the page is served")
+    finally:
+        served.close()
+    print("gradio 4 smoke test passed")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
