@@ -3,7 +3,8 @@
 
     python3 standalone.py demo                      train the built-in small model (CPU, a few minutes)
     python3 standalone.py train --config my.json    train per a project file (see README)
-    python3 standalone.py test                      run the test suite
+    python3 standalone.py test                      run the test suite (installs Debian's chromium for the
+                                                    browser test when missing and run as root)
 
 The environment (.venv beside this file) gets the packages in requirements.txt at the WebUI v1.10.1
 versions pinned in constraints.txt; it is set up again only when those files change.
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import venv
@@ -50,6 +52,20 @@ def ensure_environment() -> None:
     stamp.write_text(digest)
 
 
+def ensure_chromium() -> None:
+    """The browser test drives Debian's Chromium; install it when missing and this user can (as on CI)."""
+    if shutil.which("chromium") or os.environ.get("DREAMBOOTH_CHROMIUM"):
+        return
+    if os.name == "posix" and os.geteuid() == 0 and shutil.which("apt-get"):
+        print("Installing Chromium for the browser test (apt-get install chromium)", flush=True)
+        subprocess.run(["apt-get", "update", "-qq"], check=True)
+        subprocess.run(["apt-get", "install", "-y", "-qq", "chromium"], check=True,
+                       env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"))
+    else:
+        print("Chromium is missing: the browser test will fail. Install it with: sudo apt-get install chromium "
+              "(or set DREAMBOOTH_CHROMIUM to a Chromium binary).", flush=True)
+
+
 def main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
@@ -57,6 +73,7 @@ def main(argv: list[str]) -> int:
     ensure_environment()
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     if argv[0] == "test":
+        ensure_chromium()
         command = [str(venv_python()), "-m", "pytest", *argv[1:]]
     else:
         command = [str(venv_python()), "-m", "dreambooth_ext", *argv]
