@@ -34,7 +34,7 @@ from dreambooth_ext.train.loss import per_sample_mse, training_target  # noqa: E
 from dreambooth_ext.train.run import TrainingRun  # noqa: E402
 from dreambooth_ext.train.sampling import encode_prompts  # noqa: E402
 
-EVAL_TIMESTEPS = (100, 300, 500, 700, 900)
+EVAL_TIMESTEPS = (50, 150, 300, 500)
 
 
 def make_toy_world(folder: Path, count: int, seed: int, size: int = 64) -> Path:
@@ -95,19 +95,25 @@ def predictions(bundle, examples) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat(preds), torch.cat(targets)
 
 
-def measure(model_path: Path, instances, classes, base_class_preds: torch.Tensor | None):
+def measure(model_path: Path, sets: dict[str, list], base_preds: dict[str, torch.Tensor] | None):
+    """Loss on each set of examples, and drift of the predictions from the base model's."""
     bundle = load_bundle_from_file(model_path)
-    inst_pred, inst_target = predictions(bundle, instances)
-    cls_pred, cls_target = predictions(bundle, classes)
-    drift = per_sample_mse(cls_pred, base_class_preds).mean().item() if base_class_preds is not None else 0.0
-    return {"instance": per_sample_mse(inst_pred, inst_target).mean().item(),
-            "class": per_sample_mse(cls_pred, cls_target).mean().item(), "drift": drift}, cls_pred
+    losses, drifts, preds = {}, {}, {}
+    for name, examples in sets.items():
+        pred, target = predictions(bundle, examples)
+        preds[name] = pred
+        losses[name] = per_sample_mse(pred, target).mean().item()
+        drifts[name] = per_sample_mse(pred, base_preds[name]).mean().item() if base_preds else 0.0
+    return losses, drifts, preds
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=150, help="Dreambooth steps")
     parser.add_argument("--lr", type=float, default=5e-4, help="Dreambooth learning rate")
+    parser.add_argument("--class-images", choices=("generated", "world"), default="generated",
+                        help="class images rendered by the base (Dreambooth's way) or 12 of the toys the base "
+                             "was taught on (a fixed regularization folder, JoePenna's way)")
     parser.add_argument("--base-steps", type=int, default=400, help="steps teaching the base model the class")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
@@ -117,8 +123,13 @@ def main() -> None:
     held_out = make_toy_world(root / "held_out_toys", 12, seed=2)
     common = {"base_model": str(base), "resolution": 64, "max_train_steps": args.steps, "learning_rate": args.lr,
               "save_precision": "fp32", "seed": 7}
+    class_dir = root / "class_images"
+    if args.class_images == "world":
+        class_dir.mkdir(parents=True, exist_ok=True)
+        for source in sorted((root / "toy_world").glob("*.png"))[:12]:
+            (class_dir / source.name).write_bytes(source.read_bytes())
     concept = {"instance_dir": str(images), "token": "ohwx", "class_word": "toy", "num_class_images": 12,
-               "class_dir": str(root / "class_images")}
+               "class_dir": str(class_dir)}
     runs = {}
     for name, prior in (("with prior preservation", True), ("without prior preservation", False)):
         config = from_dict({**common, "project_name": "pp" if prior else "nopp", "prior_preservation": prior,
@@ -127,26 +138,31 @@ def main() -> None:
         runs[name] = TrainingRun(config, FolderHost(root / "models")).run().checkpoints[-1]
     eval_config = from_dict({**common, "prior_preservation": True,
                              "concepts": [{**concept, "class_dir": str(held_out)}]})
-    instances = collect_instance_examples(eval_config)
-    classes = collect_class_examples(eval_config, [held_out])
-
-    before, base_class_preds = measure(base, instances, classes, None)
-    print(f"{len(instances)} training images, {concept['num_class_images']} class images, {len(classes)} held-out "
-          f"toys, {args.steps} steps, lr {args.lr:g}, timesteps {EVAL_TIMESTEPS}")
-    print(f"{'':28s} {'instance loss':>22s} {'class loss':>22s} {'class drift':>12s}")
-    changes = {}
-    for name, path in runs.items():
-        after, _ = measure(path, instances, classes, base_class_preds)
-        changes[name] = after
-        print(f"{name:28s} {before['instance']:9.4f} -> {after['instance']:8.4f} "
-              f"{before['class']:9.4f} -> {after['class']:8.4f} {after['drift']:12.5f}")
-    with_pp, without_pp = changes["with prior preservation"], changes["without prior preservation"]
-    print(f"instance loss falls to {with_pp['instance'] / before['instance']:.2f}x (with) and "
-          f"{without_pp['instance'] / before['instance']:.2f}x (without) of the base")
-    print(f"class-prompt drift from the base: {without_pp['drift'] / max(with_pp['drift'], 1e-12):.1f}x larger "
-          "without prior preservation")
-    print(f"|class loss change|: with {abs(with_pp['class'] - before['class']):.4f}, "
-          f"without {abs(without_pp['class'] - before['class']):.4f}")
+    sets = {"instance": collect_instance_examples(eval_config),
+            "class images": collect_class_examples(eval_config, [Path(concept["class_dir"])]),
+            "held-out toys": collect_class_examples(eval_config, [held_out])}
+    before, _, base_preds = measure(base, sets, None)
+    source = "rendered by the base" if args.class_images == "generated" else "from the base's training set"
+    print(f"{len(sets['instance'])} training images, {len(sets['class images'])} class images {source}, "
+          f"{len(sets['held-out toys'])} held-out toys; {args.steps} steps at lr {args.lr:g}; "
+          f"loss = denoising MSE at timesteps {EVAL_TIMESTEPS} on fixed noise")
+    print(f"{'':28s}" + "".join(f"{name + ' loss':>24s}" for name in sets) + "".join(
+        f"{name + ' drift':>22s}" for name in list(sets)[1:]))
+    after = {}
+    for run_name, path in runs.items():
+        losses, drifts, _ = measure(path, sets, base_preds)
+        after[run_name] = (losses, drifts)
+        print(f"{run_name:28s}" + "".join(f"{before[n]:11.4f} -> {losses[n]:8.4f}" for n in sets)
+              + "".join(f"{drifts[n]:22.5f}" for n in list(sets)[1:]))
+    (with_loss, with_drift), (without_loss, without_drift) = after.values()
+    print(f"instance loss: {with_loss['instance'] / before['instance']:.2f}x of the base with prior preservation, "
+          f"{without_loss['instance'] / before['instance']:.2f}x without")
+    for name in list(sets)[1:]:
+        change_with = abs(with_loss[name] - before[name])
+        change_without = abs(without_loss[name] - before[name])
+        print(f"{name}: loss change {change_with:.4f} with vs {change_without:.4f} without "
+              f"({change_without / max(change_with, 1e-12):.1f}x); prediction drift "
+              f"{without_drift[name] / max(with_drift[name], 1e-12):.1f}x larger without")
 
 
 if __name__ == "__main__":

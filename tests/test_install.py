@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import os
-import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from venvs import cached_venv, venv_python
 
 REPO = Path(__file__).resolve().parent.parent
 INSTALL_PY = REPO / "install.py"
@@ -114,10 +113,6 @@ def test_failures_print_one_line_and_never_raise(monkeypatch, capsys):
 # A real run against a venv holding the host's pins
 
 
-def _venv_python(venv: Path) -> Path:
-    return venv / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
-
-
 def _pip(python: Path, *args: str, timeout: int = 900) -> str:
     env = {**os.environ, "PIP_CONSTRAINT": str(CONSTRAINTS), "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
     result = subprocess.run([str(python), "-m", "pip", *args], capture_output=True, text=True, env=env,
@@ -133,27 +128,18 @@ def _freeze(python: Path) -> dict[str, str]:
 
 def _host_venv() -> Path:
     """A venv with the host's packages, built once per constraints file and reused (CI pays once)."""
-    key = hashlib.sha256(CONSTRAINTS.read_bytes() + "\n".join(HOST_PACKAGES).encode()).hexdigest()[:12]
-    root = Path(os.environ.get("DREAMBOOTH_TEST_VENVS", Path(os.environ.get("TMPDIR", "/tmp")) / "dreambooth-venvs"))
-    venv = root / f"webui-host-{key}"
-    if (venv / "base-freeze.txt").is_file():
-        return venv
-    building = root / f"building-{key}-{os.getpid()}"
-    shutil.rmtree(building, ignore_errors=True)
-    subprocess.run([sys.executable, "-m", "venv", str(building)], check=True, timeout=300)
-    python = _venv_python(building)
-    _pip(python, "install", "-c", str(CONSTRAINTS), *HOST_PACKAGES)
-    (building / "base-freeze.txt").write_text("\n".join(f"{k}=={v}" for k, v in sorted(_freeze(python).items())))
-    try:
-        building.rename(venv)
-    except OSError:  # another run finished first
-        shutil.rmtree(building, ignore_errors=True)
-    return venv
+
+    def build(python: Path) -> None:
+        _pip(python, "install", "-c", str(CONSTRAINTS), *HOST_PACKAGES)
+        freeze = "\n".join(f"{k}=={v}" for k, v in sorted(_freeze(python).items()))
+        (python.parent.parent / "base-freeze.txt").write_text(freeze)
+
+    return cached_venv("webui-host", CONSTRAINTS.read_bytes() + "\n".join(HOST_PACKAGES).encode(), build)
 
 
 def _reset(venv: Path) -> None:
     """Back to the venv's base set: remove whatever an earlier (possibly interrupted) run added."""
-    python = _venv_python(venv)
+    python = venv_python(venv)
     base = dict(line.split("==", 1) for line in (venv / "base-freeze.txt").read_text().splitlines())
     extra = sorted(set(_freeze(python)) - set(base))
     if extra:
@@ -172,7 +158,7 @@ def _run_installer(python: Path, tmp_path: Path, log: Path) -> tuple[subprocess.
 
 def test_install_adds_packages_without_touching_the_hosts(tmp_path):
     venv = _host_venv()
-    python = _venv_python(venv)
+    python = venv_python(venv)
     _reset(venv)
     log = tmp_path / "pip-calls.log"
     try:
