@@ -65,10 +65,10 @@ def make_toy_world(folder: Path, count: int, seed: int, size: int = 64) -> Path:
     return folder
 
 
-def pretrain_base(root: Path, steps: int) -> Path:
+def pretrain_base(root: Path, steps: int, world_size: int) -> Path:
     """Teach the random small model what "photo of toy" looks like."""
     random_base = save_tiny_checkpoint(root / "random.safetensors", family="sd1", seed=0)
-    world = make_toy_world(root / "toy_world", 48, seed=1)
+    world = make_toy_world(root / "toy_world", world_size, seed=1)
     config = from_dict({"project_name": "toy_base", "base_model": str(random_base), "resolution": 64,
                         "max_train_steps": steps, "learning_rate": 5e-4, "train_batch_size": 4,
                         "prior_preservation": False, "save_precision": "fp32", "seed": 3,
@@ -114,11 +114,12 @@ def main() -> None:
     parser.add_argument("--class-images", choices=("generated", "world"), default="generated",
                         help="class images rendered by the base (Dreambooth's way) or 12 of the toys the base "
                              "was taught on (a fixed regularization folder, JoePenna's way)")
+    parser.add_argument("--world-size", type=int, default=48, help="toys the base model is taught on")
     parser.add_argument("--base-steps", type=int, default=400, help="steps teaching the base model the class")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     root = args.out or Path(tempfile.mkdtemp(prefix="bench_prior_"))
-    base = pretrain_base(root, args.base_steps)
+    base = pretrain_base(root, args.base_steps, args.world_size)
     images = make_demo_images(root / "images", size=64)
     held_out = make_toy_world(root / "held_out_toys", 12, seed=2)
     common = {"base_model": str(base), "resolution": 64, "max_train_steps": args.steps, "learning_rate": args.lr,
