@@ -4,27 +4,16 @@ from __future__ import annotations
 
 import base64
 import time
-from pathlib import Path
 
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
-from ui_helpers import BlockingHost, make_instance_images, make_models_dir, quick_run_data
+from ui_helpers import BlockingHost, quick_run_data
 
 from dreambooth_ext import config as schema
 from dreambooth_ext.errors import DreamboothError
 from dreambooth_ext.ui import JobManager, folder_adapter
 from dreambooth_ext.ui.api import PREFIX, parse_credentials, register_api
-
-
-@pytest.fixture(scope="module")
-def ui_models(tmp_path_factory) -> Path:
-    return make_models_dir(tmp_path_factory.mktemp("models"))
-
-
-@pytest.fixture(scope="module")
-def ui_images(tmp_path_factory) -> Path:
-    return make_instance_images(tmp_path_factory.mktemp("images") / "subject")
 
 
 def basic(user: str, password: str) -> dict:

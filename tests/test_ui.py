@@ -9,7 +9,7 @@ from pathlib import Path
 
 import gradio as gr
 import pytest
-from ui_helpers import BlockingHost, make_instance_images, make_models_dir, quick_run_data
+from ui_helpers import BlockingHost, quick_run_data
 
 from dreambooth_ext import config as schema
 from dreambooth_ext.errors import DreamboothError
@@ -20,16 +20,6 @@ from dreambooth_ext.ui.widgets import slider_step, widget_kind
 
 WIDGET_TYPES = {"checkbox": gr.Checkbox, "dropdown": gr.Dropdown, "textarea": gr.Textbox, "textbox": gr.Textbox,
                 "slider": gr.Slider, "number": gr.Number}
-
-@pytest.fixture(scope="module")
-def ui_models(tmp_path_factory) -> Path:
-    return make_models_dir(tmp_path_factory.mktemp("models"))
-
-
-@pytest.fixture(scope="module")
-def ui_images(tmp_path_factory) -> Path:
-    return make_instance_images(tmp_path_factory.mktemp("images") / "subject")
-
 
 @pytest.fixture
 def tab_factory(tmp_path):
