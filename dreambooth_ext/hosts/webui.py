@@ -35,7 +35,6 @@ log = logging.getLogger(__name__)
 
 FP8_DTYPES = tuple(getattr(torch, name) for name in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz",
                                                      "float8_e5m2fnuz") if hasattr(torch, name))
-_TOKEN_EMBEDDING_WRAPPER = ".token_embedding.wrapped."
 _SCHEDULE_KEYS = ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
                   "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
                   "sqrt_recipm1_alphas_cumprod", "posterior_variance", "posterior_log_variance_clipped",
@@ -237,10 +236,6 @@ def _cpu_fp32_copy(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to("cpu", copy=True)
 
 
-def _strip_hijack(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k.replace(_TOKEN_EMBEDDING_WRAPPER, ".token_embedding."): v for k, v in sd.items()}
-
-
 def _schedule_from_alphas_cumprod(alphas_cumprod: torch.Tensor) -> dict[str, torch.Tensor]:
     """The DDPM schedule buffers of an ldm checkpoint, computed in float64 from alphas_cumprod."""
     ac = alphas_cumprod.detach().to("cpu", torch.float64)
@@ -286,7 +281,7 @@ def live_state_dict(model: Any) -> dict[str, torch.Tensor]:
             value = clean[key]
         sd[key] = _cpu_fp32_copy(value)
     _restore_schedule(sd, live, model)
-    return _strip_hijack(normalize_keys(sd))
+    return normalize_keys(sd)
 
 
 def _prediction_type(config: Config, model: Any) -> str:

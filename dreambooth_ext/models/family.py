@@ -18,15 +18,20 @@ FAMILIES = ("sd1", "sd2")
 # The WebUI's loaded model wraps its text encoder (FrozenCLIPEmbedderWithCustomWords), so a state dict taken
 # from the live model has one extra level that files on disk do not.
 _WRAPPED = "cond_stage_model.wrapped."
+_TOKEN_EMBEDDING_WRAPPED = ".token_embedding.wrapped."
 
 
 def normalize_keys(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Return a new dict in the on-disk layout (same tensor objects): `cond_stage_model.wrapped.` loses `wrapped.`."""
+    """Return a new dict in the on-disk layout (same tensor objects).
+
+    The WebUI's live model carries its prompt hijack's extra levels: `cond_stage_model.wrapped.` and the token
+    embedding's `token_embedding.wrapped.`; both lose `wrapped.`.
+    """
     out = {}
     for key, value in sd.items():
         if key.startswith(_WRAPPED):
             key = "cond_stage_model." + key[len(_WRAPPED):]
-        out[key] = value
+        out[key.replace(_TOKEN_EMBEDDING_WRAPPED, ".token_embedding.")] = value
     return out
 
 
