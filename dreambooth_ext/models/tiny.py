@@ -7,6 +7,7 @@ structure of a real SD1/SD2 file (4-level VAE with its x8 downscale, 77-token CL
 from __future__ import annotations
 
 import logging
+import math
 import os
 from pathlib import Path
 
@@ -62,7 +63,29 @@ def tiny_modules(family: str = "sd1") -> tuple:
         intermediate_size=2 * TINY_WIDTH, num_hidden_layers=3 if family == "sd2" else 2))
     for module in (unet, vae, text_encoder):
         _perturb(module)
+    _calibrate_vae(vae)
     return unet, vae, text_encoder
+
+
+@torch.no_grad()
+def _calibrate_vae(vae: torch.nn.Module, posterior_std: float = 0.05) -> None:
+    """Give the random VAE the latent scale of a real one.
+
+    A random encoder's means are small (scaled std about 0.05) next to its posterior noise (log-variance
+    about 0, so std 1): a latent sampled from it is mostly noise, and training on it learns little about the
+    images. SD's VAE gives scaled latents of about unit variance and a posterior std far below that. The
+    latent interface is rescaled to match: quant_conv's mean rows by k, a small constant posterior std, and
+    post_quant_conv's input by 1/k, so decoding a mean latent is unchanged."""
+    channels = vae.config.latent_channels
+    size = 8 * 2 ** (len(vae.config.block_out_channels) - 1)
+    probe = torch.rand(8, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    probe = torch.nn.functional.interpolate(probe, size=size, mode="nearest")
+    scale = 1.0 / (vae.encode(probe).latent_dist.mean.std().item() * vae.config.scaling_factor)
+    vae.quant_conv.weight[:channels] *= scale
+    vae.quant_conv.bias[:channels] *= scale
+    vae.quant_conv.weight[channels:] = 0.0
+    vae.quant_conv.bias[channels:] = 2.0 * math.log(posterior_std)
+    vae.post_quant_conv.weight /= scale
 
 
 def tiny_checkpoint(family: str = "sd1", seed: int = 0) -> dict[str, torch.Tensor]:
