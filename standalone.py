@@ -3,6 +3,7 @@
 
     python3 standalone.py demo                      train the built-in small model (CPU, a few minutes)
     python3 standalone.py train --config my.json    train per a project file (see README)
+    python3 standalone.py ui                        the Dreambooth tab in a browser page, without the WebUI
     python3 standalone.py test                      run the test suite (installs Debian's chromium for the
                                                     browser test when missing and run as root)
 

@@ -61,6 +61,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--model", help="your own SD1/SD2 checkpoint instead of the built-in small model")
     demo.add_argument("--images", help="a folder of your own training images instead of the demo images")
     demo.add_argument("--steps", type=int, help="training steps (default: 150 small model, 400 your model)")
+
+    ui = commands.add_parser("ui", help="serve the Dreambooth tab and its HTTP API in a browser page",
+                             description="The WebUI's Dreambooth tab without the WebUI, over the checkpoints "
+                                         "in DIR/Stable-diffusion. Stop with Ctrl+C.")
+    _add_common(ui)
+    ui.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    ui.add_argument("--port", type=int, default=7861, help="port (default 7861)")
+    ui.add_argument("--api-auth", default=None, help="user:password[,user2:password2] for the HTTP API")
     return parser
 
 
@@ -158,6 +166,22 @@ def _setup_logging(debug: bool) -> None:
     logger.propagate = False
 
 
+def serve_ui(args: argparse.Namespace) -> int:
+    from .ui.standalone import serve
+
+    try:
+        app = serve(args.models_dir, args.work_dir, host=args.host, port=args.port, api_auth=args.api_auth)
+    except OSError as exc:
+        raise DreamboothError(f"cannot serve on {args.host}:{args.port} ({exc}); pick another --port, or stop "
+                              "what is using it") from exc
+    print(f"Dreambooth at {app.url} (Ctrl+C stops it)", flush=True)
+    try:
+        app.blocks.block_thread()
+    finally:
+        app.close()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -165,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "train":
             result = run_training(config_from_args(args), args, resume=args.resume)
+        elif args.command == "ui":
+            return serve_ui(args)
         else:
             from .demo import run_demo
 

@@ -14,6 +14,7 @@ that takes torch & co. from the main .venv and adds Forge's gradio on top:
 
 from __future__ import annotations
 
+import json
 import sys
 import tempfile
 import urllib.request
@@ -70,6 +71,8 @@ def main() -> int:
     try:
         with urllib.request.urlopen(served.url.rstrip("/") + "/config", timeout=30) as response:
             check(response.status == 200 and b"dreambooth_start" in response.read(), "the page is served")
+        with urllib.request.urlopen(served.url.rstrip("/") + f"{PREFIX}/status", timeout=30) as response:
+            check(json.load(response)["state"] == "idle", "the API is served beside the page")
     finally:
         served.close()
     print("gradio 4 smoke test passed")

@@ -94,3 +94,53 @@ def test_demo_needs_nothing_else(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "Demo finished" in out and "UNet tensors changed" in out
     assert len(list((tmp_path / "models" / "dreambooth" / "demo" / "class_images").glob("*.png"))) == 6
+
+
+def test_ui_serves_the_tab_and_the_api_until_ctrl_c(tmp_path):
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import urllib.request
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    server = subprocess.Popen([sys.executable, "-m", "dreambooth_ext", "ui", "--models-dir", str(tmp_path),
+                               "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env=env, cwd=tmp_path)
+    try:
+        lines = []
+        for line in server.stdout:
+            lines.append(line)
+            if line.startswith("Dreambooth at "):
+                break
+        assert lines and lines[-1].startswith("Dreambooth at "), "".join(lines)
+        url = lines[-1].split()[2]
+        assert f":{port}" in url
+        with urllib.request.urlopen(url, timeout=30) as page:
+            assert "Dreambooth" in page.read().decode()
+        with urllib.request.urlopen(url.rstrip("/") + "/dreambooth/v1/status", timeout=30) as status:
+            assert json.load(status)["state"] == "idle"
+        server.send_signal(signal.SIGINT)
+        assert server.wait(timeout=60) == 0
+    finally:
+        if server.poll() is None:
+            server.kill()
+        server.stdout.close()
+
+
+def test_ui_on_a_busy_port_is_a_clear_error(tmp_path, capsys):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        code = cli.main(["ui", "--models-dir", str(tmp_path), "--port", str(port)])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert f"127.0.0.1:{port}" in err and "--port" in err and "Traceback" not in err

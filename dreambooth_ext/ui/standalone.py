@@ -1,15 +1,13 @@
 """The tab outside the WebUI: gradio serving it over a folder of checkpoints, with the HTTP API beside it.
 
-    python -m dreambooth_ext.ui.standalone --models-dir models [--port 7861]
+    python -m dreambooth_ext ui --models-dir models [--port 7861]      (python3 standalone.py ui)
 
 The page gets the extension's own `javascript/dreambooth.js` and `style.css`, as the WebUI would inject them.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,32 +57,12 @@ def build_page(adapter: HostAdapter, jobs: JobManager | None = None) -> tuple[gr
 
 
 def serve(models_dir: str | Path, work_root: str | Path | None = None, *, host: str = "127.0.0.1",
-          port: int | None = None, api_auth: str | None = None, block: bool = False) -> StandaloneApp:
+          port: int | None = None, api_auth: str | None = None) -> StandaloneApp:
     adapter = folder_adapter(models_dir, work_root)
     page, tab, jobs = build_page(adapter)
     enable_queue(page, 8)  # polling and Cancel must get through while Start is running
-    page.launch(server_name=host, server_port=port, prevent_thread_lock=True, quiet=True, show_api=False)
-    register_api(page.app, jobs, adapter, api_auth)
-    app = StandaloneApp(page, tab, jobs, adapter)
-    if block:
-        page.block_thread()
-    return app
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dreambooth_ext.ui.standalone", description=__doc__.split("\n")[0])
-    parser.add_argument("--models-dir", type=Path, default=Path("models"),
-                        help="checkpoints in DIR/Stable-diffusion; results go there too (default ./models)")
-    parser.add_argument("--work-dir", type=Path, default=None,
-                        help="projects and training state (default DIR/dreambooth)")
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=7861)
-    parser.add_argument("--api-auth", default=None, help="user:password[,user2:password2] for the HTTP API")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    serve(args.models_dir, args.work_dir, host=args.host, port=args.port, api_auth=args.api_auth, block=True)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    # The app that serves is the one launch() returns (gradio 3 builds a new one there; page.app is not it).
+    server_app, _, _ = page.launch(server_name=host, server_port=port, prevent_thread_lock=True, quiet=True,
+                                   show_api=False)
+    register_api(server_app, jobs, adapter, api_auth)
+    return StandaloneApp(page, tab, jobs, adapter)
