@@ -15,7 +15,7 @@ from ..errors import DreamboothError
 from . import projects, render
 from .adapter import HostAdapter
 from .jobs import FINISHED, JobManager, error_message
-from .widgets import HIDDEN, js_kwarg, make_widget, update
+from .widgets import HIDDEN, js_kwarg, option_grid, update
 
 log = logging.getLogger(__name__)
 
@@ -85,9 +85,8 @@ class DreamboothTab:
                                 self._model_info()
                             if group == "concepts":
                                 self._concept_slots()
-                            for option in self.options:
-                                if option.group == group:
-                                    self.widgets[option.name] = make_widget(option, elem_id=f"dreambooth_{option.name}")
+                            self.widgets.update(option_grid(
+                                [o for o in self.options if o.group == group], "dreambooth_"))
                     self._ungrouped_options()
                 with gr.Column(scale=2):
                     self._run_panel()
@@ -99,8 +98,7 @@ class DreamboothTab:
         rest = [o for o in self.options if o.name not in self.widgets]
         if rest:  # an option whose group the tab has no place for still gets a widget
             with gr.Accordion("Other", open=False):
-                for option in rest:
-                    self.widgets[option.name] = make_widget(option, elem_id=f"dreambooth_{option.name}")
+                self.widgets.update(option_grid(rest, "dreambooth_"))
 
     def _project_row(self) -> None:
         names = projects.list_projects(self.adapter.projects_dir())
@@ -127,10 +125,8 @@ class DreamboothTab:
     def _concept_slots(self) -> None:
         for i in range(self.concept_slots):
             with gr.Accordion(f"Concept {i + 1}" + ("" if i == 0 else " (optional)"), open=i == 0):
-                self.concept_widgets.append({
-                    o.name: make_widget(o, value="" if (i and o.name == "instance_dir") else None,
-                                        elem_id=f"dreambooth_c{i}_{o.name}")
-                    for o in self.concept_options})
+                values = {"instance_dir": ""} if i else {}
+                self.concept_widgets.append(option_grid(self.concept_options, f"dreambooth_c{i}_", values))
 
     def _run_panel(self) -> None:
         with gr.Row():

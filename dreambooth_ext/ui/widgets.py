@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import gradio as gr
 
 from ..config import Option
 
+GRID_COLUMNS = 3  # options side by side in a group, so the form is not one long column
 GRADIO_MAJOR = int(gr.__version__.split(".")[0])
 
 HIDDEN = ["dreambooth-hidden"]  # CSS-hidden: unlike visible=False, gradio 4 still puts it in the page for the JS
@@ -76,3 +78,32 @@ def make_widget(option: Option, *, value: Any = None, elem_id: str | None = None
         return gr.Slider(minimum=option.min, maximum=option.max, step=slider_step(option), value=value, **common)
     # No minimum/maximum here: out-of-range values reach the schema's check, whose message names the option.
     return gr.Number(value=value, precision=0 if option.kind == "int" else None, **common)
+
+
+def option_grid(options: Sequence[Option], id_prefix: str,
+                values: dict[str, Any] | None = None) -> dict[str, gr.components.Component]:
+    """Widgets for `options` in their order, GRID_COLUMNS to a row; a multi-line text takes a row of its own.
+    Each widget's elem_id is id_prefix + the option's name."""
+    values = values or {}
+    widgets: dict[str, gr.components.Component] = {}
+    row: list[Option] = []
+
+    def flush() -> None:
+        if row:
+            with gr.Row():
+                for option in row:
+                    widgets[option.name] = make_widget(option, value=values.get(option.name),
+                                                       elem_id=id_prefix + option.name)
+            row.clear()
+
+    for option in options:
+        if widget_kind(option) == "textarea":
+            flush()
+            row.append(option)
+            flush()
+        else:
+            row.append(option)
+            if len(row) == GRID_COLUMNS:
+                flush()
+    flush()
+    return widgets
