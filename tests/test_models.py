@@ -160,6 +160,24 @@ def test_tiny_checkpoint_is_seeded_and_leaves_global_rng_alone():
     assert a["betas"].dtype == torch.float32 and a["betas"].shape == (1000,)
 
 
+@torch.no_grad()
+def test_tiny_vae_has_a_real_vaes_latent_scale(tiny):
+    # Scaled latents of about unit variance and a posterior far narrower, as SD's VAE: else a sampled latent
+    # is mostly noise and training on the small model learns little about the images.
+    from dreambooth_ext.models.bundle import load_bundle
+
+    vae = load_bundle(tiny("sd1")).vae
+    half = torch.linspace(-1, 1, 64)
+    pictures = torch.stack([torch.stack([half[None, :].expand(64, 64) * s, half[:, None].expand(64, 64),
+                                         torch.full((64, 64), s)]) for s in (-0.8, 0.1, 0.9)])
+    dist = vae.encode(pictures).latent_dist
+    scaled = dist.mean * vae.config.scaling_factor
+    assert 0.3 < scaled.std().item() < 3.0
+    assert dist.std.max().item() * vae.config.scaling_factor < 0.05 * scaled.std().item()
+    # Different pictures, different latents.
+    assert (scaled[0] - scaled[2]).abs().mean() > 0.1 * scaled.abs().mean()
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Families and keys
 
