@@ -78,7 +78,13 @@ def main(argv: list[str]) -> int:
         command = [str(venv_python()), "-m", "pytest", *argv[1:]]
     else:
         command = [str(venv_python()), "-m", "dreambooth_ext", *argv]
-    return subprocess.run(command, cwd=ROOT, env=env).returncode
+    if os.name == "nt":
+        return subprocess.run(command, cwd=ROOT, env=env).returncode
+    # Become the venv's Python: Ctrl+C, signals and the exit code are the engine's own, with no wrapper between.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.chdir(ROOT)
+    os.execve(command[0], command, env)
 
 
 if __name__ == "__main__":
