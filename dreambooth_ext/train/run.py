@@ -271,8 +271,8 @@ class _Loop:
             if self.run.cancelled:
                 return self._cancel(step)
             train_text = step < te_stop
-            if self.config.train_text_encoder and not train_text and self.bundle.text_encoder.training:
-                self.bundle.text_encoder.eval()  # stopped: no dropout, no checkpointing of a frozen pass
+            if not train_text and self.bundle.text_encoder.training:
+                self.bundle.text_encoder.eval()  # its training stopped: no dropout, no checkpointed frozen pass
             loss = self._optimizer_step(step, train_text=train_text)
             step += 1
             smoothed = loss if smoothed is None else 0.9 * smoothed + 0.1 * loss
