@@ -66,8 +66,18 @@ function dreambooth_confirm_save() {
     return args;
 }
 
+// The model box shows what the host has loaded, which changes outside this tab (the checkpoint dropdown at the
+// top of the page). While the tab is on screen and no run is being followed, ask every few seconds; the answer
+// carries the box only when the host loaded another model.
+setInterval(function() {
+    if (dreamboothPoll.timer || document.visibilityState !== 'visible') return;
+    var status = dreamboothApp().querySelector('#dreambooth_status');
+    if (status && status.offsetParent !== null) dreamboothRefresh();
+}, 5000);
+
 if (typeof onUiLoaded === 'function') {
-    onUiLoaded(dreamboothWatch); // shows a run that is already going (e.g. started through the API)
+    // shows a run that is already going (e.g. started through the API) and what the host has loaded by now
+    onUiLoaded(dreamboothWatch);
 } else {
     setTimeout(dreamboothWatch, 500);
 }

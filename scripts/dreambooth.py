@@ -21,8 +21,11 @@ from dreambooth_ext.ui.api import register_api  # noqa: E402
 from dreambooth_ext.ui.tab import build_tab  # noqa: E402
 
 SECTION = ("dreambooth", "Dreambooth")
+CHECKPOINT_DROPDOWN = "setting_sd_model_checkpoint"  # the elem_id of the host's checkpoint quicksetting
 
 jobs = JobManager()
+tabs = []  # the tab built by on_ui_tabs, waiting for the host's checkpoint dropdown
+model_loads = [0]  # counts the host's model loads: the tab redraws its model box when this changes
 
 
 def _in_host_queue(body):
@@ -50,15 +53,26 @@ def _adapter() -> HostAdapter:
         background=_in_host_queue,
         queued=call_queue.wrap_queued_call,
         load_checkpoint=webui.load_checkpoint_now,
-        refreshed_checkpoint_choices=webui.refreshed_checkpoint_choices,
-        checkpoint_component=lambda: shared.settings_components.get("sd_model_checkpoint"),
+        checkpoint_selection=webui.checkpoint_selection,
+        model_version=lambda: model_loads[0],
         load_after_training=lambda: bool(getattr(shared.opts, "dreambooth_load_after_training", False)),
     )
 
 
 def on_ui_tabs():
     tab = build_tab(_adapter(), jobs)
+    tabs[:] = [tab]
     return [(tab.blocks, "Dreambooth", "dreambooth")]
+
+
+def on_after_component(component, **kwargs):
+    """The host creates its checkpoint dropdown after the extension tabs: connect the tab to it then."""
+    if kwargs.get("elem_id") == CHECKPOINT_DROPDOWN and tabs:
+        tabs[0].attach_checkpoint_dropdown(component)
+
+
+def on_model_loaded(sd_model):
+    model_loads[0] += 1
 
 
 def on_ui_settings():
@@ -77,4 +91,6 @@ def on_script_unloaded():
 script_callbacks.on_ui_tabs(on_ui_tabs)
 script_callbacks.on_ui_settings(on_ui_settings)
 script_callbacks.on_app_started(on_app_started)
+script_callbacks.on_after_component(on_after_component)
+script_callbacks.on_model_loaded(on_model_loaded)
 script_callbacks.on_script_unloaded(on_script_unloaded)

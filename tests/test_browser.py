@@ -66,8 +66,9 @@ def fill(page, elem_id: str, value: str) -> None:
 
 def test_train_a_tiny_model_from_the_browser(served, page):
     app, models, images, root = served
-    errors = []
+    errors, console = [], []
     page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.on("console", lambda message: console.append(message.text))
     page.goto(app.url)
     page.wait_for_selector("#dreambooth_start", timeout=60_000)
     page.wait_for_function("typeof dreambooth_start === 'function'", timeout=30_000)  # the extension's JS
@@ -113,3 +114,4 @@ def test_train_a_tiny_model_from_the_browser(served, page):
     page.screenshot(path=str(ARTIFACTS / "dreambooth_tab.png"), full_page=True)
     assert "step" in progress_text
     assert not errors, errors
+    assert not [m for m in console if "Infinite extent" in m], console  # no empty chart drawn at page load

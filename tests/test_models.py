@@ -355,11 +355,12 @@ def test_export_uses_the_trained_weights(tiny):
 def test_metadata_keys(tiny):
     bundle = load_bundle(tiny("sd2"), prediction_type="v_prediction", source=SourceInfo(name="base.safetensors",
                                                                                         short_hash="abcdef0123"))
-    meta = export.checkpoint_metadata(bundle, title="proj", steps=100, config_json="{}", extra={"x.count": 3})
+    meta = export.checkpoint_metadata(bundle, title="proj", steps=100, config_json="{}", resolution=640,
+                                      extra={"x.count": 3})
     assert all(isinstance(v, str) for v in meta.values())
     assert meta["modelspec.sai_model_spec"] == "1.0.0"
     assert meta["modelspec.architecture"] == "stable-diffusion-v2-768-v"
-    assert meta["modelspec.prediction_type"] == "v" and meta["modelspec.resolution"] == "768x768"
+    assert meta["modelspec.prediction_type"] == "v" and meta["modelspec.resolution"] == "640x640"  # as trained
     assert meta["dreambooth.base_model_hash"] == "abcdef0123" and meta["dreambooth.steps"] == "100"
     assert meta["x.count"] == "3" and meta["dreambooth.config"] == "{}" and "dreambooth.engine_version" in meta
     assert bundle.native_resolution == 768

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import gradio as gr
 import pytest
+import safetensors.torch
+import torch
 from ui_helpers import BlockingHost, quick_run_data
 
 from dreambooth_ext import config as schema
@@ -117,25 +119,28 @@ def test_start_trains_with_the_picked_checkpoint_and_reports_it(tab_factory, ui_
         ("tiny.safetensors", "tiny.safetensors") in tab.checkpoint_pick.choices
     outputs = tab.start("task(abc123)", "tiny.safetensors", None, *values)
 
-    assert calls == [("task(abc123)", 5)]  # the task id reaches the host's wrapper; extra outputs fit
-    chart, gallery, seen, load_button, pick, status = outputs
+    assert calls == [("task(abc123)", 6)]  # the task id reaches the host's wrapper; extra outputs fit
+    chart, gallery, seen, load_button, pick, token, status = outputs
     result = ui_models / "Stable-diffusion" / "tabrun" / "tabrun_2.safetensors"
     assert result.is_file()
     assert "data-state='finished'" in status and str(result) in status, status
-    assert list(chart["step"]) == [1, 2] and chart["loss"].notna().all()
+    assert list(chart["value"]["step"]) == [1, 2] and chart["value"]["loss"].notna().all() and chart["visible"]
     assert len(gallery) == 2 and all(caption.endswith(".png") for _, caption in gallery)  # samples at steps 1, 2
     assert load_button["visible"] is False  # a folder host has no loaded model to replace
     assert "tabrun/tabrun_2.safetensors" in pick["choices"]  # the new model is listed at once
     assert tab.jobs.status()["checkpoints"] == [str(result)]
     # Polling afterwards sends the chart and gallery only when they changed.
     again = tab.refresh(seen)
-    assert again[0] == gr.update() and again[1] == gr.update() and "finished" in again[-1]
+    assert again[0] == gr.update() and again[1] == gr.update() and "finished" in again[-2]
+    assert "No model is loaded here" in again[-1]  # the page's first poll draws the model box
+    assert tab.refresh(again[2])[-1] == gr.update()  # then only when the host loads another model
 
 
 def test_interrupt_cancels_with_resumable_state_and_resume_finishes(tab_factory, ui_models, ui_images, tmp_path):
     interrupted = threading.Event()
     adapter = folder_adapter(ui_models, tmp_path / "work")
-    adapter.should_cancel = interrupted.is_set
+    host = adapter.prepare(schema.default_config(), None)[1]
+    host.cancel_requested = interrupted.is_set  # what the WebUI's Interrupt button sets
     tab = tab_factory(adapter)
     data = quick_run_data(str(ui_models / "Stable-diffusion" / "tiny.safetensors"), ui_images, project="resumable",
                           max_train_steps=4)
@@ -199,12 +204,21 @@ def test_errors_appear_plainly_in_the_status(tab_factory, ui_images, tmp_path):
     assert "resolution = 100: must be a multiple of 64" in status
     assert "instance_dir = &#x27;&#x27;: give the folder of the training images" in status
     assert tab.jobs.active is None
-    # Failing run: the exception becomes the status' error, the slot is free again.
+    # A base model that does not exist: refused before any run starts, in the error box.
     missing = tmp_path / "no_such_model.safetensors"
     values = form_for(tab, quick_run_data(missing, ui_images, project="broken"))
     status = tab.start("task(f)", DEFAULT_PICK, None, *values)[-1]
-    assert "data-state='failed'" in status and "dreambooth-error" in status
-    assert "no_such_model.safetensors" in tab.jobs.status()["error"]
+    assert "dreambooth-error" in status and "no_such_model.safetensors" in status and "does not exist" in status
+    assert tab.jobs.status()["state"] == "idle" and tab.jobs.active is None
+    # A run that fails once started: the exception becomes the status' error, the slot is free again.
+    broken = tmp_path / "broken.safetensors"  # the keys of an SD1 checkpoint, but not its tensors
+    safetensors.torch.save_file({"model.diffusion_model.out.2.weight": torch.zeros(1),
+                                 "cond_stage_model.transformer.text_model.final_layer_norm.weight": torch.zeros(1)},
+                                str(broken))
+    values = form_for(tab, quick_run_data(broken, ui_images, project="broken"))
+    status = tab.start("task(g)", DEFAULT_PICK, None, *values)[-1]
+    assert "data-state='failed'" in status and "dreambooth-error" in status, status
+    assert "UNet is missing" in tab.jobs.status()["error"]
     assert tab.jobs.active is None
 
 

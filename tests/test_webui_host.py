@@ -18,6 +18,7 @@ from dreambooth_ext.hosts import webui as webui_host
 from dreambooth_ext.hosts.webui import WebUIHost
 from dreambooth_ext.models.export import build_checkpoint
 from dreambooth_ext.train.run import Progress, TrainingRun
+from dreambooth_ext.ui import render
 
 pytest_plugins = ("webui_stub.fixtures",)  # the make_webui and webui fixtures
 
@@ -184,8 +185,9 @@ def test_no_loaded_model_and_sdxl_are_refused(webui):
 def test_summary_names_the_loaded_checkpoint(webui):
     summary = webui_host.loaded_model_summary()
     info = webui.shared.sd_model.sd_checkpoint_info
-    assert summary == {"title": info.title, "hash": info.shorthash, "vae": "", "family": "sd1", "problem": None}
-    assert summary["title"] in webui_host.checkpoint_titles()
+    assert summary == {"title": info.name, "hash": info.shorthash, "vae": "", "family": "sd1", "problem": None}
+    assert f"{summary['title']} [{summary['hash']}]" in webui_host.checkpoint_titles()
+    assert render.model_summary_html(summary).count(info.shorthash) == 1  # the hash is shown once
 
 
 def test_a_checkpoint_title_or_path_is_read_from_disk(webui):
@@ -247,9 +249,18 @@ def test_release_and_restore_move_the_hosts_model(make_webui):
 def test_model_goes_back_to_its_device_when_training_fails(make_webui, instance_dir):
     webui = make_webui(device="cuda")
     live = webui.shared.sd_model
+    moves = len(live.moves)
     with pytest.raises(DreamboothError, match="neither a file nor a checkpoint"):
         TrainingRun(config(instance_dir, base_model="missing"), WebUIHost()).run()
-    assert torch.device("cpu") in live.moves and live.device == torch.device("cuda")
+    assert len(live.moves) == moves  # refused before anything moved
+
+    class FailingHost(WebUIHost):
+        def load_base(self, config):
+            raise RuntimeError("disk went away")
+
+    with pytest.raises(RuntimeError, match="disk went away"):
+        TrainingRun(config(instance_dir), FailingHost()).run()
+    assert torch.device("cpu") in live.moves[moves:] and live.device == torch.device("cuda")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -261,17 +272,13 @@ def run_as_job(webui, cfg, task_id="task(dreambooth-1)", on_step=None):
     seen = []
 
     def train(id_task):
-        host = WebUIHost()
-        run = TrainingRun(cfg, host)
-
         def also(progress: Progress):
             answer = webui.progress.progressapi(webui.progress.ProgressRequest(id_task=id_task))
             seen.append((progress, answer, webui.shared.state.textinfo))
             if on_step:
                 on_step(progress)
 
-        run.on_progress = host.progress_handler(run.cancel, also)
-        result = run.run()
+        result = TrainingRun(cfg, WebUIHost(), on_progress=also).run()
         return [result, f"<p>{result.status}</p>"]
 
     job = webui.call_queue.wrap_gradio_gpu_call(train, extra_outputs=[None])
@@ -285,7 +292,7 @@ def test_training_the_loaded_model_end_to_end(webui, instance_dir):
     assert result.status == "finished" and result.step == 2
     path = result.checkpoints[-1]
     assert path == Path(webui.sd_models.model_path) / "proj" / "proj_2.safetensors"
-    assert "proj/proj_2.safetensors" in webui_host.refreshed_checkpoint_choices()
+    assert "proj/proj_2.safetensors" in webui_host.checkpoint_selection()[0]
     training = [(p, a, text) for p, a, text in seen if p.phase == "training"]
     assert [p.step for p, _, _ in training] == [1, 2]
     progress, answer, text = training[0]
@@ -333,12 +340,12 @@ def test_extension_scripts_load_like_in_the_host(webui, tmp_path):
     (ext / "scripts" / "main.py").write_text(
         "import sys\nfrom modules import scripts, script_callbacks\nimport helper_mod_xyz\n"
         "BASEDIR = scripts.basedir()\nFIRST_PATH = sys.path[0]\n"
-        "script_callbacks.on_ui_tabs(lambda: [(None, 'Tab', 'my_tab')])\n")
+        "import gradio as gr\nscript_callbacks.on_ui_tabs(lambda: [(gr.Blocks(), 'Tab', 'my_tab')])\n")
     (module,) = load_scripts(ext)
     assert module.__name__ == "main.py" and module.BASEDIR == str(ext.resolve())
     assert module.FIRST_PATH == str(ext.resolve()) and str(ext.resolve()) not in sys.path
     assert webui.scripts.basedir() != str(ext.resolve())
-    assert build_ui() == [(None, "Tab", "my_tab")]
+    assert [(label, ifid) for _, label, ifid in build_ui()] == [("Tab", "my_tab")]
     assert [c.name for c in webui.script_callbacks.callback_map["callbacks_ui_tabs"]] == ["my_ext/main.py/ui_tabs"]
 
 

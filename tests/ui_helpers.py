@@ -51,6 +51,9 @@ class BlockingHost(Host):
         self.entered = threading.Event()
         self.release = threading.Event()
 
+    def check(self, config):
+        pass  # the refusals come from load_base, once the run is active
+
     def load_base(self, config):
         self.entered.set()
         self.release.wait(30)

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from pathlib import Path
+from typing import Any
 
 from ..config import Config
-from ..models.bundle import ModelBundle
+from ..models.bundle import ModelBundle, check_checkpoint_file
 
 
 class Host(ABC):
@@ -15,6 +16,14 @@ class Host(ABC):
     @abstractmethod
     def load_base(self, config: Config) -> ModelBundle:
         """The model to train, with clean base weights."""
+
+    def check(self, config: Config) -> None:
+        """Refuse, before a run starts, what would make it fail at once (cheap: no weights are read).
+
+        Raises DreamboothError with the user's fix; the tab shows it in its error box, the API answers 422.
+        """
+        if config.base_model:
+            check_checkpoint_file(config.base_model)
 
     @abstractmethod
     def checkpoint_path(self, project: str, step: int) -> Path:
@@ -32,3 +41,14 @@ class Host(ABC):
 
     def restore_device(self) -> None:  # noqa: B027 - optional hook
         """Undo `release_device`; called after success, error or cancel."""
+
+    # Progress and cancel: a TrainingRun reports every train.run.Progress here and, after each report, stops
+    # within a step once `cancel_requested` says so. This is the one path for both; callers that want the
+    # progress too pass TrainingRun(on_progress=...).
+
+    def report(self, progress: Any) -> None:  # noqa: B027 - optional hook
+        """Show a train.run.Progress the host's own way (the WebUI: its progress bar and /sdapi/v1/progress)."""
+
+    def cancel_requested(self) -> bool:
+        """Whether the host asked the run to stop (the WebUI: its Interrupt button or /sdapi/v1/interrupt)."""
+        return False

@@ -18,10 +18,13 @@ class FolderHost(Host):
         self.models_dir = Path(models_dir)
         self.work_root = Path(work_root) if work_root else self.models_dir / "dreambooth"
 
-    def load_base(self, config: Config) -> ModelBundle:
+    def check(self, config: Config) -> None:
         if not config.base_model:
             raise DreamboothError("base_model is empty: give the checkpoint to train (base_model in the config, "
                                   "--training_model or --model on the command line).")
+        super().check(config)
+
+    def load_base(self, config: Config) -> ModelBundle:
         return load_bundle_from_file(config.base_model, vae_path=config.vae or None,
                                      prediction_type=config.prediction_type)
 

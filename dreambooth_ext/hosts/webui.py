@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
+import time
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ import torch
 
 from ..config import Config
 from ..errors import DreamboothError
-from ..models.bundle import ModelBundle, SourceInfo, load_bundle, load_bundle_from_file
+from ..models.bundle import ModelBundle, SourceInfo, check_checkpoint_file, load_bundle, load_bundle_from_file
 from ..models.checkpoint import read_vae
 from ..models.family import detect_family, normalize_keys
 from .base import Host
@@ -98,42 +98,44 @@ def checkpoint_titles() -> list[str]:
     return list(sd_models.checkpoint_tiles())
 
 
-def refreshed_checkpoint_choices() -> list[str]:
-    """Re-scan the checkpoint folders and return the dropdown's choices (e.g. for gr.Dropdown.update)."""
-    from modules import sd_models
+def checkpoint_selection() -> tuple[list[str], str | None]:
+    """The checkpoint dropdown's fresh choices (folders re-scanned) and the selected title: what it should show."""
+    from modules import sd_models, shared
 
     sd_models.list_models()
-    return list(sd_models.checkpoint_tiles())
+    return list(sd_models.checkpoint_tiles()), shared.opts.sd_model_checkpoint
 
 
-def _checkpoint_info_for_file(path: str | os.PathLike) -> Any:
+def _checkpoint_info(path_or_title: str | os.PathLike) -> Any:
+    """The host's CheckpointInfo for a file (by its path) or a title, name or hash it lists; None if unlisted."""
     from modules import sd_models
 
-    wanted = os.path.normcase(os.path.abspath(path))
+    wanted = os.path.normcase(os.path.abspath(path_or_title))
     for info in sd_models.checkpoints_list.values():
         if os.path.normcase(os.path.abspath(info.filename)) == wanted:
             return info
-    return None
+    return sd_models.checkpoint_aliases.get(str(path_or_title))
 
 
-def load_checkpoint_now(path: str | os.PathLike) -> str:
-    """Make a (freshly trained) checkpoint file the loaded model; returns its title.
+def load_checkpoint_now(path_or_title: str | os.PathLike) -> str:
+    """Load a (freshly trained) checkpoint and make it the host's selected one; returns its title.
 
-    Calls `reload_model_weights(info=…)` directly: a training job holds the host's queue_lock, and
-    `opts.set('sd_model_checkpoint', …)` would take it again (it is not re-entrant).
+    Selected means `opts.sd_model_checkpoint` names it: the host loads that option's checkpoint before each
+    generation, so a model loaded without it is swapped back at the next one. The option is written directly:
+    `opts.set` would run its onchange, which takes the host's queue_lock, and a training job may hold it.
     """
-    from modules import sd_models
+    from modules import sd_models, shared
 
     sd_models.list_models()
-    info = _checkpoint_info_for_file(path)
+    info = _checkpoint_info(path_or_title)
     if info is None:
-        raise DreamboothError(f"{str(path)!r} is not in the WebUI's checkpoint list: only files inside "
-                              f"{checkpoints_dir()} (or --ckpt-dir) are listed. Move it there, or load it from the "
-                              "checkpoint dropdown.")
+        raise DreamboothError(f"{str(path_or_title)!r} is not in the WebUI's checkpoint list: give a file inside "
+                              f"{checkpoints_dir()} (or --ckpt-dir) or the title of a listed checkpoint.")
     if is_forge():
         _forge_select(info)
     else:
         sd_models.reload_model_weights(info=info)
+        shared.opts.data["sd_model_checkpoint"] = info.title  # the title now has its hash
     return info.title
 
 
@@ -307,14 +309,23 @@ def bundle_from_live_model(model: Any, config: Config) -> ModelBundle:
     vae_state_dict = read_vae(config.vae) if config.vae else None
     metadata = getattr(model.sd_checkpoint_info, "metadata", None) or {}
     return load_bundle(state_dict, vae_state_dict=vae_state_dict, prediction_type=_prediction_type(config, model),
-                       source=_source_info(model, config),
+                       source=_source_info(model, config), yaml_text=_used_config_text(model),
                        metadata={k: v for k, v in metadata.items() if isinstance(v, str)})
+
+
+def _used_config_text(model: Any) -> str | None:
+    """The ldm config the host built the loaded model from (the yaml beside its file, or one it guessed)."""
+    path = getattr(model, "used_config", None)
+    if not path or not os.path.isfile(path):
+        return None
+    return Path(path).read_text(encoding="utf-8", errors="replace")
 
 
 def loaded_model_summary() -> dict[str, str | None]:
     """For the tab: which checkpoint and VAE training would start from, and why it can't (`problem`), if so.
 
-    Keys: title, hash (10 hex chars or ""), vae (the external VAE's file name, "" for the checkpoint's own),
+    Keys: title (the checkpoint's name, without the hash the host's title carries), hash (10 hex chars or ""),
+    vae (the external VAE's file name, "" for the checkpoint's own),
     family ("sd1", "sd2", "sdxl", "" when nothing is loaded), problem (None when it can be trained).
     """
     from modules import sd_vae
@@ -326,7 +337,7 @@ def loaded_model_summary() -> dict[str, str | None]:
     family = next((name for name, flag in (("sdxl", "is_sdxl"), ("sd2", "is_sd2"), ("sd1", "is_sd1"))
                    if getattr(model, flag, False)), "unknown")
     vae_file = getattr(sd_vae, "loaded_vae_file", None)
-    return {"title": info.title, "hash": getattr(info, "shorthash", None) or "",
+    return {"title": info.name, "hash": getattr(info, "shorthash", None) or "",
             "vae": Path(vae_file).name if vae_file else "", "family": family, "problem": live_model_problem(model)}
 
 
@@ -353,6 +364,19 @@ class WebUIHost(Host):
                         info.filename)
             return self._from_file(Path(info.filename), config)
         return bundle_from_live_model(_loaded_model(), config)
+
+    def check(self, config: Config) -> None:
+        """An unknown checkpoint title, a file of another family, an fp8-held or LoRA-patched live model: refused
+        before the run starts, without reading any weights."""
+        path = self._source_file(config)
+        if path is None and is_forge():
+            path = Path(_forge_checkpoint_info().filename)
+        if path is not None:
+            check_checkpoint_file(path)
+            return
+        problem = live_model_problem()
+        if problem:
+            raise DreamboothError(problem)
 
     def _source_file(self, config: Config) -> Path | None:
         """The file named by checkpoint_title or config.base_model (a path or a title); None = the live model."""
@@ -422,8 +446,13 @@ class WebUIHost(Host):
 
     # -- progress and cancel ----------------------------------------------------------------------------
 
-    def on_progress(self, progress: Any) -> None:
-        """Mirror a train.run.Progress into shared.state: the host's progress bar and /sdapi/v1/progress follow."""
+    def report(self, progress: Any) -> None:
+        """Mirror a train.run.Progress into shared.state: the host's progress bar and /sdapi/v1/progress follow.
+
+        The host's bar computes its own ETA from the time since the job began and the fraction done; during
+        training `time_start` is set so that this ETA is the run's own (steps left / it/s), and the text carries
+        no second one.
+        """
         from modules import shared
 
         state = shared.state
@@ -433,28 +462,15 @@ class WebUIHost(Host):
             state.job_no = 0
             state.sampling_steps = total
             state.sampling_step = min(done, total)
+        if progress.phase == "training" and progress.it_per_s:
+            state.time_start = time.time() - progress.step / progress.it_per_s
         state.textinfo = describe_progress(progress)
 
-    def interrupted(self) -> bool:
+    def cancel_requested(self) -> bool:
         """The user pressed Interrupt (or Skip-all/stop generating) in the WebUI or called /sdapi/v1/interrupt."""
         from modules import shared
 
         return bool(shared.state.interrupted or shared.state.stopping_generation)
-
-    def progress_handler(self, cancel: Callable[[], None],
-                         also: Callable[[Any], None] | None = None) -> Callable[[Any], None]:
-        """An on_progress for TrainingRun: mirrors progress, calls `also`, and `cancel()` once interrupted.
-
-        run = TrainingRun(config, host); run.on_progress = host.progress_handler(run.cancel)
-        """
-        def handle(progress: Any) -> None:
-            self.on_progress(progress)
-            if also is not None:
-                also(progress)
-            if self.interrupted():
-                cancel()
-
-        return handle
 
 
 def _progress_counts(progress: Any) -> tuple[int, int]:
@@ -463,14 +479,8 @@ def _progress_counts(progress: Any) -> tuple[int, int]:
     return progress.done, progress.total
 
 
-def _clock(seconds: float) -> str:
-    seconds = int(round(seconds))
-    hours, rest = divmod(seconds, 3600)
-    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
-
-
 def describe_progress(progress: Any) -> str:
-    """One line for the progress bar: "Training step 12/400, loss 0.1234, 1.52 it/s, ETA 4:10"."""
+    """One line for the progress bar: "Training step 12/400, loss 0.1234, 1.52 it/s" (the bar adds the ETA)."""
     if progress.phase != "training":
         return progress.message or progress.phase.replace("_", " ").capitalize()
     parts = [f"Training step {progress.step}/{progress.total_steps}"]
@@ -478,6 +488,4 @@ def describe_progress(progress: Any) -> str:
         parts.append(f"loss {progress.loss:.4f}")
     if progress.it_per_s:
         parts.append(f"{progress.it_per_s:.2f} it/s")
-    if progress.eta_s is not None:
-        parts.append(f"ETA {_clock(progress.eta_s)}")
     return ", ".join(parts)

@@ -12,7 +12,14 @@ from typing import Any
 import torch
 
 from ..errors import DreamboothError
-from .checkpoint import file_sha256, read_checkpoint, read_safetensors_metadata, read_vae, short_hash
+from .checkpoint import (
+    file_sha256,
+    read_checkpoint,
+    read_checkpoint_keys,
+    read_safetensors_metadata,
+    read_vae,
+    short_hash,
+)
 from .convert import (
     VAE_PREFIX,
     text_encoder_from_ldm,
@@ -57,6 +64,9 @@ class ModelBundle:
     source: SourceInfo
     unet_config: dict = field(default_factory=dict)
     vae_config: dict = field(default_factory=dict)
+    # The ldm config the base model was loaded with (the .yaml beside its file, or the host's), if it has one:
+    # a result of unusual shape loads in the WebUI only with the same config beside it.
+    base_yaml: str | None = None
 
     @property
     def native_resolution(self) -> int:
@@ -177,7 +187,7 @@ def load_bundle(state_dict: dict[str, torch.Tensor], *, vae_state_dict: dict[str
         family=family, prediction_type=prediction, base=base, unet=unet, vae=vae, text_encoder=text_encoder,
         tokenizer=load_tokenizer(family), noise_scheduler=make_noise_scheduler(prediction, base.get("betas")),
         source=source or SourceInfo(name="(in memory)"), unet_config=unet_config_from_ldm(base, family),
-        vae_config=vae_config_from_ldm(base))
+        vae_config=vae_config_from_ldm(base), base_yaml=yaml_text)
 
 
 def load_bundle_from_file(path: str | os.PathLike, *, vae_path: str | os.PathLike | None = None,
@@ -193,3 +203,11 @@ def load_bundle_from_file(path: str | os.PathLike, *, vae_path: str | os.PathLik
                         vae_name=Path(vae_path).name if vae_path else "")
     return load_bundle(state_dict, vae_state_dict=vae_state_dict, prediction_type=prediction_type, source=source,
                        yaml_text=yaml_text, metadata=read_safetensors_metadata(path))
+
+
+def check_checkpoint_file(path: str | os.PathLike) -> None:
+    """Refuse a base model file that cannot be trained (missing, damaged, another family), reading only its
+    header; a pickled .ckpt is checked when it loads."""
+    keys = read_checkpoint_keys(path)
+    if keys is not None:
+        detect_family(dict.fromkeys(keys))

@@ -136,15 +136,21 @@ def _unwrap(obj: Any, path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read the tensors of a .safetensors or .ckpt/.pt/.pth file onto the CPU, without running pickled code."""
-    path = Path(path)
+def _check_checkpoint_path(path: Path) -> str:
+    """The file's lower-case suffix, once it is known to be an existing checkpoint file."""
     suffix = path.suffix.lower()
     if suffix not in (SAFETENSORS_SUFFIX, *PICKLE_SUFFIXES):
         raise DreamboothError(f"{str(path)!r} has the extension {suffix or '(none)'!r}, which is not a checkpoint; "
                               "use a .safetensors (preferred) or .ckpt file")
     if not path.is_file():
         raise DreamboothError(f"Checkpoint {str(path)!r} does not exist; check the path")
+    return suffix
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read the tensors of a .safetensors or .ckpt/.pt/.pth file onto the CPU, without running pickled code."""
+    path = Path(path)
+    suffix = _check_checkpoint_path(path)
     try:
         if suffix == SAFETENSORS_SUFFIX:
             import safetensors.torch
@@ -158,6 +164,21 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise DreamboothError(f"Could not read checkpoint {str(path)!r} ({type(exc).__name__}: {exc}); the file "
                               "may be incomplete or damaged: download or copy it again") from exc
     return _unwrap(obj, path)
+
+
+def read_checkpoint_keys(path: str | os.PathLike) -> list[str] | None:
+    """The tensor names of a checkpoint from its header alone (None for pickled files, which must be read whole)."""
+    path = Path(path)
+    if _check_checkpoint_path(path) != SAFETENSORS_SUFFIX:
+        return None
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            return list(handle.keys())
+    except Exception as exc:
+        raise DreamboothError(f"Could not read checkpoint {str(path)!r} ({type(exc).__name__}: {exc}); the file "
+                              "may be incomplete or damaged: download or copy it again") from exc
 
 
 def read_safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import glob
 import logging
 import os
 import tempfile
@@ -64,12 +65,13 @@ def _architecture(bundle: ModelBundle) -> str:
     return "stable-diffusion-v2-768-v" if bundle.prediction_type == "v_prediction" else "stable-diffusion-v2-512"
 
 
-def checkpoint_metadata(bundle: ModelBundle, *, title: str, steps: int, config_json: str,
+def checkpoint_metadata(bundle: ModelBundle, *, title: str, steps: int, config_json: str, resolution: int,
                         extra: dict[str, str] | None = None) -> dict[str, str]:
-    """safetensors header metadata: kohya/SAI modelspec keys plus our dreambooth.* keys, all strings."""
+    """safetensors header metadata: kohya/SAI modelspec keys plus our dreambooth.* keys, all strings.
+    `resolution` is the size the model was trained at."""
     from .. import __version__
 
-    size = bundle.native_resolution
+    size = resolution
     metadata = {
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.architecture": _architecture(bundle),
@@ -114,12 +116,29 @@ def _ldm_unet_params(bundle: ModelBundle) -> dict:
         "context_dim": config["cross_attention_dim"],
         "legacy": False,
     }
-    if bundle.family == "sd2":
-        params.update(num_head_channels=64, use_linear_in_transformer=bool(config.get("use_linear_projection")))
-    else:
-        heads = config.get("attention_head_dim", 8)
-        params["num_heads"] = heads if isinstance(heads, int) else heads[0]
+    params.update(_ldm_heads(config))
+    if config.get("use_linear_projection"):
+        params["use_linear_in_transformer"] = True
     return params
+
+
+def _ldm_heads(config: dict) -> dict:
+    """ldm splits every attention level alike: the same number of heads, or heads of the same width.
+
+    diffusers' `attention_head_dim` holds the heads per level (its old naming), e.g. 8 for SD1 and
+    (5, 10, 20, 20) = 64-wide heads for SD2."""
+    channels = list(config["block_out_channels"])
+    heads = config.get("attention_head_dim", 8)
+    heads = [heads] * len(channels) if isinstance(heads, int) else list(heads)
+    levels = [i for i, kind in enumerate(config["down_block_types"]) if kind.startswith("CrossAttn")]
+    counts = {heads[i] for i in levels}
+    if len(counts) <= 1:
+        return {"num_heads": counts.pop() if counts else 8}
+    widths = {channels[i] // heads[i] for i in levels}
+    if len(widths) == 1:
+        return {"num_head_channels": widths.pop()}
+    raise DreamboothError(f"The UNet's attention heads ({heads}) differ in both number and width between levels; "
+                          "an ldm config cannot describe it.")
 
 
 def _ldm_vae_params(bundle: ModelBundle) -> dict:
@@ -169,8 +188,32 @@ def ldm_yaml(bundle: ModelBundle) -> str:
 
 
 def yaml_for_bundle(bundle: ModelBundle) -> str | None:
-    """The .yaml text to save beside a model of this bundle: needed for v-prediction, None otherwise."""
+    """The .yaml to save beside a result: the base's own config when it had one (with the parameterization the
+    run trained), else a generated one for v-prediction models (the WebUI would take them for epsilon), else
+    None (the WebUI's guess is right for standard models)."""
+    if bundle.base_yaml:
+        return with_parameterization(bundle.base_yaml, bundle.prediction_type)
     return ldm_yaml(bundle) if bundle.prediction_type == "v_prediction" else None
+
+
+def with_parameterization(yaml_text: str, prediction_type: str) -> str:
+    """An ldm config saying `parameterization: v` exactly when the model predicts velocity."""
+    import yaml
+
+    try:
+        document = yaml.safe_load(yaml_text)
+        params = document["model"]["params"]
+    except Exception as exc:
+        logger.warning("The base model's config cannot be read as an ldm config (%s); it is copied as it is.", exc)
+        return yaml_text
+    says_v = str(params.get("parameterization", "eps")).strip() == "v"
+    if says_v == (prediction_type == "v_prediction"):
+        return yaml_text  # already right: keep the file as the user wrote it
+    if prediction_type == "v_prediction":
+        params["parameterization"] = "v"
+    else:
+        params.pop("parameterization", None)
+    return yaml.safe_dump(document, sort_keys=False)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -192,9 +235,38 @@ def _fsync_dir(folder: Path) -> None:
 
 
 def _temp_path(path: Path) -> Path:
+    """A hidden temporary file beside `path`, readable like a normally created file (mkstemp makes it 0600,
+    which a WebUI running as another user could not read once it is renamed)."""
     fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=PARTIAL_SUFFIX)
     os.close(fd)
+    os.chmod(name, 0o666 & ~_umask())
     return Path(name)
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where the system allows."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def remove_partial_files(folder: Path, name_prefix: str) -> list[Path]:
+    """Delete the hidden temporary files a killed save left in `folder` for files named `name_prefix`*."""
+    removed = []
+    if folder.is_dir():
+        for leftover in folder.glob(f".{glob.escape(name_prefix)}*{PARTIAL_SUFFIX}"):
+            leftover.unlink(missing_ok=True)
+            removed.append(leftover)
+    if removed:
+        logger.info("Removed %d half-written file(s) an interrupted save left in %s", len(removed), folder)
+    return removed
 
 
 def _fsync_file(path: Path) -> None:

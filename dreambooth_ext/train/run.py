@@ -22,14 +22,27 @@ from ..data.dataset import BatchPlan, Example, collect_class_examples, collect_i
 from ..errors import DreamboothError
 from ..hosts.base import Host
 from ..models.bundle import ModelBundle
-from ..models.export import build_checkpoint, checkpoint_metadata, save_checkpoint, yaml_for_bundle
+from ..models.export import (
+    build_checkpoint,
+    checkpoint_metadata,
+    remove_partial_files,
+    save_checkpoint,
+    yaml_for_bundle,
+)
 from .batches import Feeder, LatentCache, TextConditioning, derive_seed, generator_for
 from .devices import Precision, free_memory, require_8bit_adam, resolve_device, resolve_precision
 from .ema import EMA
 from .loss import dreambooth_loss, min_snr_weights, per_sample_mse, training_target
 from .optim import make_lr_scheduler, make_optimizer, param_groups
 from .sampling import generate_images, placed
-from .state import TrainingState, load_state, restore_weights, save_state, trainable_weights
+from .state import (
+    TrainingState,
+    load_state,
+    remove_partial_state,
+    restore_weights,
+    save_state,
+    trainable_weights,
+)
 
 log = logging.getLogger(__name__)
 
@@ -84,13 +97,19 @@ class TrainingRun:
         return self._cancel.is_set()
 
     def _emit(self, progress: Progress) -> None:
+        """Report to the host and the caller, then honour a stop the host asked for."""
+        self.host.report(progress)
         if self.on_progress:
             self.on_progress(progress)
+        if not self.cancelled and self.host.cancel_requested():
+            log.info("Stop requested by the host: the run stops after this step and keeps its state")
+            self.cancel()
 
     # -- the run ----------------------------------------------------------------------------------------
 
     def run(self) -> RunResult:
         config = validate(self.config)
+        self.host.check(config)
         instances = collect_instance_examples(config)  # bad image folders fail here, before any model loads
         device = resolve_device(config.device)
         precision = resolve_precision(config.mixed_precision, device)
@@ -98,6 +117,7 @@ class TrainingRun:
             require_8bit_adam(device)
         work_dir = self.host.work_dir(config.project_name)
         work_dir.mkdir(parents=True, exist_ok=True)
+        self._remove_leftovers(config.project_name, work_dir)
         state = load_state(work_dir / "state") if self.resume else None
         self._emit(Progress("loading", message="Loading the base model"))
         self.host.release_device()
@@ -116,6 +136,11 @@ class TrainingRun:
         finally:
             free_memory(device)
             self.host.restore_device()
+
+    def _remove_leftovers(self, project: str, work_dir: Path) -> None:
+        """What a killed save of this project left half-written: hidden model files and a partial state."""
+        remove_partial_files(self.host.checkpoint_path(project, 0).parent, f"{project}_")
+        remove_partial_state(work_dir / "state")
 
     def _class_images(self, config: Config, bundle: ModelBundle, work_dir: Path, device: torch.device,
                       precision: Precision) -> list[Path]:
@@ -414,7 +439,8 @@ class _Loop:
                  "dreambooth.learning_rate": str(config.learning_rate),
                  "dreambooth.resolution": str(config.resolution), "dreambooth.ema": str(bool(self.ema))}
         metadata = checkpoint_metadata(bundle, title=f"{config.project_name}_{step}", steps=step,
-                                       config_json=json.dumps(to_dict(config)), extra=extra)
+                                       config_json=json.dumps(to_dict(config)), resolution=config.resolution,
+                                       extra=extra)
         save_checkpoint(state_dict, path, metadata, yaml_text=yaml_for_bundle(bundle))
         self.result.checkpoints.append(path)
         self.run.host.publish(path)

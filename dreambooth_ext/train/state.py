@@ -2,6 +2,11 @@
 
 Randomness (data order, flips, crops, noise, timesteps) is derived from (seed, step), so the step number is
 all the data-order and RNG state a resume needs.
+
+Nothing here goes through pickle: tensors are written as safetensors and everything else as JSON. The optimizer's
+state dict (nested dicts and lists of tensors and numbers) is flattened into tensors named by their path plus a
+JSON skeleton that says where each tensor goes. So a resume never calls `torch.load`, which hosts may replace
+(the WebUI's safe unpickler refuses recent `torch.save` files and returns None).
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -18,7 +24,8 @@ from safetensors.torch import load_file, save_file
 from .. import __version__
 from ..errors import DreamboothError
 
-STATE_FORMAT = 1
+STATE_FORMAT = 2
+TENSOR, TUPLE, ITEMS = "__tensor__", "__tuple__", "__items__"
 
 
 @dataclass
@@ -38,6 +45,48 @@ def trainable_weights(modules: dict[str, torch.nn.Module]) -> dict[str, torch.Te
             for prefix, module in modules.items() for name, p in module.named_parameters() if p.requires_grad}
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Nested state dicts <-> (JSON skeleton, flat tensors)
+
+
+def flatten(value: Any, tensors: dict[str, torch.Tensor], path: str = "") -> Any:
+    """A JSON-able copy of `value` whose tensors are moved into `tensors` under their path."""
+    if isinstance(value, torch.Tensor):
+        tensors[path] = value.detach().cpu().contiguous()
+        return {TENSOR: path}
+    if isinstance(value, dict):
+        if all(isinstance(k, str) for k in value):
+            return {k: flatten(v, tensors, f"{path}/{k}") for k, v in value.items()}
+        # Optimizer state is keyed by parameter index: keep the keys' types.
+        return {ITEMS: [[k, flatten(v, tensors, f"{path}/{k}")] for k, v in value.items()]}
+    if isinstance(value, tuple):
+        return {TUPLE: [flatten(v, tensors, f"{path}/{i}") for i, v in enumerate(value)]}
+    if isinstance(value, list):
+        return [flatten(v, tensors, f"{path}/{i}") for i, v in enumerate(value)]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise DreamboothError(f"Cannot store {type(value).__name__} at {path or '/'} in the training state.")
+
+
+def unflatten(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """The inverse of `flatten`."""
+    if isinstance(value, dict):
+        if set(value) == {TENSOR}:
+            return tensors[value[TENSOR]]
+        if set(value) == {TUPLE}:
+            return tuple(unflatten(v, tensors) for v in value[TUPLE])
+        if set(value) == {ITEMS}:
+            return {k: unflatten(v, tensors) for k, v in value[ITEMS]}
+        return {k: unflatten(v, tensors) for k, v in value.items()}
+    if isinstance(value, list):
+        return [unflatten(v, tensors) for v in value]
+    return value
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Saving and loading
+
+
 def save_state(folder: Path, state: TrainingState) -> Path:
     """Write the state to `folder`, replacing an older one only once the new one is complete."""
     folder = Path(folder)
@@ -47,10 +96,13 @@ def save_state(folder: Path, state: TrainingState) -> Path:
     save_file(state.weights, str(partial / "weights.safetensors"))
     if state.ema is not None:
         save_file({k: v.contiguous() for k, v in state.ema.items()}, str(partial / "ema.safetensors"))
-    torch.save({"optimizer": state.optimizer, "lr_scheduler": state.lr_scheduler, "scaler": state.scaler},
-               partial / "optimizer.pt")
-    meta = {**state.meta, "step": state.step, "format": STATE_FORMAT, "engine_version": __version__}
-    (partial / "state.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
+    tensors: dict[str, torch.Tensor] = {}
+    skeleton = flatten({"optimizer": state.optimizer, "lr_scheduler": state.lr_scheduler,
+                        "scaler": state.scaler}, tensors)
+    save_file(tensors, str(partial / "optimizer.safetensors"))
+    meta = {**state.meta, "step": state.step, "format": STATE_FORMAT, "engine_version": __version__,
+            "optimization": skeleton}
+    (partial / "state.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
     old = folder.with_name(folder.name + ".old")
     shutil.rmtree(old, ignore_errors=True)
     if folder.exists():
@@ -58,6 +110,11 @@ def save_state(folder: Path, state: TrainingState) -> Path:
     os.replace(partial, folder)
     shutil.rmtree(old, ignore_errors=True)
     return folder
+
+
+def remove_partial_state(folder: Path) -> None:
+    """Forget a state whose save was killed half-way (the complete one, if any, is kept)."""
+    shutil.rmtree(Path(folder).with_name(Path(folder).name + ".partial"), ignore_errors=True)
 
 
 def find_state(folder: Path) -> Path | None:
@@ -76,10 +133,13 @@ def load_state(folder: Path) -> TrainingState:
                               "without resume, or set save_every_n_steps so future runs save resumable state.")
     meta = json.loads((found / "state.json").read_text(encoding="utf-8"))
     if meta.get("format") != STATE_FORMAT:
-        raise DreamboothError(f"The training state in {found} has format {meta.get('format')!r}; this version "
-                              f"reads format {STATE_FORMAT}. Start the run again without resume.")
-    # weights_only: the state is plain tensors and numbers, and nothing else may be unpickled.
-    extra = torch.load(found / "optimizer.pt", map_location="cpu", weights_only=True)
+        raise DreamboothError(
+            f"The training state in {found} was saved by an older version of this extension (format "
+            f"{meta.get('format')!r}, with a pickled optimizer.pt this version no longer reads; it reads format "
+            f"{STATE_FORMAT}). Start the run again without resume: delete {found} or train under a new "
+            "project name.")
+    skeleton = meta.pop("optimization")
+    extra = unflatten(skeleton, load_file(str(found / "optimizer.safetensors")))
     ema_file = found / "ema.safetensors"
     return TrainingState(
         step=int(meta["step"]),

@@ -37,16 +37,21 @@ class HostAdapter:
     background: Callable[[Callable[[], Any]], Callable[[], Any]] = _same
     # Wraps a short call that needs the device, e.g. loading a checkpoint (the WebUI: wrap_queued_call).
     queued: Callable[[Callable], Callable] = _same
-    # path -> title; None where the host has no loaded model to replace (then the tab shows no Load button)
+    # path or title -> title: load it and make it the host's selected checkpoint; None where the host has no
+    # loaded model to replace (then the tab shows no Load button and the API has no /load)
     load_checkpoint: Callable[[str], str] | None = None
-    # Fresh choices for the host's own checkpoint dropdown after a new file appeared (None: no such dropdown)
-    refreshed_checkpoint_choices: Callable[[], list[str]] | None = None
-    # The host's checkpoint dropdown component, refreshed after training (None outside the WebUI)
-    checkpoint_component: Callable[[], Any] | None = None
+    # (fresh choices, selected title) of the host's own checkpoint dropdown; None where there is none
+    checkpoint_selection: Callable[[], tuple[list[str], str | None]] | None = None
+    # Goes up each time the host loads a model, so the tab redraws its model box only then
+    model_version: Callable[[], int] = lambda: 0
     # Whether to load the result right after a successful run from the tab (a WebUI setting)
     load_after_training: Callable[[], bool] = lambda: False
-    # Whether the host asked to stop (the WebUI's Interrupt button), polled once per step
-    should_cancel: Callable[[], bool] | None = None
+
+    def prepare_checked(self, config: Config, title: str | None) -> tuple[Config, Host]:
+        """`prepare`, then the host's checks that need no weights: a refusal comes before any run starts."""
+        config, host = self.prepare(config, title)
+        host.check(config)
+        return config, host
 
 
 def folder_adapter(models_dir: str | Path, work_root: str | Path | None = None) -> HostAdapter:

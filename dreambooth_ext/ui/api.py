@@ -1,4 +1,4 @@
-"""The HTTP API: start / status / cancel a run, list and read saved projects.
+"""The HTTP API: start / status / cancel a run, load its result, list and read saved projects.
 
 Routes added to the WebUI's app get no authentication from the host, so they check the `--api-auth`
 credentials themselves (HTTP basic, like the host's own /sdapi routes). Handlers are plain `def`s: FastAPI runs
@@ -75,24 +75,38 @@ def register_api(app: FastAPI, jobs: JobManager, host_adapter: HostAdapter, auth
         except DreamboothError as exc:
             raise _unprocessable([str(exc)], "The configuration is invalid") from None
 
-        def make_host():
-            return host_adapter.prepare(config, checkpoint)[1]
-
-        prepared_config = config
-        if checkpoint:  # the folder host turns a picked title into base_model; check the title now, not later
-            try:
-                prepared_config = host_adapter.prepare(config, checkpoint)[0]
-            except DreamboothError as exc:
-                raise _unprocessable([error_message(exc)], "Unknown checkpoint") from None
         try:
-            jobs.start_background(prepared_config, make_host, resume=resume, wrap=host_adapter.background,
-                                  should_cancel=host_adapter.should_cancel)
+            jobs.check_free()
+        except DreamboothError as exc:
+            raise HTTPException(status_code=409, detail={"message": error_message(exc)}) from None
+        try:  # refusals that need no weights (unknown checkpoint, another family, fp8) come now, as a 422
+            prepared_config, host = host_adapter.prepare_checked(config, checkpoint)
+        except DreamboothError as exc:
+            raise _unprocessable([error_message(exc)], "The run cannot start") from None
+        try:
+            jobs.start_background(prepared_config, lambda: host, resume=resume, wrap=host_adapter.background)
         except DreamboothError as exc:
             raise HTTPException(status_code=409, detail={"message": error_message(exc)}) from None
         return {"started": True, "status": jobs.status()}
 
     def status() -> dict:
         return jobs.status()
+
+    def load(body: dict[str, Any]) -> dict:
+        """Body: {"checkpoint": a path from status()["checkpoints"] or a title from the host's list}. Loads it and
+        makes it the host's selected checkpoint, so the next generation uses it."""
+        wanted = body.get("checkpoint") if isinstance(body, dict) else None
+        if not isinstance(wanted, str) or not wanted.strip():
+            raise _unprocessable(['Give the checkpoint to load: {"checkpoint": "<path or title>"}'],
+                                 "Nothing to load")
+        if jobs.active is not None:
+            raise HTTPException(status_code=409, detail={"message": "A training run is active; load the model when "
+                                                         "it has finished (or cancel it)."})
+        try:
+            title = host_adapter.queued(host_adapter.load_checkpoint)(wanted.strip())
+        except DreamboothError as exc:
+            raise _unprocessable([error_message(exc)], "Cannot load that checkpoint") from None
+        return {"loaded": title}
 
     def cancel() -> dict:
         return {"cancelling": jobs.cancel(), "status": jobs.status()}
@@ -120,6 +134,8 @@ def register_api(app: FastAPI, jobs: JobManager, host_adapter: HostAdapter, auth
     add("/start", start, ["POST"])
     add("/status", status, ["GET"])
     add("/cancel", cancel, ["POST"])
+    if host_adapter.load_checkpoint is not None:  # a host with a loaded model to replace
+        add("/load", load, ["POST"])
     add("/projects", list_projects, ["GET"])
     add("/projects/{name}", read_project, ["GET"])
 

@@ -2,7 +2,7 @@
 with a JSON-able status that the tab, the API and the page's polling all read.
 
 Nothing here imports the WebUI: host-specific wrapping (the WebUI's queue lock, `shared.state.begin/end`) is
-passed in as a callable, and the host's own progress mirror / interrupt flag are used when the host has them.
+passed in as a callable; the host's progress display and stop requests go through the Host itself.
 """
 
 from __future__ import annotations
@@ -27,6 +27,14 @@ MAX_LOSS_POINTS = 2000  # the chart keeps this many points; older ones are thinn
 # Job states; "running" covers loading, caching, class images, training and saving.
 IDLE, WAITING, RUNNING, FINISHED, CANCELLED, FAILED = "idle", "waiting", "running", "finished", "cancelled", "failed"
 TERMINAL = (FINISHED, CANCELLED, FAILED)
+
+
+def log_failure(exc: BaseException, what: str) -> None:
+    """An expected refusal (our own error, worded for users) is one log line; anything else keeps its traceback."""
+    if isinstance(exc, DreamboothError):
+        log.warning("%s stopped: %s", what, exc)
+    else:
+        log.error("%s failed", what, exc_info=exc)
 
 
 def error_message(exc: BaseException) -> str:
@@ -116,41 +124,27 @@ class Job:
         if self.status.active:
             self.status.message = "Cancelling: the run stops after the current step and saves its state"
 
-    def run(self, host: Host, should_cancel: Callable[[], bool] | None = None) -> JobStatus:
-        """Train in this thread. Never raises: an error becomes `status.error` (and is logged with its traceback)."""
+    def run(self, host: Host) -> JobStatus:
+        """Train in this thread. Never raises: an error becomes `status.error`; an expected refusal (a
+        DreamboothError) is logged as one line, anything else with its traceback."""
         status = self.status
         try:
             with self._lock:
                 if self._cancel_requested:
                     status.state, status.message = CANCELLED, "Cancelled before it started"
                     return status
-                self._run = TrainingRun(self.config, host, resume=self.resume,
-                                        on_progress=self._progress_hook(host, should_cancel))
+                self._run = TrainingRun(self.config, host, resume=self.resume, on_progress=self.status.apply)
             status.state, status.message = RUNNING, "Starting"
             self.result = self._run.run()
             self._finish(self.result)
         except Exception as exc:  # noqa: BLE001 - every failure must reach the user as a message
-            log.exception("Dreambooth run of project %r failed", self.config.project_name)
+            log_failure(exc, f"Dreambooth run of project {self.config.project_name!r}")
             status.state, status.error = FAILED, error_message(exc)
             status.message = "Training failed"
         finally:
             status.finished_at = time.time()
             self.manager._release(self)
         return status
-
-    def _progress_hook(self, host: Host, should_cancel: Callable[[], bool] | None) -> Callable[[Progress], None]:
-        mirror = getattr(host, "on_progress", None)  # the WebUI host mirrors progress into its own state
-        checks = [c for c in (should_cancel, getattr(host, "interrupted", None)) if c is not None]
-
-        def hook(progress: Progress) -> None:
-            self.status.apply(progress)
-            if mirror is not None:
-                mirror(progress)
-            if self._run is not None and not self._run.cancelled and any(check() for check in checks):
-                log.info("Interrupt requested: cancelling the Dreambooth run after this step")
-                self.cancel()
-
-        return hook
 
     def _finish(self, result: RunResult) -> None:
         status = self.status
@@ -177,24 +171,27 @@ class JobManager:
 
     # -- claiming and running ---------------------------------------------------------------------------
 
+    def check_free(self) -> None:
+        """Raise DreamboothError when a run is active (say so before looking at a new run's other problems)."""
+        active = self._active
+        if active is not None:
+            raise DreamboothError(f"A training run (project {active.config.project_name!r}) is already "
+                                  "active; cancel it or wait for it to finish.")
+
     def claim(self, config: Config, *, resume: bool = False) -> Job:
         """Reserve the single slot for `config`; raises DreamboothError when a run is already active."""
         with self._lock:
-            if self._active is not None:
-                raise DreamboothError(f"A training run (project {self._active.config.project_name!r}) is already "
-                                      "active; cancel it or wait for it to finish.")
+            self.check_free()
             job = Job(self, config, resume)
             self._active = self._last = job
             return job
 
-    def run(self, config: Config, host: Host, *, resume: bool = False,
-            should_cancel: Callable[[], bool] | None = None) -> JobStatus:
+    def run(self, config: Config, host: Host, *, resume: bool = False) -> JobStatus:
         """Claim and train in the caller's thread; returns the final status (errors are in `status.error`)."""
-        return self.claim(config, resume=resume).run(host, should_cancel)
+        return self.claim(config, resume=resume).run(host)
 
     def start_background(self, config: Config, make_host: Callable[[], Host], *, resume: bool = False,
-                         wrap: Callable[[Callable[[], Any]], Callable[[], Any]] | None = None,
-                         should_cancel: Callable[[], bool] | None = None) -> Job:
+                         wrap: Callable[[Callable[[], Any]], Callable[[], Any]] | None = None) -> Job:
         """Claim, then train in a daemon thread. `wrap` adds host work around the whole thread body (the WebUI's
         queue lock and job state); `make_host` runs inside it, so building the host waits for the lock too."""
         job = self.claim(config, resume=resume)
@@ -203,12 +200,12 @@ class JobManager:
             try:
                 host = make_host()
             except Exception as exc:  # noqa: BLE001 - reported in the status, like any failure
-                log.exception("Could not prepare the host for project %r", config.project_name)
+                log_failure(exc, f"Preparing the host for project {config.project_name!r}")
                 job.status.state, job.status.error = FAILED, error_message(exc)
                 job.status.finished_at = time.time()
                 self._release(job)
                 return
-            job.run(host, should_cancel)
+            job.run(host)
 
         target = wrap(body) if wrap is not None else body
         thread = threading.Thread(target=_guard(target, job, self), name=f"dreambooth-{config.project_name}",

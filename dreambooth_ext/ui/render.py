@@ -87,10 +87,13 @@ def model_summary_html(summary: dict[str, Any]) -> str:
 
 
 def loss_frame(status: dict[str, Any]):
-    """The loss history as the DataFrame gr.LinePlot takes (columns step, loss)."""
+    """The loss history as the DataFrame gr.LinePlot takes (columns step, loss); None before the first loss (the
+    chart then draws nothing: an empty table would make its plotting library warn about an empty scale)."""
     import pandas as pd  # a gradio dependency; imported here so the engine never needs it
 
     losses = status.get("losses") or []
+    if not losses:
+        return None
     return pd.DataFrame({"step": pd.Series([s for s, _ in losses], dtype="int64"),
                          "loss": pd.Series([v for _, v in losses], dtype="float64")})
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -14,7 +15,7 @@ from .. import config as schema
 from ..errors import DreamboothError
 from . import projects, render
 from .adapter import HostAdapter
-from .jobs import FINISHED, JobManager, error_message
+from .jobs import FINISHED, JobManager, error_message, log_failure
 from .widgets import HIDDEN, js_kwarg, option_grid, update
 
 log = logging.getLogger(__name__)
@@ -136,32 +137,31 @@ class DreamboothTab:
         self.task_id = gr.Textbox(visible=False, elem_id="dreambooth_task_id")
         gr.HTML("<div id='dreambooth_progressbar'></div>", elem_id="dreambooth_progress_container")
         self.status = gr.HTML(render.status_html(self.jobs.status()), elem_id="dreambooth_status")
-        self.chart = gr.LinePlot(render.loss_frame(self.jobs.status()), x="step", y="loss", title="Loss (smoothed)",
-                                 height=220, elem_id="dreambooth_loss_chart")
+        status = self.jobs.status()
+        self.chart = gr.LinePlot(render.loss_frame(status), x="step", y="loss", title="Loss (smoothed)", height=220,
+                                 visible=bool(status.get("losses")), elem_id="dreambooth_loss_chart")
         self.gallery = gr.Gallery(label="Sample images", columns=4, elem_id="dreambooth_gallery")
         self.load_model_button = gr.Button("Load this model now", visible=False, elem_id="dreambooth_load_model")
+        # Changed after each action that may change the host's checkpoint list or selection (CSS-hidden, not
+        # visible=False: a component that is not rendered fires no change event).
+        self.selection_token = gr.Textbox("", elem_id="dreambooth_selection_token", elem_classes=HIDDEN)
         self.seen = gr.State(None)  # what the page already shows, so polling sends the chart/gallery only on change
         self.refresh_button = gr.Button("refresh", elem_id="dreambooth_refresh", elem_classes=HIDDEN)
 
     def _wire(self) -> None:
         form = self.form
         view = [self.chart, self.gallery, self.seen, self.load_model_button]
-        extra = [self.checkpoint_pick]
-        host_dropdown = self.adapter.checkpoint_component() if self.adapter.checkpoint_component else None
-        if host_dropdown is not None:
-            extra.append(host_dropdown)
-        self._has_host_dropdown = host_dropdown is not None
-        start_outputs = view + extra + [self.status]  # the status HTML last: the host appends its timing to it
+        # the status HTML last: the host appends its timing to it
+        start_outputs = view + [self.checkpoint_pick, self.selection_token, self.status]
         run_inputs = [self.task_id, self.checkpoint_pick, self.seen] + form
         self._gpu_run = self.adapter.foreground(self._run_job, [update()] * (len(start_outputs) - 1))
         quiet = {"show_progress": "hidden"}  # progress shows in the status area and the host's progress bar
         self.start_button.click(self.start, run_inputs, start_outputs, **quiet, **js_kwarg("dreambooth_start"))
         self.resume_button.click(self.resume, run_inputs, start_outputs, **quiet, **js_kwarg("dreambooth_start"))
+        self.load_model_button.click(self.load_model, [], [self.project_message, self.selection_token])
         self.cancel_button.click(self.cancel, [self.seen], view + [self.status], **quiet)
-        self.refresh_button.click(self.refresh, [self.seen], view + [self.status], **quiet)
+        self.refresh_button.click(self.refresh, [self.seen], view + [self.status, self.model_html], **quiet)
         self.model_refresh.click(self.refresh_model, [], [self.model_html, self.checkpoint_pick])
-        load_outputs = [self.project_message] + ([host_dropdown] if host_dropdown is not None else [])
-        self.load_model_button.click(self.load_model, [], load_outputs)
         self.project_refresh.click(self.refresh_projects, [], [self.project_pick, self.existing_projects])
         save_inputs = [self.overwrite, self.existing_projects, self.widgets["project_name"]] + form
         self.project_save.click(self.save, save_inputs,
@@ -169,12 +169,33 @@ class DreamboothTab:
                                 **js_kwarg("dreambooth_confirm_save"))
         self.project_load.click(self.load, [self.project_pick], form + [self.project_message])
 
+    def attach_checkpoint_dropdown(self, dropdown: gr.components.Component) -> None:
+        """Keep the host's checkpoint dropdown in step with what Start, Resume and "Load this model now" did.
+
+        The WebUI creates that dropdown (a quicksetting) after the extension tabs, so it is attached when it
+        appears (the host's after-component callback, inside its page's Blocks), not while the tab is built. Those
+        handlers end by changing `selection_token`; its change event redraws the dropdown.
+        """
+        self.selection_token.change(self.checkpoint_dropdown_update, [], [dropdown], show_progress="hidden")
+
+    def checkpoint_dropdown_update(self) -> dict:
+        """The host's dropdown with its fresh choices and the host's selected checkpoint."""
+        if self.adapter.checkpoint_selection is None:
+            return update()
+        try:
+            choices, selected = self.adapter.checkpoint_selection()
+        except Exception:  # noqa: BLE001 - the dropdown keeps what it shows; the log says why
+            log.exception("Reading the host's checkpoint list failed")
+            return update()
+        return update(choices=choices, value=selected)
+
     # -- handlers ---------------------------------------------------------------------------------------
 
     def start(self, task_id: str, pick: str | None, seen: Any, *values: Any, resume: bool = False) -> list:
         try:
             config = schema.validate(self.collect(values))
-            config, host = self.adapter.prepare(config, None if pick in (None, "", DEFAULT_PICK) else pick)
+            self.jobs.check_free()
+            config, host = self.adapter.prepare_checked(config, None if pick in (None, "", DEFAULT_PICK) else pick)
             job = self.jobs.claim(config, resume=resume)
         except DreamboothError as exc:
             return self._start_outputs(self.jobs.status(), seen, error=error_message(exc))
@@ -190,29 +211,40 @@ class DreamboothTab:
         return self.start(task_id, pick, seen, *values, resume=True)
 
     def _run_job(self, task_id: str, job, host) -> list:
-        status = job.run(host, self.adapter.should_cancel)
+        status = job.run(host)
         return self._start_outputs(status.to_dict(), None)
 
     def _start_outputs(self, status: dict, seen: Any, error: str = "") -> list:
         chart, gallery, seen, load_button, status_html = self._view(status, seen)
         if error:
             status_html = render.message_html(error, error=True) + status_html
-        extra = [update(choices=[DEFAULT_PICK] + self._titles())]
-        if self._has_host_dropdown:
-            fresh = self.adapter.refreshed_checkpoint_choices
-            extra.append(update(choices=fresh()) if fresh and status.get("checkpoints") else update())
-        return [chart, gallery, seen, load_button, *extra, status_html]
+        return [chart, gallery, seen, load_button, update(choices=[DEFAULT_PICK] + self._titles()), new_token(),
+                status_html]
 
     def _view(self, status: dict, seen: Any) -> list:
-        key = [status.get("started_at"), len(status.get("losses") or []), len(status.get("samples") or [])]
-        same_run = isinstance(seen, list) and len(seen) == 3 and seen[0] == key[0]
-        chart = update() if same_run and seen[1] == key[1] else render.loss_frame(status)
+        """Chart, gallery, what the page now shows (`seen`), the Load button and the status HTML.
+
+        `seen` = [run start, loss points, samples, model version]: the chart and gallery are sent only when they
+        changed; the model version is the one `refresh` last drew the model box for."""
+        valid = isinstance(seen, list) and len(seen) == 4
+        key = [status.get("started_at"), len(status.get("losses") or []), len(status.get("samples") or []),
+               seen[3] if valid else None]
+        same_run = valid and seen[0] == key[0]
+        chart = update() if same_run and seen[1] == key[1] else update(value=render.loss_frame(status),
+                                                                       visible=key[1] > 0)
         gallery = update() if same_run and seen[2] == key[2] else render.gallery_items(status)
         can_load = bool(self.adapter.load_checkpoint and status.get("state") == FINISHED and status.get("checkpoints"))
         return [chart, gallery, key, update(visible=can_load), render.status_html(status)]
 
     def refresh(self, seen: Any = None) -> list:
-        return self._view(self.jobs.status(), seen)
+        """The polled view, plus the model box when the host loaded another model since it was drawn (also on
+        the page's first poll: the box built with the tab predates the host's model)."""
+        outputs = self._view(self.jobs.status(), seen)
+        version = self.adapter.model_version()
+        if outputs[2][3] == version:
+            return outputs + [update()]
+        outputs[2][3] = version
+        return outputs + [self._summary_html()]
 
     def cancel(self, seen: Any = None) -> list:
         stopping = self.jobs.cancel()
@@ -226,24 +258,18 @@ class DreamboothTab:
         return [self._summary_html(), update(choices=[DEFAULT_PICK] + self._titles())]
 
     def load_model(self) -> list:
+        """Load the last run's result and make it the host's selected checkpoint (its dropdown follows)."""
         checkpoints = self.jobs.status().get("checkpoints") or []
         if not checkpoints or not self.adapter.load_checkpoint:
-            nothing = render.message_html("No finished model to load.", error=True)
-            return [nothing] + ([update()] if self._has_host_dropdown else [])
+            return [render.message_html("No finished model to load.", error=True), update()]
         note = self._load_checkpoint(checkpoints[-1])
-        error = note.startswith("Could not")
-        outputs = [render.message_html(note, error=error)]
-        if self._has_host_dropdown:
-            fresh = self.adapter.refreshed_checkpoint_choices
-            title = None if error else note.removeprefix("Loaded ")
-            outputs.append(update(choices=fresh(), value=title) if fresh and title else update())
-        return outputs
+        return [render.message_html(note, error=note.startswith("Could not")), new_token()]
 
     def _load_checkpoint(self, path: str) -> str:
         try:
             return "Loaded " + self.adapter.queued(self.adapter.load_checkpoint)(path)
-        except Exception as exc:  # noqa: BLE001 - shown to the user, with the traceback in the log
-            log.exception("Loading %s failed", path)
+        except Exception as exc:  # noqa: BLE001 - shown to the user; unexpected ones with a traceback in the log
+            log_failure(exc, f"Loading {path}")
             return f"Could not load {path}: {error_message(exc)}"
 
     def refresh_projects(self) -> list:
@@ -290,6 +316,11 @@ class DreamboothTab:
         except Exception as exc:  # noqa: BLE001
             log.exception("Reading the loaded model failed")
             return render.message_html(f"Could not read the loaded model: {error_message(exc)}", error=True)
+
+
+def new_token() -> str:
+    """A value `selection_token` has never had, so its change event fires."""
+    return str(time.time_ns())
 
 
 def build_tab(adapter: HostAdapter, jobs: JobManager, *, concept_slots: int = CONCEPT_SLOTS) -> DreamboothTab:

@@ -25,6 +25,7 @@ STUB_DIR = Path(__file__).resolve().parent
 TESTS_DIR = STUB_DIR.parent
 REPO_DIR = TESTS_DIR.parent
 CHECKPOINT_NAME = "tiny_sd1.safetensors"
+TORCH_LOAD = torch.load  # before any stand-in host replaced it
 
 __all__ = ["WebUIStub", "make_webui", "save_tiny", "tiny_state_dict", "webui"]
 
@@ -43,8 +44,16 @@ class WebUIStub:
             raise AttributeError(name)
         return importlib.import_module(f"modules.{name}")
 
-    def write_checkpoint(self, name: str, family: str = "sd1", seed: int = 0, folder: Path | None = None) -> Path:
-        return save_tiny(Path(folder or self.sd_models.model_path) / name, family, seed)
+    def write_checkpoint(self, name: str, family: str = "sd1", seed: int = 0, folder: Path | None = None, *,
+                         with_yaml: bool = True, parameterization: str = "eps") -> Path:
+        """A tiny checkpoint in the host's checkpoint folder (or `folder`), with the yaml the host needs for it."""
+        return save_tiny(Path(folder or self.sd_models.model_path) / name, family, seed, with_yaml=with_yaml,
+                         parameterization=parameterization)
+
+    def generate(self, prompt: str = "a photo", **override_settings):
+        """What txt2img does about the model: load the selected checkpoint first. Returns the Processed."""
+        p = self.processing.StableDiffusionProcessing(prompt=prompt, override_settings=dict(override_settings))
+        return self.processing.process_images(p)
 
     def write_vae(self, name: str, seed: int = 1) -> Path:
         """A standalone VAE file (keys without the first_stage_model. prefix) in models/VAE."""
@@ -71,8 +80,10 @@ class WebUIStub:
 
 
 def _purge_modules() -> None:
+    """The host is gone: its modules, and the torch.load its modules.safe put in place."""
     for name in [n for n in sys.modules if n == "modules" or n.startswith("modules.")]:
         del sys.modules[name]
+    torch.load = TORCH_LOAD
 
 
 def _start(root: Path, args: Sequence[str], load: bool, device: str | None,
@@ -83,8 +94,9 @@ def _start(root: Path, args: Sequence[str], load: bool, device: str | None,
     monkeypatch.setenv("WEBUI_STUB_SCRIPT_PATH", str(data_dir))
     monkeypatch.setenv("WEBUI_STUB_EXTENSIONS", str(REPO_DIR))
     _purge_modules()
-    from modules import devices, paths, sd_models, shared
+    from modules import devices, paths, sd_models, sd_models_config, shared
 
+    sd_models_config.write_default_configs()
     devices.device = torch.device(device) if device else devices.get_optimal_device()
     shared.device = devices.device
     models_dir = Path(paths.models_path)

@@ -43,12 +43,29 @@ def load_scripts(extension_dir: str | os.PathLike, *, strict: bool = True) -> li
 
 
 def build_ui() -> list:
-    """What the host's create_ui does with extension callbacks: before_ui, settings, then the tabs."""
-    from modules import script_callbacks
+    """What the host's create_ui does with extension callbacks, in its order: before_ui, settings, the extension
+    tabs (built on their own), then the page: the quicksettings row (the checkpoint dropdown, announced through
+    the after-component callback as the host's patched gradio does) and the tabs rendered into it.
+    The page is `shared.demo`; returns the extension tabs."""
+    import gradio as gr
+    from modules import script_callbacks, sd_models, shared
 
     script_callbacks.before_ui_callback()
     script_callbacks.ui_settings_callback()
-    return script_callbacks.ui_tabs_callback()
+    interfaces = script_callbacks.ui_tabs_callback()
+    with gr.Blocks(analytics_enabled=False, title="Stable Diffusion") as demo:
+        with gr.Row(elem_id="quicksettings"):
+            dropdown = gr.Dropdown(label="Stable Diffusion checkpoint", choices=sd_models.checkpoint_tiles(),
+                                   value=shared.opts.sd_model_checkpoint, elem_id="setting_sd_model_checkpoint")
+            script_callbacks.after_component_callback(dropdown, label="Stable Diffusion checkpoint",
+                                                      elem_id="setting_sd_model_checkpoint")
+            shared.settings_components["sd_model_checkpoint"] = dropdown
+        with gr.Tabs(elem_id="tabs"):
+            for interface, label, ifid in interfaces:
+                with gr.TabItem(label, id=ifid, elem_id=f"tab_{ifid}"):
+                    interface.render()
+    shared.demo = demo
+    return interfaces
 
 
 def start_app(app, demo=None) -> None:

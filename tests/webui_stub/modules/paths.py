@@ -1,5 +1,7 @@
-"""Stand-in for modules.paths: re-exports the internal paths (copies taken at import, as in the host)."""
+"""Stand-in for modules.paths: re-exports the internal paths (copies taken at import, as in the host), and, as
+the host's does, imports modules.safe, which replaces torch.load for the rest of the process."""
 
+import modules.safe  # noqa: F401
 from modules.paths_internal import (  # noqa: F401
     cwd,
     data_path,

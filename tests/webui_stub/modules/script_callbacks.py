@@ -102,6 +102,22 @@ def ui_tabs_callback():
     return res
 
 
+def before_component_callback(component, **kwargs):
+    _call_each_with_kwargs("before_component", component, **kwargs)
+
+
+def after_component_callback(component, **kwargs):
+    _call_each_with_kwargs("after_component", component, **kwargs)
+
+
+def _call_each_with_kwargs(category, component, **kwargs):
+    for c in ordered_callbacks(category):
+        try:
+            c.callback(component, **kwargs)
+        except Exception:
+            report_exception(c, f"{category}_callback")
+
+
 def ui_settings_callback():
     _call_each("ui_settings")
 

@@ -12,7 +12,7 @@ import threading
 
 import safetensors.torch
 import torch
-from modules import devices, errors, hashes, lowvram, paths, script_callbacks, sd_vae, shared
+from modules import devices, errors, hashes, lowvram, paths, script_callbacks, sd_models_config, sd_vae, shared
 
 model_dir = "Stable-diffusion"
 model_path = os.path.abspath(os.path.join(paths.models_path, model_dir))
@@ -231,6 +231,21 @@ def get_checkpoint_state_dict(checkpoint_info, timer=None):
     return read_state_dict(checkpoint_info.filename, map_location="cpu")
 
 
+class SkipWritingToConfig:
+    """Loads inside this block do not make the loaded checkpoint the selected one (opts.sd_model_checkpoint)."""
+
+    skip = False
+    previous = None
+
+    def __enter__(self):
+        self.previous = SkipWritingToConfig.skip
+        SkipWritingToConfig.skip = True
+        return self
+
+    def __exit__(self, exc_type, exc_value, exc_traceback):
+        SkipWritingToConfig.skip = self.previous
+
+
 def check_fp8(model):
     if model is None:
         return None
@@ -301,16 +316,6 @@ def send_model_to_trash(m):
     devices.torch_gc()
 
 
-def _parameterization(filename):
-    """The host builds the model from the `<name>.yaml` beside the file when there is one."""
-    yaml_path = os.path.splitext(filename)[0] + ".yaml"
-    if os.path.isfile(yaml_path):
-        with open(yaml_path, encoding="utf-8") as f:
-            if re.search(r"^\s*parameterization:\s*[\"']?v[\"']?\s*$", f.read(), re.MULTILINE):
-                return "v"
-    return "eps"
-
-
 def load_model(checkpoint_info=None, already_loaded_state_dict=None):
     """Build the live model from the file: fp16 unless --no-half, fp8 when that setting is on, VAE per setting."""
     from webui_stub.fake_model import FakeSDModel
@@ -320,11 +325,14 @@ def load_model(checkpoint_info=None, already_loaded_state_dict=None):
         send_model_to_trash(model_data.sd_model)
         model_data.sd_model = None
     state_dict = already_loaded_state_dict or get_checkpoint_state_dict(checkpoint_info)
+    checkpoint_config = sd_models_config.find_checkpoint_config(state_dict, checkpoint_info)
+    print(f"Creating model from config: {checkpoint_config}")
+    params = sd_models_config.check_state_dict_fits(checkpoint_config, state_dict)
     sd_model = FakeSDModel(state_dict, checkpoint_info=checkpoint_info,
-                           parameterization=_parameterization(checkpoint_info.filename))
+                           parameterization=params.get("parameterization", "eps"))
+    sd_model.used_config = checkpoint_config
     load_model_weights(sd_model, checkpoint_info, state_dict)
     send_model_to_device(sd_model)
-    sd_model.used_config = os.path.splitext(checkpoint_info.filename)[0] + ".yaml"
     sd_model.eval()
     model_data.set_sd_model(sd_model)
     model_data.was_loaded_at_least_once = True
@@ -334,7 +342,11 @@ def load_model(checkpoint_info=None, already_loaded_state_dict=None):
 
 def load_model_weights(model, checkpoint_info, state_dict, timer=None):
     checkpoint_info.calculate_shorthash()
-    shared.opts.data["sd_model_checkpoint"] = checkpoint_info.title
+    if not SkipWritingToConfig.skip:
+        shared.opts.data["sd_model_checkpoint"] = checkpoint_info.title
+    if state_dict is None:
+        state_dict = get_checkpoint_state_dict(checkpoint_info)
+    sd_models_config.check_state_dict_fits(model.used_config, state_dict)  # the host fails in load_state_dict
     model.load_file_state_dict(state_dict)
     if shared.cmd_opts.no_half:
         model.float()
@@ -356,21 +368,41 @@ def load_model_weights(model, checkpoint_info, state_dict, timer=None):
 
 
 def reload_model_weights(sd_model=None, info=None, forced_reload=False):
+    """As the host: nothing to do when the file is already loaded; a new config builds a new model; the same config
+    loads the weights into the model in place, restoring the previous checkpoint when that fails."""
     checkpoint_info = info or select_checkpoint()
     if not sd_model:
         sd_model = model_data.sd_model
-    if sd_model is not None:
+    if sd_model is None:
+        current_checkpoint_info = None
+    else:
+        current_checkpoint_info = sd_model.sd_checkpoint_info
         if check_fp8(sd_model) != devices.fp8:
             forced_reload = True
         elif sd_model.sd_model_checkpoint == checkpoint_info.filename and not forced_reload:
             return sd_model
         send_model_to_cpu(sd_model)
-    # The host reuses the ldm object when the config matches; the stand-in always builds a fresh one.
-    if sd_model is not None:
-        send_model_to_trash(sd_model)
-        model_data.loaded_sd_models.clear()
-        model_data.sd_model = None
-    return load_model(checkpoint_info)
+    state_dict = get_checkpoint_state_dict(checkpoint_info)
+    checkpoint_config = sd_models_config.find_checkpoint_config(state_dict, checkpoint_info)
+    if sd_model is None or checkpoint_config != sd_model.used_config:
+        if sd_model is not None:
+            send_model_to_trash(sd_model)
+            model_data.loaded_sd_models.clear()
+            model_data.sd_model = None
+        load_model(checkpoint_info, already_loaded_state_dict=state_dict)
+        return model_data.sd_model
+    try:
+        load_model_weights(sd_model, checkpoint_info, state_dict)
+    except Exception:
+        print("Failed to load checkpoint, restoring previous")
+        load_model_weights(sd_model, current_checkpoint_info, None)
+        raise
+    finally:
+        if not sd_model.lowvram:
+            sd_model.to(devices.device)
+        script_callbacks.model_loaded_callback(sd_model)
+    model_data.set_sd_model(sd_model)
+    return sd_model
 
 
 def unload_model_weights(sd_model=None, info=None):

@@ -10,6 +10,8 @@ from modules.paths_internal import (  # noqa: F401
     extensions_dir,
     models_path,
     script_path,
+    sd_configs_path,
+    sd_default_config,
     sd_model_file,
 )
 

@@ -1,0 +1,351 @@
+"""What a WebUI user does in the first hour, through the extension's own script file in the stand-in v1.10.1 host:
+cancel and resume, load the result and generate with it, read the model box, load results of unusual bases, and
+be refused plainly. The stand-in behaves as the host does where these depend on it (torch.load replaced by its
+checker, the checkpoint dropdown created after the tabs, the selected checkpoint loaded before each generation,
+results built from the yaml beside them or a guessed config)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+
+import gradio as gr
+import pytest
+import safetensors.torch
+import torch
+import yaml
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+from ui_helpers import make_instance_images, quick_run_data
+
+from dreambooth_ext import config as schema
+from dreambooth_ext.models.checkpoint import read_checkpoint, read_safetensors_metadata
+from dreambooth_ext.ui.tab import DEFAULT_PICK
+
+pytest_plugins = ("webui_stub.fixtures",)
+
+REPO = Path(__file__).resolve().parent.parent
+UNET = "model.diffusion_model."
+
+
+class Extension:
+    """The extension loaded into a started stand-in host, its page built as the host builds it."""
+
+    def __init__(self, webui, tmp_path: Path):
+        from webui_stub import load_extension as loader
+
+        (self.module,) = loader.load_scripts(REPO)
+        loader.build_ui()
+        self.webui = webui
+        self.tab = self.module.tabs[0]
+        self.images = make_instance_images(tmp_path / "photos")
+        self.app = FastAPI()
+        loader.start_app(self.app)
+        self.api = TestClient(self.app)
+
+    def values(self, project: str, **overrides) -> list:
+        base_model = overrides.pop("base_model", "")  # empty: the loaded model
+        data = quick_run_data(base_model, self.images, project=project, **overrides)
+        return self.tab.form_values(schema.from_dict(data))
+
+    def start(self, project: str, *, pick: str = DEFAULT_PICK, resume: bool = False, **overrides) -> list:
+        handler = self.tab.resume if resume else self.tab.start
+        return handler(f"task({project})", pick, None, *self.values(project, **overrides))
+
+    def status(self) -> dict:
+        return self.module.jobs.status()
+
+
+@pytest.fixture
+def extension(webui, tmp_path):
+    ext = Extension(webui, tmp_path)
+    yield ext
+    ext.module.jobs.shutdown(30)
+
+
+def unet_of(path) -> dict:
+    return {k: v for k, v in read_checkpoint(path).items() if k.startswith(UNET)}
+
+
+def max_difference(a: dict, b: dict) -> float:
+    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+
+
+def interrupt_at_step(webui, step: int) -> threading.Thread:
+    """Press the host's Interrupt once its progress API shows `step` (as a user watching the bar would)."""
+
+    def watch():
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            state = webui.shared.state
+            if (state.textinfo or "").startswith("Training step") and state.sampling_step >= step:
+                webui.shared.state.interrupt()
+                return
+            time.sleep(0.002)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Item 1 and 7: cancel through the host's Interrupt, then resume, under the host's torch.load
+
+
+def test_interrupt_then_resume_in_the_host_equals_an_uninterrupted_run(extension):
+    webui = extension.webui
+    assert torch.load.__module__ == "modules.safe"  # the host's checker is in place, as in a running WebUI
+    steps = 30
+    watcher = interrupt_at_step(webui, 2)
+    outputs = extension.start("resumed", max_train_steps=steps)
+    watcher.join(5)
+    status = extension.status()
+    assert status["state"] == "cancelled" and 2 <= status["step"] < steps, outputs[-1]
+    assert "Resume continues from there" in status["message"]
+    cancelled_at = status["step"]
+    assert not webui.shared.state.interrupted  # the host's wrapper cleared it after the job
+
+    outputs = extension.start("resumed", resume=True, max_train_steps=steps)
+    status = extension.status()
+    assert status["state"] == "finished" and status["step"] == steps, outputs[-1]
+    assert status["losses"][0][0] == cancelled_at + 1  # continued, not from scratch
+    assert not [r for r in webui.errors.reported if "malicious" in r]  # nothing went through the host's checker
+
+    extension.start("straight", max_train_steps=steps)
+    straight = extension.status()["checkpoints"][-1]
+    assert max_difference(unet_of(status["checkpoints"][-1]), unet_of(straight)) < 1e-5
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Item 3: "Load this model now" (and the setting, and the API) make the result the selected checkpoint
+
+
+def dropdown_wiring(webui, tab) -> bool:
+    """Whether the page redraws the host's checkpoint dropdown when the tab's selection token changes."""
+    dropdown = webui.shared.settings_components["sd_model_checkpoint"]
+    for dependency in webui.shared.demo.dependencies:
+        targets = [t[0] if isinstance(t, (list, tuple)) else t for t in dependency["targets"]]
+        if tab.selection_token._id in targets and dependency["outputs"] == [dropdown._id]:
+            return True
+    return False
+
+
+def test_load_now_selects_the_result_so_the_next_generation_uses_it(extension):
+    webui, tab = extension.webui, extension.tab
+    assert dropdown_wiring(webui, tab)
+    old_title = webui.shared.opts.sd_model_checkpoint
+    extension.start("loadme")
+    path = extension.status()["checkpoints"][-1]
+
+    message, token = tab.load_model()
+    title = webui.shared.sd_model.sd_checkpoint_info.title
+    assert "Loaded loadme/loadme_2.safetensors [" in message and token
+    assert webui.shared.opts.sd_model_checkpoint == title != old_title
+    dropdown = tab.checkpoint_dropdown_update()  # what the token's change event sends to the host's dropdown
+    assert dropdown["value"] == title and title in dropdown["choices"]
+    assert webui.generate().checkpoint_title == title  # the next txt2img keeps the trained model
+    assert webui.shared.sd_model.sd_model_checkpoint == path
+
+
+def test_the_load_after_training_setting_selects_the_result(extension):
+    webui = extension.webui
+    webui.shared.opts.dreambooth_load_after_training = True
+    outputs = extension.start("autoload")
+    assert "Loaded autoload/autoload_2.safetensors [" in outputs[-1]
+    assert webui.generate().checkpoint_title.startswith("autoload/autoload_2.safetensors [")
+
+
+def test_api_load_selects_a_checkpoint_by_path_or_title(extension):
+    webui, api = extension.webui, extension.api
+    extension.start("viaapi")
+    path = extension.status()["checkpoints"][-1]
+    response = api.post("/dreambooth/v1/load", json={"checkpoint": path})
+    assert response.status_code == 200, response.text
+    title = response.json()["loaded"]
+    assert title.startswith("viaapi/viaapi_2.safetensors [") and webui.generate().checkpoint_title == title
+
+    response = api.post("/dreambooth/v1/load", json={"checkpoint": "tiny_sd1.safetensors"})
+    assert response.status_code == 200 and webui.generate().checkpoint_title == response.json()["loaded"]
+    for body in ({"checkpoint": "no_such_model"}, {"checkpoint": "/etc/passwd"}, {}):
+        response = api.post("/dreambooth/v1/load", json=body)
+        assert response.status_code == 422, (body, response.text)
+    assert webui.generate().checkpoint_title.startswith("tiny_sd1.safetensors")
+
+
+def test_api_load_needs_the_api_credentials(make_webui, tmp_path):
+    webui = make_webui("--api-auth", "me:secret")
+    ext = Extension(webui, tmp_path)
+    assert ext.api.post("/dreambooth/v1/load", json={"checkpoint": "tiny_sd1.safetensors"}).status_code == 401
+    ok = ext.api.post("/dreambooth/v1/load", json={"checkpoint": "tiny_sd1.safetensors"}, auth=("me", "secret"))
+    assert ok.status_code == 200
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Item 4: the model box shows what will be trained, from page load on
+
+
+def test_model_box_follows_the_loaded_model_from_page_load(make_webui, tmp_path):
+    webui = make_webui(load=False)  # the host loads its model after building the UI
+    ext = Extension(webui, tmp_path)
+    assert "No checkpoint is loaded" in ext.tab.model_html.value
+    webui.load()
+    outputs = ext.tab.refresh(None)  # the page's first poll
+    info = webui.shared.sd_model.sd_checkpoint_info
+    assert f"<b>{info.name}</b>" in outputs[-1] and outputs[-1].count(info.shorthash) == 1
+    assert "No checkpoint is loaded" not in outputs[-1]
+    seen = outputs[2]
+    assert ext.tab.refresh(seen)[-1] == gr.update()  # unchanged: not sent again
+
+    webui.write_checkpoint("other.safetensors", seed=5)
+    webui.load("other.safetensors")  # the user picks another checkpoint at the top of the page
+    assert "<b>other.safetensors</b>" in ext.tab.refresh(seen)[-1]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Item 5: results load in the host whenever their base did
+
+
+def host_loads(webui, path) -> object:
+    webui.sd_models.list_models()
+    info = webui.sd_models.get_closet_checkpoint_match(os.path.relpath(path, webui.sd_models.model_path))
+    return webui.sd_models.reload_model_weights(info=info)
+
+
+def test_a_result_of_a_base_with_its_own_yaml_loads_with_that_config(extension):
+    webui = extension.webui
+    base_yaml = webui.checkpoint.with_suffix(".yaml").read_text()
+    extension.start("custom")
+    path = Path(extension.status()["checkpoints"][-1])
+    assert path.with_suffix(".yaml").read_text() == base_yaml
+    model = host_loads(webui, path)
+    assert model.sd_model_checkpoint == str(path) and model.used_config == str(path.with_suffix(".yaml"))
+
+    host_loads(webui, webui.checkpoint)
+    path.with_suffix(".yaml").unlink()  # what results looked like before: the host guesses SD1.5 and fails
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        host_loads(webui, path)
+
+
+def test_a_v_prediction_base_gives_a_v_prediction_result_the_host_loads(extension):
+    webui = extension.webui
+    webui.write_checkpoint("tiny_sd2v.safetensors", family="sd2", seed=2, parameterization="v")
+    webui.load("tiny_sd2v.safetensors")
+    assert webui.shared.sd_model.parameterization == "v"
+    extension.start("vmodel")
+    path = Path(extension.status()["checkpoints"][-1])
+    config = yaml.safe_load(path.with_suffix(".yaml").read_text())["model"]["params"]
+    assert config["parameterization"] == "v"
+    assert read_safetensors_metadata(path)["modelspec.prediction_type"] == "v"
+    assert host_loads(webui, path).parameterization == "v"
+
+
+def test_a_generated_yaml_follows_the_base_it_describes(extension, tmp_path):
+    """No yaml beside the base (a v-model named as such only in the options): the yaml written from the model's
+    own shapes (heads included) must load in the host."""
+    webui = extension.webui
+    base = webui.write_checkpoint("bare_sd2.safetensors", family="sd2", seed=2, folder=tmp_path, with_yaml=False)
+    extension.start("bare", base_model=str(base), prediction_type="v_prediction")
+    path = Path(extension.status()["checkpoints"][-1])
+    params = yaml.safe_load(path.with_suffix(".yaml").read_text())["model"]["params"]
+    assert params["parameterization"] == "v" and params["unet_config"]["params"]["model_channels"] == 32
+    assert host_loads(webui, path).parameterization == "v"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Item 6: expected refusals are refusals, not crashes
+
+
+def write_sdxl_header(folder: Path) -> Path:
+    path = folder / "sdxl_base.safetensors"
+    safetensors.torch.save_file({"conditioner.embedders.0.transformer.text_model.final_layer_norm.weight":
+                                 torch.zeros(2), UNET + "input_blocks.0.0.weight": torch.zeros(2)}, str(path))
+    return path
+
+
+def no_tracebacks(caplog, webui) -> bool:
+    return not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR] and not webui.errors.reported
+
+
+def test_refusals_come_before_the_run_without_tracebacks(extension, caplog):
+    webui, api = extension.webui, extension.api
+    write_sdxl_header(Path(webui.sd_models.model_path))
+    webui.sd_models.list_models()
+    data = quick_run_data("", extension.images, project="refused")
+    with caplog.at_level(logging.INFO):
+        for checkpoint, words in (("sdxl_base.safetensors", "SDXL"), ("no such title", "neither a file nor")):
+            response = api.post("/dreambooth/v1/start", json=data, params={"checkpoint": checkpoint})
+            assert response.status_code == 422 and words in str(response.json()), response.text
+            outputs = extension.start("refused", pick=checkpoint)
+            assert "dreambooth-error" in outputs[-1] and words in outputs[-1]
+        assert extension.status()["state"] == "idle"  # nothing started
+
+        webui.shared.opts.fp8_storage = "Enable"
+        webui.sd_models.reload_model_weights(forced_reload=True)  # the host now holds fp8 weights
+        response = api.post("/dreambooth/v1/start", json=data)
+        assert response.status_code == 422 and "FP8 weight" in str(response.json())
+        assert "FP8 weight" in extension.start("refused")[-1]
+    assert extension.status()["state"] == "idle"
+    assert no_tracebacks(caplog, webui), [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def test_unexpected_failures_keep_their_traceback(extension, caplog, monkeypatch):
+    from dreambooth_ext.hosts.webui import WebUIHost
+
+    def broken(self, config):
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(WebUIHost, "load_base", broken)
+    with caplog.at_level(logging.INFO):
+        extension.start("buggy")
+    assert extension.status()["state"] == "failed" and "ZeroDivisionError" in extension.status()["error"]
+    assert any(r.exc_info and r.exc_info[0] is ZeroDivisionError for r in caplog.records)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Item 8: one ETA, readable files, no leftovers, the trained resolution
+
+
+def test_progress_text_has_no_second_eta(extension):
+    seen = []
+    original = extension.module.webui.WebUIHost.report
+
+    def spy(host, progress):
+        original(host, progress)
+        if progress.phase == "training":
+            answer = extension.webui.progress.progressapi(
+                extension.webui.progress.ProgressRequest(id_task="task(eta)"))
+            seen.append((progress, answer, extension.webui.shared.state.textinfo))
+
+    extension.module.webui.WebUIHost.report = spy
+    try:
+        extension.start("eta", max_train_steps=4)
+    finally:
+        extension.module.webui.WebUIHost.report = original
+    progress, answer, text = seen[1]
+    assert "ETA" not in text and text.startswith("Training step 2/4")
+    assert answer.eta == pytest.approx(progress.eta_s, rel=0.1, abs=0.05)  # the bar's ETA is the run's own
+
+
+def test_results_are_readable_leftovers_removed_resolution_recorded(extension):
+    webui = extension.webui
+    folder = Path(webui.sd_models.model_path) / "tidy"
+    folder.mkdir(parents=True)
+    leftovers = [folder / ".tidy_100.safetensors.abc123.partial", folder / ".tidy_100.yaml.def456.partial"]
+    for leftover in leftovers:
+        leftover.write_bytes(b"half")
+    other = folder / ".other_1.safetensors.x.partial"  # not this project's
+    other.write_bytes(b"half")
+    state_partial = Path(extension.module.webui.dreambooth_dir()) / "tidy" / "state.partial"
+    state_partial.mkdir(parents=True)
+
+    extension.start("tidy")
+    path = Path(extension.status()["checkpoints"][-1])
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+    assert path.with_suffix(".yaml").stat().st_mode & 0o777 == 0o666 & ~umask
+    assert not any(p.exists() for p in leftovers) and other.exists() and not state_partial.exists()
+    assert read_safetensors_metadata(path)["modelspec.resolution"] == "64x64"
