@@ -15,7 +15,7 @@ REPO = TESTS.parent
 FORGE_PINS = ["torch==2.13.0", "gradio==4.40.0", "fastapi==0.104.1", "pydantic==2.8.2"]
 
 
-def _forge_venv() -> Path:
+def _forge_venv():
     main_site = site.getsitepackages()[0]
 
     def build(python: Path) -> None:
@@ -32,9 +32,9 @@ def _forge_venv() -> Path:
 
 
 def test_tab_and_api_work_under_gradio_4():
-    python = venv_python(_forge_venv())
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(TESTS)])}
-    result = subprocess.run([str(python), str(TESTS / "gradio4_smoke.py")], capture_output=True, text=True,
-                            env=env, cwd=REPO, timeout=600)
+    with _forge_venv() as venv:
+        result = subprocess.run([str(venv_python(venv)), str(TESTS / "gradio4_smoke.py")], capture_output=True,
+                                text=True, env=env, cwd=REPO, timeout=600)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     assert "FAIL" not in result.stdout

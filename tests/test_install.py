@@ -126,8 +126,9 @@ def _freeze(python: Path) -> dict[str, str]:
     return dict(line.split("==", 1) for line in lines if "==" in line)
 
 
-def _host_venv() -> Path:
-    """A venv with the host's packages, built once per constraints file and reused (CI pays once)."""
+def _host_venv():
+    """A venv with the host's packages, built once per constraints file and reused (CI pays once); a context
+    manager holding it for the test."""
 
     def build(python: Path) -> None:
         _pip(python, "install", "-c", str(CONSTRAINTS), *HOST_PACKAGES)
@@ -157,7 +158,11 @@ def _run_installer(python: Path, tmp_path: Path, log: Path) -> tuple[subprocess.
 
 
 def test_install_adds_packages_without_touching_the_hosts(tmp_path):
-    venv = _host_venv()
+    with _host_venv() as venv:
+        check_installer_in(venv, tmp_path)
+
+
+def check_installer_in(venv: Path, tmp_path: Path) -> None:
     python = venv_python(venv)
     _reset(venv)
     log = tmp_path / "pip-calls.log"

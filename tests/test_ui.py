@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import threading
+import time
 from pathlib import Path
 
 import gradio as gr
@@ -274,3 +275,19 @@ def test_the_blocks_render_to_a_gradio_config(tab_factory):
     assert {"dreambooth_start", "dreambooth_confirm_save"} <= js
     script = (Path(__file__).parent.parent / "javascript" / "dreambooth.js").read_text()
     assert "function dreambooth_start(" in script and "function dreambooth_confirm_save(" in script
+
+
+def test_closing_the_page_is_bounded_when_a_connection_stays_open(ui_models, tmp_path):
+    from dreambooth_ext.ui.standalone import serve
+
+    app = serve(ui_models, tmp_path / "work", port=None)
+
+    class StuckConnection:  # a client that never lets go: uvicorn waits for every open connection on shutdown
+        def shutdown(self) -> None:
+            pass
+
+    app.blocks.server.server_state.connections.add(StuckConnection())
+    started = time.monotonic()
+    app.close(grace=1.0)
+    assert time.monotonic() - started < 10
+    assert not app.blocks.server.thread.is_alive()

@@ -1,13 +1,17 @@
-"""Throwaway virtual environments for tests that need another package set, built once and reused."""
+"""Throwaway virtual environments for tests that need another package set, built once and reused.
+
+A cached environment is used under an exclusive lock: two test suites on one machine (or two sessions' CI)
+take turns with it, so one never sees what the other installed into it for a moment."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 READY = ".ready"
@@ -17,21 +21,42 @@ def venv_python(venv: Path) -> Path:
     return venv / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
 
 
-def cached_venv(name: str, key_material: bytes, build: Callable[[Path], None]) -> Path:
-    """A venv keyed by `key_material` under $DREAMBOOTH_TEST_VENVS (default /tmp/dreambooth-venvs): built by
-    `build(python)` the first time (CI pays once per machine), then reused."""
+def venv_root() -> Path:
+    default = Path(os.environ.get("TMPDIR", "/tmp")) / "dreambooth-venvs"
+    return Path(os.environ.get("DREAMBOOTH_TEST_VENVS", default))
+
+
+@contextlib.contextmanager
+def exclusive(lock_path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on `lock_path` (released when the holder exits, also when it is killed)."""
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a+b") as handle:
+        if os.name == "nt":
+            import msvcrt
+
+            msvcrt.locking(handle.fileno(), msvcrt.LK_LOCK, 1)
+        else:
+            import fcntl
+
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        yield
+
+
+@contextlib.contextmanager
+def cached_venv(name: str, key_material: bytes, build: Callable[[Path], None],
+                create: Callable[[Path], None] | None = None) -> Iterator[Path]:
+    """A venv keyed by `key_material` under $DREAMBOOTH_TEST_VENVS (default /tmp/dreambooth-venvs), held under
+    its lock for the `with` block: built by `build(python)` the first time (CI pays once per machine), then
+    reused. `create(path)` makes the empty environment (default: `python -m venv`)."""
     key = hashlib.sha256(key_material).hexdigest()[:12]
-    root = Path(os.environ.get("DREAMBOOTH_TEST_VENVS", Path(os.environ.get("TMPDIR", "/tmp")) / "dreambooth-venvs"))
-    venv = root / f"{name}-{key}"
-    if (venv / READY).is_file():
-        return venv
-    building = root / f"building-{name}-{key}-{os.getpid()}"
-    shutil.rmtree(building, ignore_errors=True)
-    subprocess.run([sys.executable, "-m", "venv", str(building)], check=True, timeout=300)
-    build(venv_python(building))
-    (building / READY).write_text("")
-    try:
-        building.rename(venv)
-    except OSError:  # another run finished first
-        shutil.rmtree(building, ignore_errors=True)
-    return venv
+    venv = venv_root() / f"{name}-{key}"
+    with exclusive(venv.with_name(venv.name + ".lock")):
+        if not (venv / READY).is_file():
+            shutil.rmtree(venv, ignore_errors=True)  # a build that was interrupted
+            if create is not None:
+                create(venv)
+            else:
+                subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+            build(venv_python(venv))
+            (venv / READY).write_text("")
+        yield venv

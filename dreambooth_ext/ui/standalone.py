@@ -8,6 +8,7 @@ The page gets the extension's own `javascript/dreambooth.js` and `style.css`, as
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +19,8 @@ from .api import register_api
 from .jobs import JobManager
 from .tab import DreamboothTab, build_tab
 from .widgets import enable_queue, js_kwarg
+
+log = logging.getLogger(__name__)
 
 EXTENSION_DIR = Path(__file__).resolve().parent.parent.parent
 
@@ -40,9 +43,31 @@ class StandaloneApp:
     def url(self) -> str:
         return self.blocks.local_url
 
-    def close(self) -> None:
+    def close(self, grace: float = 3.0) -> None:
+        """Cancel a run (it keeps its state), then stop serving within about 2 x `grace` seconds."""
         self.jobs.shutdown(30)
-        self.blocks.close()
+        if stop_server(self.blocks, grace):
+            self.blocks.close()  # the queue and gradio's own bookkeeping; its server is already gone
+        else:
+            log.warning("The web server did not stop within %.0f s; leaving it to end with the process.", 2 * grace)
+
+
+def stop_server(blocks: gr.Blocks, grace: float) -> bool:
+    """Stop gradio's uvicorn server without waiting for ever on connections a browser keeps open.
+
+    gradio's own `close()` joins the server thread with no time limit, and uvicorn waits for every open
+    connection to finish first: a page left open made shutdown (and the test suite's teardown) hang. Here the
+    server stops accepting and asks connections to close; after `grace` seconds it stops waiting for them."""
+    server = getattr(blocks, "server", None)
+    thread = getattr(server, "thread", None)
+    if server is None or thread is None:
+        return True
+    server.should_exit = True
+    thread.join(grace)
+    if thread.is_alive():
+        server.force_exit = True  # skip uvicorn's wait for open connections and background tasks
+        thread.join(grace)
+    return not thread.is_alive()
 
 
 def build_page(adapter: HostAdapter, jobs: JobManager | None = None) -> tuple[gr.Blocks, DreamboothTab, JobManager]:
