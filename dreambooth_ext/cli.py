@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from . import __version__
@@ -147,12 +150,38 @@ def run_training(config, args: argparse.Namespace, *, resume: bool = False) -> R
     host = FolderHost(args.models_dir, args.work_dir)
     run = TrainingRun(config, host, resume=resume, on_progress=ConsoleProgress())
     try:
-        return run.run()
+        with stop_on_signals(run):
+            return run.run()
     except KeyboardInterrupt:
-        # Ctrl+C: the loop saves resumable state at the next step boundary only if it is still running, so
-        # tell the user what is kept.
+        # A second Ctrl+C: stopped at once, without saving the steps since the last save point.
         raise DreamboothError("Interrupted. Saved models and the last saved training state are kept; run again "
                               "with --resume to continue from the last save point.") from None
+
+
+@contextlib.contextmanager
+def stop_on_signals(run: TrainingRun):
+    """Ctrl+C or SIGTERM (a closed terminal, a job scheduler) stops the run after the current step, which saves
+    its state for --resume; a second Ctrl+C stops at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    wanted = [signal.SIGINT] + ([signal.SIGTERM] if hasattr(signal, "SIGTERM") else [])
+    previous = {number: signal.getsignal(number) for number in wanted}
+
+    def handle(number, frame):
+        if run.cancelled:
+            raise KeyboardInterrupt
+        print(f"\n{signal.Signals(number).name}: stopping after this step and saving the training state "
+              "(Ctrl+C again stops at once).", file=sys.stderr, flush=True)
+        run.cancel()
+
+    for number in wanted:
+        signal.signal(number, handle)
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 def _setup_logging(debug: bool) -> None:
@@ -201,7 +230,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nError: {exc}", file=sys.stderr)
         return 2
     if result.status == "cancelled":
-        print(f"Cancelled at step {result.step}; continue with --resume.", file=sys.stderr)
+        if result.step:
+            print(f"Stopped at step {result.step}; the training state is saved: continue with --resume.",
+                  file=sys.stderr)
+        else:
+            print("Stopped before the first training step; nothing to resume (class images made so far are "
+                  "kept): run again without --resume.", file=sys.stderr)
         return 3
     for path in result.checkpoints:
         print(f"Saved {path}")

@@ -144,3 +144,45 @@ def test_ui_on_a_busy_port_is_a_clear_error(tmp_path, capsys):
     assert code == 2
     err = capsys.readouterr().err
     assert f"127.0.0.1:{port}" in err and "--port" in err and "Traceback" not in err
+
+
+def _cli(*args: str) -> list[str]:
+    import sys
+
+    return [sys.executable, "-m", "dreambooth_ext", *args]
+
+
+@pytest.mark.parametrize("signal_name", ["SIGINT", "SIGTERM"])
+def test_a_signal_stops_after_the_step_and_keeps_state_for_resume(tmp_path, base, photos, signal_name):
+    """With the default settings (no periodic saves) Ctrl+C or SIGTERM loses nothing: --resume finishes."""
+    import os
+    import signal
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               PYTHONUNBUFFERED="1")
+    flags = ["train", "--project_name", "sig", "--training_model", str(base), "--training_images", str(photos),
+             "--prior_preservation", "false", "--max_training_steps", "400", "--resolution", "64",
+             "--device", "cpu", "--models-dir", str(tmp_path / "models")]
+    proc = subprocess.Popen(_cli(*flags), stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                            env=env, cwd=tmp_path)
+    try:
+        for line in proc.stderr:
+            if " step " in line and "/400" in line:  # training has begun
+                break
+        proc.send_signal(getattr(signal, signal_name))
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 3, err
+    assert "the training state is saved: continue with --resume" in err and "Traceback" not in err
+    state = tmp_path / "models" / "dreambooth" / "sig" / "state"
+    step = json.loads((state / "state.json").read_text())["step"]
+    assert 1 <= step < 400
+
+    done = subprocess.run(_cli(*flags, "--max_training_steps", "4" if step < 4 else str(step + 1), "--resume"),
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "sig_" in done.stdout and not state.exists()

@@ -32,11 +32,13 @@ from ..models.export import (
 from .batches import Feeder, LatentCache, TextConditioning, derive_seed, generator_for
 from .devices import Precision, free_memory, require_8bit_adam, resolve_device, resolve_precision
 from .ema import EMA
+from .guard import check_writable, output_error, project_lock, write_errors
 from .loss import dreambooth_loss, min_snr_weights, per_sample_mse, training_target
 from .optim import make_lr_scheduler, make_optimizer, param_groups
 from .sampling import generate_images, placed
 from .state import (
     TrainingState,
+    find_state,
     load_state,
     remove_partial_state,
     restore_weights,
@@ -108,6 +110,7 @@ class TrainingRun:
     # -- the run ----------------------------------------------------------------------------------------
 
     def run(self) -> RunResult:
+        """Check everything that can be checked cheaply, take the project's lock, then load and train."""
         config = validate(self.config)
         self.host.check(config)
         instances = collect_instance_examples(config)  # bad image folders fail here, before any model loads
@@ -116,9 +119,14 @@ class TrainingRun:
         if config.optimizer == "adamw_8bit":
             require_8bit_adam(device)
         work_dir = self.host.work_dir(config.project_name)
-        work_dir.mkdir(parents=True, exist_ok=True)
-        self._remove_leftovers(config.project_name, work_dir)
-        state = load_state(work_dir / "state") if self.resume else None
+        with project_lock(work_dir, config.project_name):
+            self._check_outputs(config, work_dir)
+            self._remove_leftovers(config.project_name, work_dir)
+            state = load_state(work_dir / "state") if self.resume else None
+            return self._train(config, instances, device, precision, work_dir, state)
+
+    def _train(self, config: Config, instances: list[Example], device: torch.device, precision: Precision,
+               work_dir: Path, state: TrainingState | None) -> RunResult:
         self._emit(Progress("loading", message="Loading the base model"))
         self.host.release_device()
         try:
@@ -136,6 +144,17 @@ class TrainingRun:
         finally:
             free_memory(device)
             self.host.restore_device()
+
+    def _check_outputs(self, config: Config, work_dir: Path) -> None:
+        """Every folder the run will write to, tried now rather than after the model has loaded."""
+        check_writable(work_dir, "training state", "Give a work folder you can write to (--work-dir on the command "
+                       "line, --dreambooth-dir in the WebUI).")
+        check_writable(self.host.checkpoint_path(config.project_name, 0).parent, "the trained model",
+                       "Give a models folder you can write to (--models-dir / --ckpt-dir).")
+        for job in plan_class_images(config, work_dir)[1]:
+            if job.missing:
+                check_writable(job.folder, "generated class images", f"class_dir of concept {job.concept + 1} "
+                               "must be a folder you can write to (or already hold num_class_images images).")
 
     def _remove_leftovers(self, project: str, work_dir: Path) -> None:
         """What a killed save of this project left half-written: hidden model files and a partial state."""
@@ -424,7 +443,13 @@ class _Loop:
             scaler=self.scaler.state_dict() if self.scaler else None,
             meta={"project": self.config.project_name, "total_steps": self.total_steps,
                   "config": to_dict(self.config)})
-        save_state(self.work_dir / "state", state)
+        folder = self.work_dir / "state"
+        try:
+            save_state(folder, state)
+        except write_errors() as exc:
+            kept = find_state(folder)
+            raise output_error(exc, f"the training state at step {step}", folder,
+                               "the state saved earlier is kept." if kept else "no earlier state exists.") from exc
 
     def _save_model(self, step: int) -> Path:
         config, bundle = self.config, self.bundle
@@ -441,7 +466,11 @@ class _Loop:
         metadata = checkpoint_metadata(bundle, title=f"{config.project_name}_{step}", steps=step,
                                        config_json=json.dumps(to_dict(config)), resolution=config.resolution,
                                        extra=extra)
-        save_checkpoint(state_dict, path, metadata, yaml_text=yaml_for_bundle(bundle))
+        try:
+            save_checkpoint(state_dict, path, metadata, yaml_text=yaml_for_bundle(bundle))
+        except write_errors() as exc:
+            raise output_error(exc, "the trained model", path,
+                               "models and training state saved earlier are kept.") from exc
         self.result.checkpoints.append(path)
         self.run.host.publish(path)
         return path

@@ -92,6 +92,21 @@ def save_state(folder: Path, state: TrainingState) -> Path:
     folder = Path(folder)
     partial = folder.with_name(folder.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
+    try:
+        _write_state(partial, state)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)  # e.g. the disk filled up: the complete state stays
+        raise
+    old = folder.with_name(folder.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if folder.exists():
+        os.replace(folder, old)
+    os.replace(partial, folder)
+    shutil.rmtree(old, ignore_errors=True)
+    return folder
+
+
+def _write_state(partial: Path, state: TrainingState) -> None:
     partial.mkdir(parents=True)
     save_file(state.weights, str(partial / "weights.safetensors"))
     if state.ema is not None:
@@ -103,13 +118,6 @@ def save_state(folder: Path, state: TrainingState) -> Path:
     meta = {**state.meta, "step": state.step, "format": STATE_FORMAT, "engine_version": __version__,
             "optimization": skeleton}
     (partial / "state.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
-    old = folder.with_name(folder.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if folder.exists():
-        os.replace(folder, old)
-    os.replace(partial, folder)
-    shutil.rmtree(old, ignore_errors=True)
-    return folder
 
 
 def remove_partial_state(folder: Path) -> None:
