@@ -72,18 +72,20 @@ def main(argv: list[str]) -> int:
         print(__doc__)
         return 0
     ensure_environment()
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               DREAMBOOTH_PROG=f"python3 {Path(sys.argv[0]).name}")
     if argv[0] == "test":
         ensure_chromium()
-        command = [str(venv_python()), "-m", "pytest", *argv[1:]]
+        command, cwd = [str(venv_python()), "-m", "pytest", *argv[1:]], ROOT
     else:
-        command = [str(venv_python()), "-m", "dreambooth_ext", *argv]
+        # The user's own folder: relative paths they give (photos, cfg.json, the default ./models) mean theirs.
+        command, cwd = [str(venv_python()), "-m", "dreambooth_ext", *argv], Path.cwd()
     if os.name == "nt":
-        return subprocess.run(command, cwd=ROOT, env=env).returncode
+        return subprocess.run(command, cwd=cwd, env=env).returncode
     # Become the venv's Python: Ctrl+C, signals and the exit code are the engine's own, with no wrapper between.
     sys.stdout.flush()
     sys.stderr.flush()
-    os.chdir(ROOT)
+    os.chdir(cwd)
     os.execve(command[0], command, env)
 
 

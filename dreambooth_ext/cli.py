@@ -5,18 +5,27 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
+import re
 import signal
 import sys
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import __version__
-from .config import CONCEPT_OPTIONS, OPTIONS, ConfigError, from_dict, load_json, to_dict
+from .config import CONCEPT_OPTIONS, OPTIONS, ConfigError, from_dict, load_json, to_dict, validate
 from .errors import DreamboothError
-from .hosts.files import FolderHost
-from .train.run import Progress, RunResult, TrainingRun
+from .inputs import check_inputs
+
+if TYPE_CHECKING:  # torch comes in only once the input has been checked: a typo is reported at once
+    from .train.run import Progress, RunResult, TrainingRun
 
 log = logging.getLogger(__name__)
+
+# How the user started us, for --help and messages: standalone.py sets it; `python -m` is the default.
+PROG = os.environ.get("DREAMBOOTH_PROG", "python -m dreambooth_ext")
+NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
 # JoePenna's main.py flags that are named differently here: his name -> (where, our name).
 JOEPENNA_ALIASES = {
@@ -37,7 +46,7 @@ def _add_option(parser: argparse.ArgumentParser, name: str, kind: str, help_text
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m dreambooth_ext",
+    parser = argparse.ArgumentParser(prog=PROG,
                                      description="Dreambooth training for Stable Diffusion 1.x/2.x checkpoints.")
     parser.add_argument("--version", action="version", version=__version__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -71,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(ui)
     ui.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     ui.add_argument("--port", type=int, default=7861, help="port (default 7861)")
-    ui.add_argument("--api-auth", default=None, help="user:password[,user2:password2] for the HTTP API")
+    ui.add_argument("--api-auth", default=None, help="user:password[,user2:password2] for the page and its HTTP API")
     return parser
 
 
@@ -147,6 +156,11 @@ def _clock(seconds: float) -> str:
 
 
 def run_training(config, args: argparse.Namespace, *, resume: bool = False) -> RunResult:
+    validate(config)
+    check_inputs(config)
+    from .hosts.files import FolderHost
+    from .train.run import TrainingRun
+
     host = FolderHost(args.models_dir, args.work_dir)
     run = TrainingRun(config, host, resume=resume, on_progress=ConsoleProgress())
     try:
@@ -211,9 +225,22 @@ def serve_ui(args: argparse.Namespace) -> int:
     return 0
 
 
+def join_negative_values(argv: list[str]) -> list[str]:
+    """`--learning_rate -1e-5` as `--learning_rate=-1e-5`: argparse would take the number for a flag and print
+    its whole usage; joined, the schema says what the allowed range is."""
+    joined: list[str] = []
+    for token in argv:
+        previous = joined[-1] if joined else ""
+        if NEGATIVE_NUMBER.match(token) and previous.startswith("--") and "=" not in previous:
+            joined[-1] = f"{previous}={token}"
+        else:
+            joined.append(token)
+    return joined
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(join_negative_values(list(sys.argv[1:] if argv is None else argv)))
     _setup_logging(args.debug)
     try:
         if args.command == "train":

@@ -91,6 +91,10 @@ OPTIONS: tuple[Option, ...] = (
          choices=("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")),
     _opt("lr_warmup_steps", "int", 0, "training", "Steps over which the learning rate rises from 0.",
          min=0, max=1_000_000),
+    _opt("lr_num_cycles", "int", 1, "training",
+         "cosine_with_restarts: how many times the learning rate falls to 0 and starts again.", min=1, max=1000),
+    _opt("lr_power", "float", 1.0, "training",
+         "polynomial: the power of the decay (1 is linear; 2 falls faster at first).", min=0.1, max=10.0),
     _opt("train_batch_size", "int", 1, "training", "Training images per step (each also brings a class image).",
          min=1, max=1024),
     _opt("gradient_accumulation_steps", "int", 1, "training",
@@ -120,7 +124,9 @@ OPTIONS: tuple[Option, ...] = (
     _opt("min_snr_gamma", "float", 0.0, "training",
          "Min-SNR loss weighting (5 is typical; 0: off). Speeds up convergence.", min=0.0, max=100.0),
     _opt("ema", "bool", False, "training", "Keep an exponential moving average of the UNet and save it."),
-    _opt("ema_decay", "float", 0.9999, "training", "EMA decay per step.", min=0.0, max=1.0),
+    _opt("ema_decay", "float", 0.9999, "training",
+         "EMA decay per step, reached after a warm-up (step t uses at most (1+t)/(10+t), as diffusers does).",
+         min=0.0, max=1.0),
     _opt("ema_on_cpu", "bool", True, "training", "Keep the EMA weights in CPU memory (saves GPU memory)."),
     _opt("seed", "int", 23, "training", "Seed of all randomness: same seed, same run.", min=0, max=2**32 - 1),
     _opt("flip_p", "float", 0.0, "training",
@@ -233,9 +239,13 @@ def check(option: Option, value: Any) -> str | None:
     if option.kind in ("int", "float"):
         if value != value:  # NaN
             return "must be a number"
-        if option.min is not None and value < option.min:
+        low = option.min is not None and value < option.min
+        high = option.max is not None and value > option.max
+        if (low or high) and option.min is not None and option.max is not None:
+            return f"must be between {option.min:g} and {option.max:g}"
+        if low:
             return f"must be at least {option.min:g}"
-        if option.max is not None and value > option.max:
+        if high:
             return f"must be at most {option.max:g}"
     return None
 
@@ -297,6 +307,12 @@ def validate(config: Config) -> Config:
             problems.append(f"{option.name} = {getattr(config, option.name)!r}: {reason}")
     if config.resolution % 64:
         problems.append(f"resolution = {config.resolution}: must be a multiple of 64 (e.g. 512 or 768)")
+    if config.learning_rate == 0:
+        problems.append("learning_rate = 0: nothing would be learnt and the result would be a copy of the base "
+                        "model; use e.g. 2e-6 (SD 1.5, full fine-tune) or 1e-6 (SD 2.x)")
+    if config.train_text_encoder and config.text_encoder_lr == 0:
+        problems.append("text_encoder_lr = 0 with train_text_encoder on: the text encoder would not change; turn "
+                        "train_text_encoder off, or use e.g. 1e-6")
     if config.max_train_steps == 0 and config.num_train_epochs == 0:
         problems.append("max_train_steps = 0 and num_train_epochs = 0: set one of them to say when to stop")
     if not config.project_name.strip() or not _is_plain_name(config.project_name):

@@ -75,9 +75,16 @@ setInterval(function() {
     if (status && status.offsetParent !== null) dreamboothRefresh();
 }, 5000);
 
+// After a (re)load: the form of the last run, a run that is already going (e.g. started through the API), and
+// what the host has loaded by now.
+function dreamboothPageLoaded() {
+    var restore = dreamboothApp().querySelector('#dreambooth_restore');
+    if (restore) restore.click();
+    dreamboothWatch();
+}
+
 if (typeof onUiLoaded === 'function') {
-    // shows a run that is already going (e.g. started through the API) and what the host has loaded by now
-    onUiLoaded(dreamboothWatch);
+    onUiLoaded(dreamboothPageLoaded);
 } else {
-    setTimeout(dreamboothWatch, 500);
+    setTimeout(dreamboothPageLoaded, 500);
 }

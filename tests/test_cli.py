@@ -186,3 +186,55 @@ def test_a_signal_stops_after_the_step_and_keeps_state_for_resume(tmp_path, base
                           capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "sig_" in done.stdout and not state.exists()
+
+
+def test_input_errors_come_before_torch_is_imported(tmp_path, photos):
+    """A typo costs a fraction of a second: the config and paths are checked before anything heavy loads."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    script = ("import sys\nfrom dreambooth_ext import cli\n"
+              "code = cli.main(sys.argv[1:])\nprint('torch imported' if 'torch' in sys.modules else 'no torch')\n"
+              "sys.exit(code)")
+    cases = [
+        (["--learning_rate", "-1e-5"], "learning_rate = '-1e-5': must be between 0 and 1"),
+        (["--learning_rate", "0"], "learning_rate = 0: nothing would be learnt"),
+        (["--training_images", str(tmp_path / "missing")], "instance_dir"),
+        (["--training_model", str(tmp_path / "missing.safetensors")], "does not exist"),
+    ]
+    for flags, message in cases:
+        args = ["train", "--project_name", "p", "--training_model", str(tmp_path / "m.safetensors"),
+                "--training_images", str(photos), *flags]
+        if "--training_model" not in flags:
+            (tmp_path / "m.safetensors").write_bytes(b"x")
+        done = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, cwd=root,
+                              timeout=120)
+        assert done.returncode == 2, (flags, done.stderr)
+        assert message in done.stderr and "usage:" not in done.stderr, (flags, done.stderr)
+        assert done.stdout.strip() == "no torch", flags
+
+
+def test_help_names_the_command_the_user_typed(monkeypatch):
+    import importlib
+
+    monkeypatch.setenv("DREAMBOOTH_PROG", "python3 standalone.py")
+    module = importlib.reload(cli)
+    try:
+        assert module.build_parser().format_usage().startswith("usage: python3 standalone.py ")
+    finally:
+        monkeypatch.delenv("DREAMBOOTH_PROG")
+        importlib.reload(cli)
+
+
+def test_relative_paths_given_to_standalone_py_mean_the_users_folder(tmp_path):
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    (tmp_path / "cfg.json").write_text(json.dumps({"project_name": "../escape"}))
+    done = subprocess.run([sys.executable, str(root / "standalone.py"), "train", "--config", "cfg.json"],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert done.returncode == 2, done.stderr
+    assert "project_name = '../escape'" in done.stderr  # cfg.json was read from where the user stands
+    assert "usage: python3 standalone.py train" not in done.stderr

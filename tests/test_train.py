@@ -180,10 +180,22 @@ def test_no_usable_images_fails_before_the_model_loads(tiny_sd1, tmp_path):
         TrainingRun(make_config(tiny_sd1, empty), Host(tmp_path)).run()
 
 
-def test_ema_with_decay_one_exports_the_base_unet(tiny_sd1, instance_dir, tmp_path):
-    _, result = train(make_config(tiny_sd1, instance_dir, ema=True, ema_decay=1.0), tmp_path)
-    base = {k: v for k, v in read_checkpoint(tiny_sd1).items() if k.startswith(UNET)}
-    assert max_difference(unet_of(result.checkpoints[-1]), base) == 0.0
+def test_with_ema_the_average_is_exported(tiny_sd1, instance_dir, tmp_path, monkeypatch):
+    from dreambooth_ext.train import run as run_module
+
+    loops = []
+
+    class Loop(run_module._Loop):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            loops.append(self)
+
+    monkeypatch.setattr(run_module, "_Loop", Loop)
+    _, result = train(make_config(tiny_sd1, instance_dir, ema=True, ema_decay=0.5), tmp_path / "ema")
+    exported = read_checkpoint(result.checkpoints[-1])[UNET + "input_blocks.0.0.weight"]
+    loop = loops[-1]
+    assert torch.equal(exported, loop.ema.shadow["conv_in.weight"])
+    assert not torch.equal(exported, loop.bundle.unet.conv_in.weight.detach())  # not the raw weights
 
 
 def test_text_encoder_training_and_its_stop_fraction(tiny_sd1, instance_dir, tmp_path):
@@ -308,3 +320,125 @@ def test_an_old_pickled_state_gets_a_clear_message(tmp_path):
     (tmp_path / "state" / "state.json").write_text('{"format": 1, "step": 3}')
     with pytest.raises(DreamboothError, match="older version.*without resume"):
         load_state(tmp_path / "state")
+
+
+def test_ema_warms_up_like_diffusers():
+    from dreambooth_ext.train.ema import EMA, warmed_up_decay
+
+    assert warmed_up_decay(0.9999, 1) == 0.0 and warmed_up_decay(0.9999, 2) == pytest.approx(2 / 11)
+    assert warmed_up_decay(0.9, 10_000) == 0.9
+    layer = torch.nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        layer.weight.fill_(0.0)
+    ema = EMA(layer, 0.9999)
+    expected = 0.0
+    for step in range(1, 1001):  # the weight walks from 0 to 1 over the run
+        with torch.no_grad():
+            layer.weight.fill_(step / 1000)
+        ema.update(layer)
+        keep = warmed_up_decay(0.9999, step)
+        expected = keep * expected + (1 - keep) * step / 1000
+    averaged = float(ema.shadow["weight"])
+    assert averaged == pytest.approx(expected, rel=1e-4)
+    assert averaged > 0.85  # without the warm-up: about 0.05, still 95 % the start
+
+
+def test_samples_show_the_ema_weights(tiny_sd1, instance_dir, tmp_path, monkeypatch):
+    from dreambooth_ext.train import run as run_module
+
+    seen = []
+    real = run_module.generate_images
+
+    def spy(bundle, *args, **kwargs):
+        seen.append(bundle.unet.conv_in.weight.detach().clone())
+        return real(bundle, *args, **kwargs)
+
+    monkeypatch.setattr(run_module, "generate_images", spy)
+    holder = {}
+    config = make_config(tiny_sd1, instance_dir, max_train_steps=3, ema=True, ema_decay=0.5, sample_every_n_steps=3,
+                         sample_steps=1, sample_prompts="photo of {token} {class}")
+    real_loop = run_module._Loop
+
+    class Loop(real_loop):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            holder["loop"] = self
+
+        def _sample(self, step):
+            holder["ema"] = self.ema.shadow["conv_in.weight"].clone()
+            holder["raw"] = self.bundle.unet.conv_in.weight.detach().clone()
+            super()._sample(step)
+
+    monkeypatch.setattr(run_module, "_Loop", Loop)
+    train(config, tmp_path)
+    assert torch.equal(seen[-1], holder["ema"]) and not torch.equal(holder["ema"], holder["raw"])
+    assert torch.equal(holder["loop"].bundle.unet.conv_in.weight.detach(), holder["raw"])  # trained ones back
+
+
+def test_resume_uses_the_new_optimizer_options_and_says_so(tiny_sd1, instance_dir, tmp_path, caplog):
+    config = make_config(tiny_sd1, instance_dir, max_train_steps=4, learning_rate=1e-3, weight_decay=0.01)
+    holder = {}
+
+    def stop_at_2(p):
+        if p.phase == "training" and p.step == 2:
+            holder["run"].cancel()
+
+    run = TrainingRun(config, FolderHost(tmp_path / "models"), on_progress=stop_at_2)
+    holder["run"] = run
+    run.run()
+    changed = make_config(tiny_sd1, instance_dir, max_train_steps=4, learning_rate=5e-4, weight_decay=0.1,
+                          adam_beta1=0.8)
+    lrs = []
+    with caplog.at_level("INFO", logger="dreambooth_ext"):
+        result = train(changed, tmp_path, resume=True, on_progress=lambda p: p.lr is not None and lrs.append(p.lr))[1]
+    assert result.status == "finished"
+    assert lrs and all(lr == pytest.approx(5e-4) for lr in lrs)  # constant schedule at the new rate
+    text = caplog.text
+    assert "learning_rate: 0.001 -> 0.0005" in text and "weight_decay: 0.01 -> 0.1" in text
+    assert "adam_beta1, adam_beta2: (0.9, 0.999) -> (0.8, 0.999)" in text
+    meta = json.loads(read_metadata(result.checkpoints[-1])["dreambooth.config"])
+    assert meta["learning_rate"] == 5e-4  # the metadata records what was used
+
+
+def read_metadata(path) -> dict:
+    with safe_open(str(path), framework="pt") as handle:
+        return handle.metadata()
+
+
+def test_resume_with_the_text_encoder_switched_off_is_a_clear_error(tiny_sd1, instance_dir, tmp_path):
+    config = make_config(tiny_sd1, instance_dir, max_train_steps=4, train_text_encoder=True)
+    holder = {}
+
+    def stop_at_1(p):
+        if p.phase == "training" and p.step == 1:
+            holder["run"].cancel()
+
+    holder["run"] = TrainingRun(config, FolderHost(tmp_path / "models"), on_progress=stop_at_1)
+    holder["run"].run()
+    with pytest.raises(DreamboothError, match="made with train_text_encoder on; a resumed run must keep it on"):
+        train(make_config(tiny_sd1, instance_dir, max_train_steps=4), tmp_path, resume=True)
+
+
+@pytest.mark.parametrize("scheduler, option, value", [("cosine_with_restarts", "lr_num_cycles", 3),
+                                                      ("polynomial", "lr_power", 3.0)])
+def test_restart_cycles_and_polynomial_power_shape_the_schedule(scheduler, option, value):
+    from dreambooth_ext.train.optim import make_lr_scheduler
+
+    def rates(**overrides):
+        config = make_config(Path("base.safetensors"), Path("photos"), lr_scheduler=scheduler, learning_rate=1.0,
+                             **overrides)
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        schedule = make_lr_scheduler(config, optimizer, 30)
+        out = []
+        for _ in range(30):
+            out.append(schedule.get_last_lr()[0])
+            optimizer.step()
+            schedule.step()
+        return out
+
+    plain, shaped = rates(), rates(**{option: value})
+    assert plain != pytest.approx(shaped)
+    if option == "lr_num_cycles":
+        assert sum(1 for a, b in zip(shaped[:-1], shaped[1:], strict=True) if b > a + 0.5) == value - 1  # restarts
+    else:
+        assert shaped[10] < plain[10]  # a higher power falls faster at first

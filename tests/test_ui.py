@@ -291,3 +291,60 @@ def test_closing_the_page_is_bounded_when_a_connection_stays_open(ui_models, tmp
     app.close(grace=1.0)
     assert time.monotonic() - started < 10
     assert not app.blocks.server.thread.is_alive()
+
+
+def test_the_standalone_page_needs_the_api_credentials_too(ui_models, tmp_path):
+    import base64
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    from dreambooth_ext.ui.standalone import serve
+
+    app = serve(ui_models, tmp_path / "work", port=None, api_auth="me:secret")
+    base = app.url.rstrip("/")
+    try:
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(base + "/config", timeout=30)  # what the page loads before it can do anything
+        assert refused.value.code == 401
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(base + "/dreambooth/v1/status", timeout=30)
+        assert refused.value.code == 401
+
+        opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor())
+        form = urllib.parse.urlencode({"username": "me", "password": "secret"}).encode()
+        opener.open(base + "/login", data=form, timeout=30)
+        with opener.open(base + "/config", timeout=30) as config:
+            assert config.status == 200
+        token = base64.b64encode(b"me:secret").decode()
+        request = urllib.request.Request(base + "/dreambooth/v1/status", headers={"Authorization": f"Basic {token}"})
+        with urllib.request.urlopen(request, timeout=30) as status:
+            assert status.status == 200
+    finally:
+        app.close()
+
+
+def test_an_error_stays_above_the_status_until_the_next_action(tab_factory, ui_images):
+    tab = tab_factory()
+    values = form_for(tab, quick_run_data("", ui_images, resolution=100))
+    outputs = tab.start("task(e)", DEFAULT_PICK, None, *values)
+    seen = outputs[2]
+    assert "must be a multiple of 64" in outputs[-1]
+    for _ in range(3):  # the page polls the status once a second
+        polled = tab.refresh(seen)
+        seen = polled[2]
+        assert "must be a multiple of 64" in polled[-2]
+    cancelled = tab.cancel(seen)  # the next action clears it
+    assert "must be a multiple of 64" not in cancelled[-1]
+    assert "must be a multiple of 64" not in tab.refresh(cancelled[2])[-2]
+
+
+def test_a_reloaded_page_gets_the_last_runs_form_back(tab_factory, ui_models, ui_images, tmp_path):
+    tab = tab_factory(folder_adapter(ui_models, tmp_path / "work"))
+    assert all(v == gr.update() for v in tab.restore_form())  # no run yet: the form stays as it is
+    data = quick_run_data(str(ui_models / "Stable-diffusion" / "tiny.safetensors"), ui_images, project="again",
+                          max_train_steps=1, learning_rate=3e-5)
+    tab.start("task(r)", DEFAULT_PICK, None, *form_for(tab, data))
+    restored = tab.collect(tab.restore_form())
+    assert restored.project_name == "again" and restored.learning_rate == 3e-5
+    assert restored.concepts[0].instance_dir == str(ui_images)

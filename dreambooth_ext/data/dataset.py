@@ -14,6 +14,7 @@ from PIL import Image
 
 from ..config import Concept, Config
 from ..errors import DreamboothError
+from ..inputs import check_instance_folders
 from .buckets import make_buckets, nearest_bucket
 from .captions import caption_for_image, class_caption
 from .images import IMAGE_EXTENSIONS, is_image_file, prepare_image
@@ -111,12 +112,10 @@ def collect_instance_examples(config: Config) -> list[Example]:
     buckets = _buckets(config)
     examples: list[Example] = []
     folders = []
+    check_instance_folders(config)
     for i, concept in enumerate(config.concepts):
         folder = Path(concept.instance_dir)
         folders.append(str(folder))
-        if not concept.instance_dir or not folder.is_dir():
-            raise DreamboothError(f"concepts[{i}].instance_dir = {concept.instance_dir!r}: the folder does not "
-                                  "exist or is not a folder; give the folder of your training images")
         usable = _usable_images(find_images(folder))
         if not usable:
             logger.warning("concepts[%d] has no usable images in %s; it will not be trained", i, folder)

@@ -20,11 +20,10 @@ from typing import Any
 import torch
 
 from ..errors import DreamboothError
+from ..inputs import SAFETENSORS_SUFFIX, checkpoint_suffix
 
 logger = logging.getLogger(__name__)
 
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth")
-SAFETENSORS_SUFFIX = ".safetensors"
 
 VAE_PREFIX = "first_stage_model."
 _VAE_PARTS = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
@@ -136,21 +135,10 @@ def _unwrap(obj: Any, path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _check_checkpoint_path(path: Path) -> str:
-    """The file's lower-case suffix, once it is known to be an existing checkpoint file."""
-    suffix = path.suffix.lower()
-    if suffix not in (SAFETENSORS_SUFFIX, *PICKLE_SUFFIXES):
-        raise DreamboothError(f"{str(path)!r} has the extension {suffix or '(none)'!r}, which is not a checkpoint; "
-                              "use a .safetensors (preferred) or .ckpt file")
-    if not path.is_file():
-        raise DreamboothError(f"Checkpoint {str(path)!r} does not exist; check the path")
-    return suffix
-
-
 def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read the tensors of a .safetensors or .ckpt/.pt/.pth file onto the CPU, without running pickled code."""
     path = Path(path)
-    suffix = _check_checkpoint_path(path)
+    suffix = checkpoint_suffix(path)
     try:
         if suffix == SAFETENSORS_SUFFIX:
             import safetensors.torch
@@ -169,7 +157,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 def read_checkpoint_keys(path: str | os.PathLike) -> list[str] | None:
     """The tensor names of a checkpoint from its header alone (None for pickled files, which must be read whole)."""
     path = Path(path)
-    if _check_checkpoint_path(path) != SAFETENSORS_SUFFIX:
+    if checkpoint_suffix(path) != SAFETENSORS_SUFFIX:
         return None
     try:
         from safetensors import safe_open

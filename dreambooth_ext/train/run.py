@@ -34,7 +34,7 @@ from .devices import Precision, free_memory, require_8bit_adam, resolve_device, 
 from .ema import EMA
 from .guard import check_writable, output_error, project_lock, write_errors
 from .loss import dreambooth_loss, min_snr_weights, per_sample_mse, training_target
-from .optim import make_lr_scheduler, make_optimizer, param_groups
+from .optim import apply_changed_options, make_lr_scheduler, make_optimizer, param_groups
 from .sampling import generate_images, placed
 from .state import (
     TrainingState,
@@ -193,6 +193,16 @@ def _warn_about_resolution(config: Config, bundle: ModelBundle) -> None:
                     bundle.native_resolution)
 
 
+def _check_resumable(config: Config, state: TrainingState) -> None:
+    """What a saved state cannot follow: a different set of trained modules."""
+    saved = state.meta.get("config", {})
+    if saved.get("train_text_encoder", config.train_text_encoder) != config.train_text_encoder:
+        was = "on" if saved["train_text_encoder"] else "off"
+        raise DreamboothError(f"The saved training state was made with train_text_encoder {was}; a resumed run must "
+                              f"keep it {was} (the optimizer state covers exactly the modules that were trained). "
+                              "Set it back, or start again without resume.")
+
+
 def _check_class_images(config: Config, classes: list[Example]) -> None:
     wanted = [c for c in config.concepts if config.prior_preservation and not c.token_only and c.num_class_images]
     if wanted and not classes:
@@ -289,9 +299,13 @@ class _Loop:
             self.ema = EMA(self.bundle.unet, config.ema_decay, "cpu" if config.ema_on_cpu else self.device)
         if state is None:
             return 0
+        _check_resumable(config, state)
         restore_weights(self.trained, state.weights)
         self.optimizer.load_state_dict(state.optimizer)
         self.lr_scheduler.load_state_dict(state.lr_scheduler)
+        changed = apply_changed_options(config, self.optimizer, self.lr_scheduler)
+        if changed:
+            log.info("Resuming with changed options (used from here on): %s", "; ".join(changed))
         if self.scaler is not None and state.scaler:
             self.scaler.load_state_dict(state.scaler)
         if self.ema is not None:
@@ -299,6 +313,7 @@ class _Loop:
                 raise DreamboothError("ema is on but the saved training state has no EMA weights; turn ema off "
                                       "to resume this run, or start again without resume.")
             self.ema.load_state_dict(state.ema)
+            self.ema.updates = state.step  # one update per optimizer step: the warm-up continues where it was
         log.info("Resuming %s at step %d of %d", config.project_name, state.step, self.total_steps)
         return state.step
 
@@ -489,7 +504,9 @@ class _Loop:
         folder.mkdir(parents=True, exist_ok=True)
         paths = []
         frozen = [bundle.vae] + ([] if config.train_text_encoder else [bundle.text_encoder])
-        with placed(frozen, self.device, self.precision.frozen_dtype):
+        # With EMA on, the samples show the averaged weights: those are what gets exported.
+        averaged = self.ema.applied_to(bundle.unet) if self.ema else contextlib.nullcontext()
+        with placed(frozen, self.device, self.precision.frozen_dtype), averaged:
             for i, prompt in enumerate(prompts):
                 image = generate_images(bundle, [prompt], negative_prompt=config.sample_negative_prompt,
                                         steps=config.sample_steps, guidance=config.sample_guidance,

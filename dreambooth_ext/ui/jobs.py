@@ -225,6 +225,12 @@ class JobManager:
     def active(self) -> Job | None:
         return self._active
 
+    @property
+    def last_config(self) -> Config | None:
+        """The config of the active or last run, None before the first."""
+        job = self._last
+        return job.config if job is not None else None
+
     def cancel(self) -> bool:
         """Ask the active run to stop after the current step (it saves resumable state). False when none runs."""
         job = self._active

@@ -15,7 +15,7 @@ from pathlib import Path
 import gradio as gr
 
 from .adapter import HostAdapter, folder_adapter
-from .api import register_api
+from .api import parse_credentials, register_api
 from .jobs import JobManager
 from .tab import DreamboothTab, build_tab
 from .widgets import enable_queue, js_kwarg
@@ -87,7 +87,10 @@ def serve(models_dir: str | Path, work_root: str | Path | None = None, *, host: 
     page, tab, jobs = build_page(adapter)
     enable_queue(page, 8)  # polling and Cancel must get through while Start is running
     # The app that serves is the one launch() returns (gradio 3 builds a new one there; page.app is not it).
+    # The page is protected by the same credentials as the API (gradio's login form); without them its
+    # Start button would train for anyone who can reach the port.
+    credentials = parse_credentials(api_auth)
     server_app, _, _ = page.launch(server_name=host, server_port=port, prevent_thread_lock=True, quiet=True,
-                                   show_api=False)
+                                   show_api=False, auth=list(credentials.items()) or None)
     register_api(server_app, jobs, adapter, api_auth)
     return StandaloneApp(page, tab, jobs, adapter)

@@ -147,6 +147,8 @@ class DreamboothTab:
         self.selection_token = gr.Textbox("", elem_id="dreambooth_selection_token", elem_classes=HIDDEN)
         self.seen = gr.State(None)  # what the page already shows, so polling sends the chart/gallery only on change
         self.refresh_button = gr.Button("refresh", elem_id="dreambooth_refresh", elem_classes=HIDDEN)
+        # Clicked once by the page's JS when it loads: the form comes back as the last run had it.
+        self.restore_button = gr.Button("restore", elem_id="dreambooth_restore", elem_classes=HIDDEN)
 
     def _wire(self) -> None:
         form = self.form
@@ -168,6 +170,7 @@ class DreamboothTab:
                                 [self.project_pick, self.existing_projects, self.project_message],
                                 **js_kwarg("dreambooth_confirm_save"))
         self.project_load.click(self.load, [self.project_pick], form + [self.project_message])
+        self.restore_button.click(self.restore_form, [], form, show_progress="hidden")
 
     def attach_checkpoint_dropdown(self, dropdown: gr.components.Component) -> None:
         """Keep the host's checkpoint dropdown in step with what Start, Resume and "Load this model now" did.
@@ -215,26 +218,28 @@ class DreamboothTab:
         return self._start_outputs(status.to_dict(), None)
 
     def _start_outputs(self, status: dict, seen: Any, error: str = "") -> list:
-        chart, gallery, seen, load_button, status_html = self._view(status, seen)
-        if error:
-            status_html = render.message_html(error, error=True) + status_html
+        chart, gallery, seen, load_button, status_html = self._view(status, with_notice(seen, error))
         return [chart, gallery, seen, load_button, update(choices=[DEFAULT_PICK] + self._titles()), new_token(),
                 status_html]
 
     def _view(self, status: dict, seen: Any) -> list:
         """Chart, gallery, what the page now shows (`seen`), the Load button and the status HTML.
 
-        `seen` = [run start, loss points, samples, model version]: the chart and gallery are sent only when they
-        changed; the model version is the one `refresh` last drew the model box for."""
-        valid = isinstance(seen, list) and len(seen) == 4
+        `seen` = [run start, loss points, samples, model version, notice]: the chart and gallery are sent only
+        when they changed; the model version is the one `refresh` last drew the model box for; the notice (the
+        last action's error) stays above the status until the next action, however often the page polls."""
+        valid = isinstance(seen, list) and len(seen) == SEEN_FIELDS
         key = [status.get("started_at"), len(status.get("losses") or []), len(status.get("samples") or []),
-               seen[3] if valid else None]
+               seen[3] if valid else None, seen[4] if valid else ""]
         same_run = valid and seen[0] == key[0]
         chart = update() if same_run and seen[1] == key[1] else update(value=render.loss_frame(status),
                                                                        visible=key[1] > 0)
         gallery = update() if same_run and seen[2] == key[2] else render.gallery_items(status)
         can_load = bool(self.adapter.load_checkpoint and status.get("state") == FINISHED and status.get("checkpoints"))
-        return [chart, gallery, key, update(visible=can_load), render.status_html(status)]
+        status_html = render.status_html(status)
+        if key[4]:
+            status_html = render.message_html(key[4], error=True) + status_html
+        return [chart, gallery, key, update(visible=can_load), status_html]
 
     def refresh(self, seen: Any = None) -> list:
         """The polled view, plus the model box when the host loaded another model since it was drawn (also on
@@ -248,7 +253,7 @@ class DreamboothTab:
 
     def cancel(self, seen: Any = None) -> list:
         stopping = self.jobs.cancel()
-        outputs = self._view(self.jobs.status(), seen)
+        outputs = self._view(self.jobs.status(), with_notice(seen, ""))
         note = "Cancelling: the run stops after this step and keeps its state for Resume." if stopping else \
             "No training run is active."
         outputs[-1] = render.message_html(note) + outputs[-1]
@@ -271,6 +276,17 @@ class DreamboothTab:
         except Exception as exc:  # noqa: BLE001 - shown to the user; unexpected ones with a traceback in the log
             log_failure(exc, f"Loading {path}")
             return f"Could not load {path}: {error_message(exc)}"
+
+    def restore_form(self) -> list:
+        """The form of the active or last run (after a page reload the page would show the defaults, and Resume
+        would resume a project the user did not mean); unchanged when there was no run."""
+        config = self.jobs.last_config
+        if config is None:
+            return [update() for _ in self.form]
+        try:
+            return self.form_values(config)
+        except DreamboothError:  # more concepts than the tab has slots
+            return [update() for _ in self.form]
 
     def refresh_projects(self) -> list:
         names = projects.list_projects(self.adapter.projects_dir())
@@ -316,6 +332,16 @@ class DreamboothTab:
         except Exception as exc:  # noqa: BLE001
             log.exception("Reading the loaded model failed")
             return render.message_html(f"Could not read the loaded model: {error_message(exc)}", error=True)
+
+
+SEEN_FIELDS = 5
+
+
+def with_notice(seen: Any, notice: str) -> list:
+    """`seen` with the notice replaced (an action clears the previous action's error, or sets its own)."""
+    if isinstance(seen, list) and len(seen) == SEEN_FIELDS:
+        return [*seen[:4], notice]
+    return [None, None, None, None, notice]
 
 
 def new_token() -> str:
