@@ -14,7 +14,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import __version__
-from .config import CONCEPT_OPTIONS, OPTIONS, ConfigError, from_dict, load_json, to_dict, validate
+from .config import (
+    CONCEPT_OPTIONS,
+    OPTIONS,
+    ConfigError,
+    device_for_gpu,
+    from_dict,
+    load_json,
+    regularization_folder,
+    to_dict,
+    validate,
+)
 from .errors import DreamboothError
 from .inputs import check_inputs
 
@@ -108,11 +118,27 @@ def config_from_args(args: argparse.Namespace) -> object:
     for alias, (where, target) in JOEPENNA_ALIASES.items():
         if alias in given:
             (data if where == "config" else concept)[target] = given[alias]
+    _apply_joepenna_rules(given, data, concept, from_file=bool(args.config_file))
+    return from_dict(data)
+
+
+def _apply_joepenna_rules(given: dict, data: dict, concept: dict, *, from_file: bool) -> None:
+    """His flags mean what they mean in his tool: "<token> <class>" captions, the regularization folder used as
+    it is (all its images, nothing rendered into it), --gpu 0 = the default GPU."""
+    if any(alias in given for alias in JOEPENNA_ALIASES) and not from_file:
+        concept.setdefault("instance_prompt", "{token} {class}")
+        concept.setdefault("class_prompt", "{class}")
     if "regularization_images" in given:
         data.setdefault("prior_preservation", True)
+        folder = regularization_folder(given["regularization_images"])
+        for key, value in folder.items():
+            if key not in given:
+                concept[key] = value
+        if str(concept.get("token_only", "")).lower() in ("true", "1", "yes"):
+            log.warning("--token_only trains without class images: the regularization images in %s are not used.",
+                        given["regularization_images"])
     if "gpu" in given:
-        data["device"] = f"cuda:{given['gpu']}"
-    return from_dict(data)
+        data["device"] = device_for_gpu(given["gpu"])
 
 
 class ConsoleProgress:

@@ -61,6 +61,9 @@ CONCEPT_OPTIONS: tuple[Option, ...] = (
          "Prompt of the class images, used to generate them and as their caption."),
     _opt("num_class_images", "int", 100, "concepts",
          "How many class images prior preservation uses; missing ones are generated.", min=0, max=100000),
+    _opt("generate_class_images", "bool", True, "concepts",
+         "Render missing class images with the base model into class_dir. Off: class_dir is used as it is, "
+         "never written to (JoePenna's regularization folders are imported this way)."),
     _opt("token_only", "bool", False, "concepts",
          "Caption images with the token alone and use no class images (JoePenna's token_only)."),
 )
@@ -408,6 +411,7 @@ def from_joepenna(data: dict) -> Config:
         raise ConfigError(problems)
     regularization = data.get("regularization_images_folder_path") or ""
     concept = {
+        **regularization_folder(regularization),
         "instance_dir": data.get("training_images_folder_path") or "",
         "token": data.get("token", CONCEPT_OPTIONS_BY_NAME["token"].default),
         "class_word": data.get("class_word", CONCEPT_OPTIONS_BY_NAME["class_word"].default),
@@ -418,7 +422,6 @@ def from_joepenna(data: dict) -> Config:
         "instance_prompt": "{token} {class}",
         "class_prompt": "{class}",
     }
-    gpu = data.get("gpu")
     mapped = {
         "project_name": data.get("project_name"),
         "base_model": data.get("model_path"),
@@ -427,7 +430,7 @@ def from_joepenna(data: dict) -> Config:
         "learning_rate": data.get("learning_rate"),
         "seed": data.get("seed"),
         "flip_p": data.get("flip_percent", data.get("flip_p")),
-        "device": f"cuda:{gpu}" if isinstance(gpu, int) and not isinstance(gpu, bool) else None,
+        "device": device_for_gpu(data.get("gpu")),
         "prior_preservation": bool(regularization) and not data.get("token_only", False),
     }
     values = {k: v for k, v in mapped.items() if v is not None}
@@ -435,6 +438,36 @@ def from_joepenna(data: dict) -> Config:
         values["project_name"] = _safe_project_name(str(values["project_name"]))
     values["concepts"] = [concept]
     return from_dict(values)
+
+
+def regularization_folder(folder: str) -> dict:
+    """A concept's fields for a regularization folder in JoePenna's sense: its images are the class images, all
+    of them, and nothing is ever rendered into it."""
+    if not folder:
+        return {}
+    from .inputs import image_files
+
+    count = len(image_files(folder))
+    fields: dict[str, Any] = {"class_dir": folder, "generate_class_images": False}
+    if count:
+        fields["num_class_images"] = count
+    return fields
+
+
+def device_for_gpu(gpu: Any) -> str | None:
+    """JoePenna's "gpu" (and --gpu): 0, his default, is our auto (the first GPU, or the CPU where there is
+    none); another number is that CUDA GPU."""
+    if not isinstance(gpu, int) or isinstance(gpu, bool):
+        return None
+    return "auto" if gpu == 0 else f"cuda:{gpu}"
+
+
+def token_and_class(instance_prompt: str, class_prompt: str) -> tuple[str, str]:
+    """ShivamShrirao's prompts name the token only inside them: "photo of sks dog" against "photo of a dog"
+    gives ("sks", "dog") (the instance prompt's words the class prompt lacks; the class prompt's last word)."""
+    class_words = class_prompt.split()
+    token = " ".join(w for w in instance_prompt.split() if w not in class_words)
+    return token, (class_words[-1].strip(",.;:") if class_words else "")
 
 
 def from_concepts_list(items: list) -> Config:
@@ -445,13 +478,14 @@ def from_concepts_list(items: list) -> Config:
         if not isinstance(item, dict) or "instance_data_dir" not in item:
             problems.append(f"concepts_list[{i}] = {item!r}: needs instance_data_dir and instance_prompt")
             continue
+        token, class_word = token_and_class(item.get("instance_prompt", ""), item.get("class_prompt", ""))
         concepts.append({
             "instance_dir": item.get("instance_data_dir", ""),
             "instance_prompt": item.get("instance_prompt", ""),
             "class_dir": item.get("class_data_dir", ""),
             "class_prompt": item.get("class_prompt", ""),
-            "token": "",
-            "class_word": "",
+            "token": token,
+            "class_word": class_word,
         })
     if problems:
         raise ConfigError(problems)

@@ -6,13 +6,29 @@ the engine runs the same checks when a run starts.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from .config import Config
 from .errors import DreamboothError
+
+if TYPE_CHECKING:
+    from .config import Config
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth")
 SAFETENSORS_SUFFIX = ".safetensors"
+IMAGE_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"})
+
+
+def image_files(folder: str | os.PathLike) -> list[Path]:
+    """Image files under `folder` (recursively, sorted by path; hidden files and folders skipped); [] when the
+    folder does not exist."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        found += [Path(dirpath, name) for name in filenames
+                  if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS]
+    return sorted(found)
 
 
 def checkpoint_suffix(path: str | Path) -> str:

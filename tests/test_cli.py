@@ -238,3 +238,38 @@ def test_relative_paths_given_to_standalone_py_mean_the_users_folder(tmp_path):
     assert done.returncode == 2, done.stderr
     assert "project_name = '../escape'" in done.stderr  # cfg.json was read from where the user stands
     assert "usage: python3 standalone.py train" not in done.stderr
+
+
+def test_joepennas_regularization_folder_is_used_as_it_is(tmp_path, base, photos):
+    reg = tmp_path / "reg"
+    reg.mkdir()
+    for i in range(2):
+        Image.new("RGB", (64, 64), (10, 90 + 40 * i, 30)).save(reg / f"r{i}.png")
+    config_file = tmp_path / "joepenna.json"
+    config_file.write_text(json.dumps({
+        "project_name": "jp", "training_images_folder_path": str(photos), "regularization_images_folder_path":
+        str(reg), "token": "zwx", "class_word": "toy", "max_training_steps": 1, "save_every_x_steps": 0,
+        "model_path": str(base), "gpu": 0, "flip_percent": 0.0, "learning_rate": 1e-6, "seed": 1,
+        "token_only": False}))
+    code = cli.main(["train", "--config", str(config_file), "--resolution", "64",
+                     "--models-dir", str(tmp_path / "models")])
+    assert code == 0  # "gpu": 0 on a machine without a GPU: his default, so the CPU
+    assert sorted(p.name for p in reg.iterdir()) == ["r0.png", "r1.png"]  # nothing rendered into his folder
+    config = cli.config_from_args(cli.build_parser().parse_args(["train", "--config", str(config_file)]))
+    assert config.concepts[0].num_class_images == 2 and not config.concepts[0].generate_class_images
+
+
+def test_joepennas_flags_caption_like_his_json(tmp_path, photos, caplog):
+    from dreambooth_ext.config import fill_prompt
+
+    args = cli.build_parser().parse_args(["train", "--training_images", str(photos), "--token", "ohwx",
+                                          "--class_word", "toy", "--regularization_images", str(tmp_path / "r"),
+                                          "--token_only"])
+    with caplog.at_level("WARNING", logger="dreambooth_ext"):
+        concept = cli.config_from_args(args).concepts[0]
+    assert fill_prompt(concept.instance_prompt, concept) == "ohwx"  # token_only: the token alone
+    assert "regularization images in" in caplog.text and "not used" in caplog.text
+    args = cli.build_parser().parse_args(["train", "--training_images", str(photos), "--token", "ohwx",
+                                          "--class_word", "toy"])
+    concept = cli.config_from_args(args).concepts[0]
+    assert fill_prompt(concept.instance_prompt, concept) == "ohwx toy"

@@ -116,12 +116,13 @@ def test_joepenna_config_is_imported(tmp_path):
     assert config.base_model == JOEPENNA_EXAMPLE["model_path"]
     assert config.max_train_steps == 3500 and config.save_every_n_steps == 250
     assert config.learning_rate == 1e-6 and config.seed == 23 and config.flip_p == 0.0
-    assert config.device == "cuda:0"
+    assert config.device == "auto"  # his "gpu": 0 is the default GPU: the CPU where there is none
     assert config.project_name == "token_project"
     assert config.prior_preservation is True
     concept = config.concepts[0]
     assert concept.instance_dir == JOEPENNA_EXAMPLE["training_images_folder_path"]
     assert concept.class_dir == JOEPENNA_EXAMPLE["regularization_images_folder_path"]
+    assert concept.generate_class_images is False  # his folder is used as it is, never written to
     assert (concept.token, concept.class_word) == ("<token>", "woman")
     assert cfg.fill_prompt(concept.instance_prompt, concept) == "<token> woman"
     cfg.validate(config)
@@ -144,6 +145,7 @@ def test_shivam_concepts_list_is_imported(tmp_path):
     assert [(c.instance_dir, c.instance_prompt, c.class_dir, c.class_prompt) for c in config.concepts] == [
         ("data/zwx", "photo of zwx dog", "data/dog", "photo of a dog"),
         ("data/ukj", "photo of ukj person", "data/person", "photo of a person")]
+    assert [(c.token, c.class_word) for c in config.concepts] == [("zwx", "dog"), ("ukj", "person")]
     cfg.validate(config)
 
 

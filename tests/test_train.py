@@ -442,3 +442,19 @@ def test_restart_cycles_and_polynomial_power_shape_the_schedule(scheduler, optio
         assert sum(1 for a, b in zip(shaped[:-1], shaped[1:], strict=True) if b > a + 0.5) == value - 1  # restarts
     else:
         assert shaped[10] < plain[10]  # a higher power falls faster at first
+
+
+def test_every_concept_reaches_the_metadata_and_the_samples(tiny_sd1, instance_dir, tmp_path):
+    from dreambooth_ext.config import from_concepts_list
+
+    imported = from_concepts_list([
+        {"instance_prompt": f"photo of {token} toy", "class_prompt": "photo of toy",
+         "instance_data_dir": str(instance_dir)} for token in ("zwx", "ukj")])
+    config = make_config(tiny_sd1, instance_dir, max_train_steps=1, sample_every_n_steps=1, sample_steps=1,
+                         concept={"token": "x"})
+    config = type(config)(**{**config.__dict__, "concepts": imported.concepts, "prior_preservation": False})
+    _, result = train(config, tmp_path)
+    concepts = json.loads(read_metadata(result.checkpoints[-1])["dreambooth.concepts"])
+    assert [(c["token"], c["class_word"], c["instance_prompt"]) for c in concepts] == [
+        ("zwx", "toy", "photo of zwx toy"), ("ukj", "toy", "photo of ukj toy")]
+    assert len(result.samples) == 2  # "photo of {token} {class}" for each concept

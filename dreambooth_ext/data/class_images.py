@@ -48,7 +48,7 @@ def plan_class_images(config: Config, work_dir: Path) -> tuple[list[Path], list[
         if not needs_class_images(config, concept):
             continue
         existing = len(find_images(folder)) if folder.is_dir() else 0
-        missing = max(0, concept.num_class_images - existing)
+        missing = max(0, concept.num_class_images - existing) if concept.generate_class_images else 0
         jobs.append(ClassImageJob(index, folder, fill_prompt(concept.class_prompt, concept), existing, missing))
     return folders, jobs
 

@@ -14,10 +14,10 @@ from PIL import Image
 
 from ..config import Concept, Config
 from ..errors import DreamboothError
-from ..inputs import check_instance_folders
+from ..inputs import IMAGE_EXTENSIONS, check_instance_folders, image_files
 from .buckets import make_buckets, nearest_bucket
 from .captions import caption_for_image, class_caption
-from .images import IMAGE_EXTENSIONS, is_image_file, prepare_image
+from .images import prepare_image
 
 logger = logging.getLogger(__name__)
 
@@ -45,13 +45,7 @@ def find_images(folder: str | os.PathLike) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
         raise DreamboothError(f"folder {str(folder)!r} does not exist or is not a folder; check the path")
-    found = []
-    for dirpath, dirnames, filenames in os.walk(folder):
-        # Pruning in place stops os.walk from descending into .git, .ipynb_checkpoints and the like.
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        found.extend(Path(dirpath) / name for name in filenames
-                     if not name.startswith(".") and is_image_file(name))
-    return sorted(found)
+    return image_files(folder)
 
 
 def read_image_size(path: Path) -> tuple[int, int]:

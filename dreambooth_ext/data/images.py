@@ -11,10 +11,10 @@ import torch
 from PIL import Image, ImageOps
 
 from ..errors import DreamboothError
+from ..inputs import IMAGE_EXTENSIONS
 
 logger = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"})
 
 _CROPS = ("center", "random")
 # Modes holding more than 8 bits per channel, which Image.convert("RGB") would clip instead of scale.

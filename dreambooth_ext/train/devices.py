@@ -34,7 +34,8 @@ def resolve_device(name: str) -> torch.device:
         raise DreamboothError(f"device = {name!r} is not a device name; use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise DreamboothError(f"device = {name!r} but no CUDA GPU is available here; use device = cpu or auto")
+            raise DreamboothError(f"device = {name!r} but no CUDA GPU is available here; use device = cpu or auto "
+                                  "(JoePenna's \"gpu\" setting and --gpu N ask for CUDA GPU N)")
         index = device.index or 0
         if index >= torch.cuda.device_count():
             raise DreamboothError(f"device = {name!r} but this machine has {torch.cuda.device_count()} CUDA "

@@ -193,6 +193,17 @@ def _warn_about_resolution(config: Config, bundle: ModelBundle) -> None:
                     bundle.native_resolution)
 
 
+def sample_prompts(config: Config) -> list[str]:
+    """Each line of sample_prompts for each concept (lines without {token}/{class} once)."""
+    prompts: list[str] = []
+    for line in config.sample_prompts.splitlines():
+        for concept in config.concepts if line.strip() else ():
+            prompt = fill_prompt(line, concept)
+            if prompt not in prompts:
+                prompts.append(prompt)
+    return prompts
+
+
 def _check_resumable(config: Config, state: TrainingState) -> None:
     """What a saved state cannot follow: a different set of trained modules."""
     saved = state.meta.get("config", {})
@@ -475,7 +486,10 @@ class _Loop:
         state_dict = build_checkpoint(bundle, bundle.unet, text_encoder=text_encoder,
                                       precision=config.save_precision, unet_state=unet_weights)
         concept = config.concepts[0]
+        concepts = [{"token": c.token, "class_word": c.class_word, "instance_prompt": fill_prompt(c.instance_prompt, c),
+                     "class_prompt": fill_prompt(c.class_prompt, c)} for c in config.concepts]
         extra = {"dreambooth.token": concept.token, "dreambooth.class_word": concept.class_word,
+                 "dreambooth.concepts": json.dumps(concepts),
                  "dreambooth.learning_rate": str(config.learning_rate),
                  "dreambooth.resolution": str(config.resolution), "dreambooth.ema": str(bool(self.ema))}
         metadata = checkpoint_metadata(bundle, title=f"{config.project_name}_{step}", steps=step,
@@ -495,8 +509,7 @@ class _Loop:
         config, bundle = self.config, self.bundle
         if not config.sample_every_n_steps:
             return
-        prompts = [fill_prompt(line, config.concepts[0]) for line in config.sample_prompts.splitlines()
-                   if line.strip()]
+        prompts = sample_prompts(config)
         if not prompts:
             return
         self.run._emit(Progress("sampling", step=step, total_steps=self.total_steps, message="Rendering samples"))
