@@ -7,13 +7,16 @@
     python3 standalone.py test                      run the test suite (installs Debian's chromium for the
                                                     browser test when missing and run as root)
 
-The environment (.venv beside this file) gets the packages in requirements.txt at the WebUI v1.10.1
-versions pinned in constraints.txt; it is set up again only when those files change.
+The environment (.venv beside this file) gets what the command needs, at the WebUI v1.10.1 versions pinned in
+constraints.txt: the engine (requirements.txt) for demo and train, gradio too for ui
+(requirements-ui.txt), the test tools too for test (requirements-test.txt). It is set up again only when
+those files change.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -23,7 +26,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
 VENV = Path(os.environ.get("DREAMBOOTH_VENV", ROOT / ".venv"))
-REQUIREMENT_FILES = ("constraints.txt", "requirements.txt", "requirements-test.txt")
+# What each command installs (each list includes the ones before it).
+NEEDS = {"engine": ("requirements.txt",), "ui": ("requirements.txt", "requirements-ui.txt"),
+         "test": ("requirements.txt", "requirements-ui.txt", "requirements-test.txt")}
+COMMAND_NEEDS = {"test": "test", "ui": "ui"}  # every other command: the engine alone
 
 
 def venv_python() -> Path:
@@ -38,19 +44,22 @@ def pip(*args: str) -> None:
     subprocess.run(command, check=True)
 
 
-def ensure_environment() -> None:
-    stamp = VENV / ".dreambooth-stamp"
-    digest = hashlib.sha256(b"".join((ROOT / f).read_bytes() for f in REQUIREMENT_FILES)).hexdigest()
-    if stamp.is_file() and stamp.read_text() == digest and venv_python().exists():
+def ensure_environment(kind: str) -> None:
+    """The venv with what `kind` needs; a set installed before (and unchanged since) is not installed again."""
+    stamp = VENV / ".dreambooth-stamp.json"
+    files = NEEDS[kind]
+    digest = hashlib.sha256(b"".join((ROOT / f).read_bytes() for f in ("constraints.txt", *files))).hexdigest()
+    done = json.loads(stamp.read_text()) if stamp.is_file() else {}
+    if done.get(kind) == digest and venv_python().exists():
         return
+    print(f"Setting up {VENV} for `{kind}` (the first time takes a few minutes: torch, diffusers, transformers"
+          + (", gradio" if kind != "engine" else "") + (", the test tools" if kind == "test" else "") + ")",
+          flush=True)
     if not venv_python().exists():
-        print(f"Creating a virtual environment in {VENV}", flush=True)
         venv.EnvBuilder(with_pip=True).create(VENV)
-    pip("-r", str(ROOT / "requirements.txt"), "-r", str(ROOT / "requirements-test.txt"))
-    # open-clip-torch only for the CLIP vocabulary file it ships; its own dependencies (torchvision) are not
-    # needed and are not installed.
-    pip("--no-deps", "open-clip-torch")
-    stamp.write_text(digest)
+    pip(*[arg for f in files for arg in ("-r", str(ROOT / f))])
+    done[kind] = digest
+    stamp.write_text(json.dumps(done))
 
 
 def ensure_chromium() -> None:
@@ -71,7 +80,7 @@ def main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         return 0
-    ensure_environment()
+    ensure_environment(COMMAND_NEEDS.get(argv[0], "engine"))
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                DREAMBOOTH_PROG=f"python3 {Path(sys.argv[0]).name}")
     if argv[0] == "test":

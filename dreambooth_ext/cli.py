@@ -224,11 +224,24 @@ def stop_on_signals(run: TrainingRun):
             signal.signal(number, handler)
 
 
+class _CurrentStderr(logging.StreamHandler):
+    """Writes to whatever sys.stderr is when a record comes (wrappers and tests replace it; a handler holding
+    the old one would write to a closed stream)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def _setup_logging(debug: bool) -> None:
     # Only our own logger: the command line is its own process, but the engine never touches the root logger.
     logger = logging.getLogger("dreambooth_ext")
     if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _CurrentStderr()
         handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
         logger.addHandler(handler)
     logger.setLevel(logging.DEBUG if debug else logging.INFO)

@@ -45,9 +45,12 @@ def demo_config(args: argparse.Namespace, work: Path) -> object:
     if small:
         base = work / "base" / "small_sd1.safetensors"
         if not base.exists():
+            log.info("Building the small built-in model (SD1 architecture, made for 64 px): %s", base)
             save_tiny_checkpoint(base, family="sd1", seed=0)
     else:
         base = Path(args.model)
+    if not args.images:
+        log.info("Drawing the demo subject's pictures in %s", work / "images")
     images = Path(args.images) if args.images else make_demo_images(work / "images")
     steps = args.steps or (150 if small else 400)
     return from_dict({

@@ -123,7 +123,7 @@ def test_the_command_line_says_it_in_one_paragraph(tiny_sd1, instance_dir, tmp_p
     blocker = tmp_path / "file"
     blocker.write_text("x")
     code = cli.main(["train", "--project_name", "p", "--training_model", str(tiny_sd1), "--training_images",
-                     str(instance_dir), "--regularization_images", str(blocker / "reg"), "--resolution", "64",
+                     str(instance_dir), "--class_dir", str(blocker / "reg"), "--resolution", "64",
                      "--models-dir", str(tmp_path / "models")])
     err = capsys.readouterr().err
     assert code == 2 and "Cannot write generated class images" in err and "Traceback" not in err

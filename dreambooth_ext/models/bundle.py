@@ -67,10 +67,14 @@ class ModelBundle:
     # The ldm config the base model was loaded with (the .yaml beside its file, or the host's), if it has one:
     # a result of unusual shape loads in the WebUI only with the same config beside it.
     base_yaml: str | None = None
+    # The size the checkpoint says it was made for (its modelspec.resolution), when it says so.
+    declared_resolution: int | None = None
 
     @property
     def native_resolution(self) -> int:
-        """The image size the base model was trained at: 768 for SD2 768-v, 512 otherwise."""
+        """The image size the base model was trained at: what it declares, else 768 for SD2 768-v, 512 otherwise."""
+        if self.declared_resolution:
+            return self.declared_resolution
         return 768 if self.family == "sd2" and self.prediction_type == "v_prediction" else 512
 
 
@@ -187,7 +191,16 @@ def load_bundle(state_dict: dict[str, torch.Tensor], *, vae_state_dict: dict[str
         family=family, prediction_type=prediction, base=base, unet=unet, vae=vae, text_encoder=text_encoder,
         tokenizer=load_tokenizer(family), noise_scheduler=make_noise_scheduler(prediction, base.get("betas")),
         source=source or SourceInfo(name="(in memory)"), unet_config=unet_config_from_ldm(base, family),
-        vae_config=vae_config_from_ldm(base), base_yaml=yaml_text)
+        vae_config=vae_config_from_ldm(base), base_yaml=yaml_text,
+        declared_resolution=_declared_resolution(metadata))
+
+
+def _declared_resolution(metadata: dict[str, str] | None) -> int | None:
+    """modelspec.resolution "WxH" of a square model, e.g. "64x64" -> 64."""
+    match = re.fullmatch(r"\s*(\d+)\s*x\s*(\d+)\s*", str((metadata or {}).get("modelspec.resolution", "")))
+    if match and match.group(1) == match.group(2):
+        return int(match.group(1))
+    return None
 
 
 def load_bundle_from_file(path: str | os.PathLike, *, vae_path: str | os.PathLike | None = None,

@@ -28,6 +28,7 @@ from .family import FAMILIES
 logger = logging.getLogger(__name__)
 
 TINY_WIDTH = 32  # every channel count is a multiple of 32, the GroupNorm group count
+TINY_RESOLUTION = 64
 
 
 def schedule_buffers(num_steps: int = 1000, beta_start: float = 0.00085,
@@ -115,5 +116,7 @@ def save_tiny_checkpoint(path: str | os.PathLike, family: str = "sd1", seed: int
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    safetensors.torch.save_file(tiny_checkpoint(family, seed), str(path))
+    # Made to be trained at 64 px (the demo's size); saying so spares it the "made for 512 px" warning.
+    metadata = {"modelspec.resolution": f"{TINY_RESOLUTION}x{TINY_RESOLUTION}"}
+    safetensors.torch.save_file(tiny_checkpoint(family, seed), str(path), metadata=metadata)
     return path

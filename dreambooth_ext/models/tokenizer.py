@@ -1,24 +1,21 @@
 """The CLIP tokenizer, built offline.
 
-SD1 and SD2 share OpenAI's CLIP BPE vocabulary. open-clip-torch (installed with the WebUI) ships it as one
-gzipped merges file; we derive transformers' vocab.json/merges.txt from it once and cache them, so no model
-hub access is ever needed.
+SD1 and SD2 share OpenAI's CLIP BPE vocabulary, one gzipped merges file that this package carries
+(clip_vocab/, MIT-licensed by OpenAI; the same file open-clip-torch ships). We derive transformers'
+vocab.json/merges.txt from it once and cache them, so no model hub access is ever needed and a plain
+`pip install .` gives a working engine.
 """
 
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import json
-import logging
 import os
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from ..errors import DreamboothError
-
-logger = logging.getLogger(__name__)
 
 BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
 VOCAB_SIZE = 49408
@@ -27,7 +24,6 @@ START_TOKEN, END_TOKEN = "<|startoftext|>", "<|endoftext|>"
 # CLIP uses the first 49152 - 256 - 2 merges of the file; 256 byte symbols (twice) and 2 specials complete it.
 _NUM_MERGES = 49152 - 256 - 2
 _CACHE_VERSION = "clip-bpe-v1"
-_HF_CLIP = "openai/clip-vit-large-patch14"
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -44,16 +40,7 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(printable, (chr(c) for c in chars), strict=True))
 
 
-def _open_clip_bpe_path() -> Path | None:
-    # find_spec locates the package without importing it (importing open_clip needs torchvision).
-    spec = importlib.util.find_spec("open_clip")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    for folder in spec.submodule_search_locations:
-        candidate = Path(folder) / BPE_FILE
-        if candidate.is_file():
-            return candidate
-    return None
+BPE_PATH = Path(__file__).resolve().parent / "clip_vocab" / BPE_FILE
 
 
 def build_vocab(bpe_path: Path) -> tuple[dict[str, int], list[str]]:
@@ -66,7 +53,7 @@ def build_vocab(bpe_path: Path) -> tuple[dict[str, int], list[str]]:
     vocab = {token: i for i, token in enumerate(tokens)}
     if len(vocab) != VOCAB_SIZE:
         raise DreamboothError(f"{str(bpe_path)!r} gives {len(vocab)} tokens instead of {VOCAB_SIZE}; the file is "
-                              "damaged: reinstall it with `pip install --no-deps --force-reinstall open-clip-torch`")
+                              "damaged: reinstall the extension")
     return vocab, merges
 
 
@@ -113,17 +100,5 @@ def load_tokenizer(family: str) -> Any:
     if family not in ("sd1", "sd2"):
         raise DreamboothError(f"family = {family!r}: the tokenizer exists for sd1 and sd2")
     pad = _pad_token(family)
-    bpe_path = _open_clip_bpe_path()
-    if bpe_path is not None:
-        vocab_file, merges_file = _tokenizer_files(bpe_path)
-        return CLIPTokenizer(str(vocab_file), str(merges_file), pad_token=pad, model_max_length=MAX_LENGTH)
-    try:
-        tokenizer = CLIPTokenizer.from_pretrained(_HF_CLIP, local_files_only=True, pad_token=pad)
-    except (OSError, ValueError) as exc:
-        raise DreamboothError(
-            "The CLIP tokenizer's vocabulary was not found: it comes with open-clip-torch (which the WebUI installs) "
-            f"or a local Hugging Face copy of {_HF_CLIP}. Install the data file with "
-            "`pip install --no-deps open-clip-torch`") from exc
-    logger.info("Using the CLIP tokenizer from the local Hugging Face cache (%s)", _HF_CLIP)
-    tokenizer.model_max_length = MAX_LENGTH
-    return tokenizer
+    vocab_file, merges_file = _tokenizer_files(BPE_PATH)
+    return CLIPTokenizer(str(vocab_file), str(merges_file), pad_token=pad, model_max_length=MAX_LENGTH)

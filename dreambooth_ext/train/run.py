@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from ..config import Config, fill_prompt, to_dict, validate
+from ..data.checks import check_dataset
 from ..data.class_images import generate_class_images, plan_class_images
 from ..data.dataset import BatchPlan, Example, collect_class_examples, collect_instance_examples
 from ..errors import DreamboothError
@@ -65,6 +66,7 @@ class Progress:
     total: int = 0
     samples: tuple[Path, ...] = ()
     checkpoint: Path | None = None
+    warnings: tuple[str, ...] = ()  # the dataset check's findings, reported once before loading
 
 
 @dataclass
@@ -114,6 +116,7 @@ class TrainingRun:
         config = validate(self.config)
         self.host.check(config)
         instances = collect_instance_examples(config)  # bad image folders fail here, before any model loads
+        self._check_dataset(config, instances)
         device = resolve_device(config.device)
         precision = resolve_precision(config.mixed_precision, device)
         if config.optimizer == "adamw_8bit":
@@ -144,6 +147,15 @@ class TrainingRun:
         finally:
             free_memory(device)
             self.host.restore_device()
+
+    def _check_dataset(self, config: Config, instances: list[Example]) -> None:
+        report = check_dataset(config, instances)
+        report.raise_errors()
+        for warning in report.warnings:
+            log.warning("Dataset check: %s", warning)
+        message = (f"Dataset check: {len(report.warnings)} warning(s)" if report.warnings
+                   else "Dataset check: no problems found")
+        self._emit(Progress("checking", message=message, warnings=tuple(report.warnings)))
 
     def _check_outputs(self, config: Config, work_dir: Path) -> None:
         """Every folder the run will write to, tried now rather than after the model has loaded."""

@@ -63,6 +63,7 @@ class JobStatus:
     losses: list[tuple[int, float]] = field(default_factory=list)
     samples: list[str] = field(default_factory=list)
     checkpoints: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # the dataset check's findings for this run
     error: str | None = None
     resume: bool = False
     started_at: float | None = None
@@ -92,6 +93,7 @@ class JobStatus:
             if progress.loss is not None:
                 self._add_loss(progress.step, progress.loss)
         self.samples.extend(str(p) for p in progress.samples)
+        self.warnings.extend(progress.warnings)
         if progress.checkpoint is not None and str(progress.checkpoint) not in self.checkpoints:
             self.checkpoints.append(str(progress.checkpoint))
 

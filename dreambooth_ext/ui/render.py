@@ -37,6 +37,8 @@ def status_html(status: dict[str, Any], note: str = "") -> str:
         parts.append(_numbers(status))
     if status.get("error"):
         parts.append(f"<div class='dreambooth-error'><b>Error</b><pre>{html.escape(status['error'])}</pre></div>")
+    if status.get("warnings"):
+        parts.append(dataset_report_html(status["warnings"]))
     checkpoints = status.get("checkpoints") or []
     if checkpoints:
         items = "".join(f"<li><code>{html.escape(str(p))}</code></li>" for p in checkpoints)
@@ -60,6 +62,15 @@ def _numbers(status: dict[str, Any]) -> str:
     if status.get("state") == "running" and status.get("eta_s") is not None:
         cells.append(f"ETA {_fmt_time(status['eta_s'])}")
     return f"<p class='dreambooth-numbers'>{html.escape(' · '.join(cells))}</p>" if cells else ""
+
+
+def dataset_report_html(warnings: list[str], errors: list[str] | None = None) -> str:
+    """The dataset check's findings: errors (training cannot work) first, then warnings."""
+    if not warnings and not errors:
+        return "<div class='dreambooth-note'>Dataset check: no problems found.</div>"
+    items = "".join(f"<li class='dreambooth-error'>{html.escape(e)}</li>" for e in errors or [])
+    items += "".join(f"<li>{html.escape(w)}</li>" for w in warnings)
+    return f"<div class='dreambooth-warning dreambooth-dataset'><b>Dataset check</b><ul>{items}</ul></div>"
 
 
 def error_html(message: str) -> str:

@@ -12,6 +12,7 @@ from typing import Any
 import gradio as gr
 
 from .. import config as schema
+from ..data.checks import check_dataset
 from ..errors import DreamboothError
 from . import projects, render
 from .adapter import HostAdapter
@@ -134,6 +135,8 @@ class DreamboothTab:
             self.start_button = gr.Button("Start training", variant="primary", elem_id="dreambooth_start")
             self.resume_button = gr.Button("Resume", elem_id="dreambooth_resume")
             self.cancel_button = gr.Button("Cancel", variant="stop", elem_id="dreambooth_cancel")
+            self.check_button = gr.Button("Check dataset", elem_id="dreambooth_check")
+        self.dataset_report = gr.HTML(elem_id="dreambooth_dataset_report")
         self.task_id = gr.Textbox(visible=False, elem_id="dreambooth_task_id")
         gr.HTML("<div id='dreambooth_progressbar'></div>", elem_id="dreambooth_progress_container")
         self.status = gr.HTML(render.status_html(self.jobs.status()), elem_id="dreambooth_status")
@@ -162,6 +165,7 @@ class DreamboothTab:
         self.resume_button.click(self.resume, run_inputs, start_outputs, **quiet, **js_kwarg("dreambooth_start"))
         self.load_model_button.click(self.load_model, [], [self.project_message, self.selection_token])
         self.cancel_button.click(self.cancel, [self.seen], view + [self.status], **quiet)
+        self.check_button.click(self.check_dataset, form, [self.dataset_report])
         self.refresh_button.click(self.refresh, [self.seen], view + [self.status, self.model_html], **quiet)
         self.model_refresh.click(self.refresh_model, [], [self.model_html, self.checkpoint_pick])
         self.project_refresh.click(self.refresh_projects, [], [self.project_pick, self.existing_projects])
@@ -258,6 +262,14 @@ class DreamboothTab:
             "No training run is active."
         outputs[-1] = render.message_html(note) + outputs[-1]
         return outputs
+
+    def check_dataset(self, *values: Any) -> str:
+        """The dataset check a run starts with, on the form as it is (no model is loaded)."""
+        try:
+            report = check_dataset(schema.validate(self.collect(values)))
+        except DreamboothError as exc:
+            return render.message_html(error_message(exc), error=True)
+        return render.dataset_report_html(report.warnings, report.errors)
 
     def refresh_model(self) -> list:
         return [self._summary_html(), update(choices=[DEFAULT_PICK] + self._titles())]

@@ -1,0 +1,308 @@
+"""Command line: `train` (our JSON config, JoePenna's flags or config file) and `demo`."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import re
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from . import __version__
+from .config import (
+    CONCEPT_OPTIONS,
+    OPTIONS,
+    ConfigError,
+    device_for_gpu,
+    from_dict,
+    load_json,
+    regularization_folder,
+    to_dict,
+    validate,
+)
+from .errors import DreamboothError
+from .inputs import check_inputs
+
+if TYPE_CHECKING:  # torch comes in only once the input has been checked: a typo is reported at once
+    from .train.run import Progress, RunResult, TrainingRun
+
+log = logging.getLogger(__name__)
+
+# How the user started us, for --help and messages: standalone.py sets it; `python -m` is the default.
+PROG = os.environ.get("DREAMBOOTH_PROG", "python -m dreambooth_ext")
+NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+
+# JoePenna's main.py flags that are named differently here: his name -> (where, our name).
+JOEPENNA_ALIASES = {
+    "training_model": ("config", "base_model"),
+    "max_training_steps": ("config", "max_train_steps"),
+    "save_every_x_steps": ("config", "save_every_n_steps"),
+    "training_images": ("concept", "instance_dir"),
+    "regularization_images": ("concept", "class_dir"),
+}
+
+
+def _add_option(parser: argparse.ArgumentParser, name: str, kind: str, help_text: str) -> None:
+    if kind == "bool":
+        parser.add_argument(f"--{name}", nargs="?", const="true", default=argparse.SUPPRESS, metavar="BOOL",
+                            help=help_text)
+    else:
+        parser.add_argument(f"--{name}", default=argparse.SUPPRESS, help=help_text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG,
+                                     description="Dreambooth training for Stable Diffusion 1.x/2.x checkpoints.")
+    parser.add_argument("--version", action="version", version=__version__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="train per a config file and/or flags",
+                                description="Train. Flags override the config file; every option of the "
+                                            "schema is a flag, and JoePenna's flags work too.")
+    train.add_argument("--config", "--config_file_path", dest="config_file", metavar="FILE.json",
+                       help="project JSON, JoePenna's config JSON or a concepts_list.json")
+    _add_common(train)
+    train.add_argument("--resume", action="store_true", help="continue the project's interrupted run")
+    for option in OPTIONS:
+        _add_option(train, option.name, option.kind, option.help)
+    for option in CONCEPT_OPTIONS:
+        _add_option(train, option.name, option.kind, f"(first concept) {option.help}")
+    for alias, (_, target) in JOEPENNA_ALIASES.items():
+        train.add_argument(f"--{alias}", default=argparse.SUPPRESS, help=f"same as --{target} (JoePenna)")
+    train.add_argument("--gpu", type=int, default=argparse.SUPPRESS, help="same as --device cuda:N (JoePenna)")
+
+    demo = commands.add_parser("demo", help="train a small built-in model on demo images (no downloads)",
+                               description="End-to-end demo with prior preservation. Without --model it builds "
+                                           "a small SD1-architecture model and trains on CPU in a few minutes.")
+    _add_common(demo)
+    demo.add_argument("--model", help="your own SD1/SD2 checkpoint instead of the built-in small model")
+    demo.add_argument("--images", help="a folder of your own training images instead of the demo images")
+    demo.add_argument("--steps", type=int, help="training steps (default: 150 small model, 400 your model)")
+
+    ui = commands.add_parser("ui", help="serve the Dreambooth tab and its HTTP API in a browser page",
+                             description="The WebUI's Dreambooth tab without the WebUI, over the checkpoints "
+                                         "in DIR/Stable-diffusion. Stop with Ctrl+C.")
+    _add_common(ui)
+    ui.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    ui.add_argument("--port", type=int, default=7861, help="port (default 7861)")
+    ui.add_argument("--api-auth", default=None, help="user:password[,user2:password2] for the page and its HTTP API")
+    return parser
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--models-dir", default="models", type=Path,
+                        help="results go to DIR/Stable-diffusion/<project>/ (default ./models)")
+    parser.add_argument("--work-dir", type=Path, default=None,
+                        help="training state, class images and samples (default DIR/dreambooth)")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logging")
+
+
+def config_from_args(args: argparse.Namespace) -> object:
+    """The config file (if any) with every given flag applied on top, checked as one."""
+    given = vars(args)
+    data = to_dict(load_json(args.config_file)) if args.config_file else {"concepts": [{}]}
+    if not data.get("concepts"):
+        data["concepts"] = [{}]
+    concept = data["concepts"][0]
+    for option in OPTIONS:
+        if option.name in given:
+            data[option.name] = given[option.name]
+    for option in CONCEPT_OPTIONS:
+        if option.name in given:
+            concept[option.name] = given[option.name]
+    for alias, (where, target) in JOEPENNA_ALIASES.items():
+        if alias in given:
+            (data if where == "config" else concept)[target] = given[alias]
+    _apply_joepenna_rules(given, data, concept, from_file=bool(args.config_file))
+    return from_dict(data)
+
+
+def _apply_joepenna_rules(given: dict, data: dict, concept: dict, *, from_file: bool) -> None:
+    """His flags mean what they mean in his tool: "<token> <class>" captions, the regularization folder used as
+    it is (all its images, nothing rendered into it), --gpu 0 = the default GPU."""
+    if any(alias in given for alias in JOEPENNA_ALIASES) and not from_file:
+        concept.setdefault("instance_prompt", "{token} {class}")
+        concept.setdefault("class_prompt", "{class}")
+    if "regularization_images" in given:
+        data.setdefault("prior_preservation", True)
+        folder = regularization_folder(given["regularization_images"])
+        for key, value in folder.items():
+            if key not in given:
+                concept[key] = value
+        if str(concept.get("token_only", "")).lower() in ("true", "1", "yes"):
+            log.warning("--token_only trains without class images: the regularization images in %s are not used.",
+                        given["regularization_images"])
+    if "gpu" in given:
+        data["device"] = device_for_gpu(given["gpu"])
+
+
+class ConsoleProgress:
+    """A console progress bar: step, loss, it/s and ETA."""
+
+    def __init__(self, stream=None):
+        self.stream = stream or sys.stderr
+        self.interactive = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.last_phase = None
+
+    def __call__(self, p: Progress) -> None:
+        if p.phase == "training":
+            self._bar(p)
+            return
+        if self.last_phase == "training" and self.interactive:
+            self.stream.write("\n")
+        if p.message and (p.phase != self.last_phase or p.phase in ("saving", "finished", "cancelled")
+                          or p.done in (1, p.total)):
+            self.stream.write(f"[{p.phase}] {p.message}\n")
+        self.stream.flush()
+        self.last_phase = p.phase
+
+    def _bar(self, p: Progress) -> None:
+        if not self.interactive and p.step not in (1, p.total_steps) and p.step % max(1, p.total_steps // 10):
+            return  # a log file gets about ten lines, a terminal a live bar
+        width = 30
+        filled = int(width * p.step / max(1, p.total_steps))
+        eta = _clock(p.eta_s) if p.eta_s is not None else "--:--"
+        rate = f"{p.it_per_s:.2f} it/s" if p.it_per_s else "-- it/s"
+        start, end = ("\r", "   ") if self.interactive else ("", "\n")
+        self.stream.write(f"{start}[{'#' * filled}{'.' * (width - filled)}] step {p.step}/{p.total_steps} "
+                          f"loss {p.loss:.4f} lr {p.lr:.2e} {rate} ETA {eta}{end}")
+        self.stream.flush()
+        self.last_phase = "training"
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(seconds)
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60:02d}:{rest % 60:02d}"
+
+
+def run_training(config, args: argparse.Namespace, *, resume: bool = False) -> RunResult:
+    validate(config)
+    check_inputs(config)
+    from .hosts.files import FolderHost
+    from .train.run import TrainingRun
+
+    host = FolderHost(args.models_dir, args.work_dir)
+    run = TrainingRun(config, host, resume=resume, on_progress=ConsoleProgress())
+    try:
+        with stop_on_signals(run):
+            return run.run()
+    except KeyboardInterrupt:
+        # A second Ctrl+C: stopped at once, without saving the steps since the last save point.
+        raise DreamboothError("Interrupted. Saved models and the last saved training state are kept; run again "
+                              "with --resume to continue from the last save point.") from None
+
+
+@contextlib.contextmanager
+def stop_on_signals(run: TrainingRun):
+    """Ctrl+C or SIGTERM (a closed terminal, a job scheduler) stops the run after the current step, which saves
+    its state for --resume; a second Ctrl+C stops at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    wanted = [signal.SIGINT] + ([signal.SIGTERM] if hasattr(signal, "SIGTERM") else [])
+    previous = {number: signal.getsignal(number) for number in wanted}
+
+    def handle(number, frame):
+        if run.cancelled:
+            raise KeyboardInterrupt
+        print(f"\n{signal.Signals(number).name}: stopping after this step and saving the training state "
+              "(Ctrl+C again stops at once).", file=sys.stderr, flush=True)
+        run.cancel()
+
+    for number in wanted:
+        signal.signal(number, handle)
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
+class _CurrentStderr(logging.StreamHandler):
+    """Writes to whatever sys.stderr is when a record comes (wrappers and tests replace it; a handler holding
+    the old one would write to a closed stream)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+def _setup_logging(debug: bool) -> None:
+    # Only our own logger: the command line is its own process, but the engine never touches the root logger.
+    logger = logging.getLogger("dreambooth_ext")
+    if not logger.handlers:
+        handler = _CurrentStderr()
+        handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG if debug else logging.INFO)
+    logger.propagate = False
+
+
+def serve_ui(args: argparse.Namespace) -> int:
+    from .ui.standalone import serve
+
+    try:
+        app = serve(args.models_dir, args.work_dir, host=args.host, port=args.port, api_auth=args.api_auth)
+    except OSError as exc:
+        raise DreamboothError(f"cannot serve on {args.host}:{args.port} ({exc}); pick another --port, or stop "
+                              "what is using it") from exc
+    print(f"Dreambooth at {app.url} (Ctrl+C stops it)", flush=True)
+    try:
+        app.blocks.block_thread()
+    finally:
+        app.close()
+    return 0
+
+
+def join_negative_values(argv: list[str]) -> list[str]:
+    """`--learning_rate -1e-5` as `--learning_rate=-1e-5`: argparse would take the number for a flag and print
+    its whole usage; joined, the schema says what the allowed range is."""
+    joined: list[str] = []
+    for token in argv:
+        previous = joined[-1] if joined else ""
+        if NEGATIVE_NUMBER.match(token) and previous.startswith("--") and "=" not in previous:
+            joined[-1] = f"{previous}={token}"
+        else:
+            joined.append(token)
+    return joined
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(join_negative_values(list(sys.argv[1:] if argv is None else argv)))
+    _setup_logging(args.debug)
+    try:
+        if args.command == "train":
+            result = run_training(config_from_args(args), args, resume=args.resume)
+        elif args.command == "ui":
+            return serve_ui(args)
+        else:
+            from .demo import run_demo
+
+            result = run_demo(args)
+    except (DreamboothError, ConfigError) as exc:
+        if args.debug:
+            raise
+        print(f"\nError: {exc}", file=sys.stderr)
+        return 2
+    if result.status == "cancelled":
+        if result.step:
+            print(f"Stopped at step {result.step}; the training state is saved: continue with --resume.",
+                  file=sys.stderr)
+        else:
+            print("Stopped before the first training step; nothing to resume (class images made so far are "
+                  "kept): run again without --resume.", file=sys.stderr)
+        return 3
+    for path in result.checkpoints:
+        print(f"Saved {path}")
+    return 0

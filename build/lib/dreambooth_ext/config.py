@@ -1,0 +1,504 @@
+"""The one schema of every option: type, default, range, help text and group.
+
+The WebUI tab, the command line, the HTTP API, saved project files and the defaults all come from the
+`OPTIONS` and `CONCEPT_OPTIONS` tables below. Adding an option is one entry here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+SCHEMA_VERSION = 1
+
+GROUPS = ("model", "concepts", "training", "memory", "saving", "samples")
+
+
+@dataclass(frozen=True)
+class Option:
+    """One setting. `kind` is one of: int, float, bool, str, text, path, choice."""
+
+    name: str
+    kind: str
+    default: Any
+    help: str
+    group: str
+    min: float | None = None
+    max: float | None = None
+    choices: tuple[str, ...] = ()
+
+    @property
+    def label(self) -> str:
+        return self.name.replace("_", " ").capitalize()
+
+
+def _opt(name, kind, default, group, help, **kw) -> Option:  # noqa: A002 - short table rows
+    return Option(name=name, kind=kind, default=default, group=group, help=help, **kw)
+
+
+CONCEPT_OPTIONS: tuple[Option, ...] = (
+    _opt("instance_dir", "path", "", "concepts",
+         "Folder of training images of your subject. Sub-folders and file names may carry captions "
+         "(JoePenna's conventions: 'img@a photo of S.jpg', one folder per subject, one per class)."),
+    _opt("token", "str", "ohwx", "concepts",
+         "The rare word that will mean your subject, e.g. 'ohwx'. Prompt with it AND the class word: "
+         "'ohwx person', not just 'ohwx'."),
+    _opt("class_word", "str", "person", "concepts",
+         "What your subject is: person, man, woman, dog, style... Used in prompts as {class}."),
+    _opt("instance_prompt", "str", "photo of {token} {class}", "concepts",
+         "Caption for training images that have none of their own ({token} and {class} are filled in)."),
+    _opt("class_dir", "path", "", "concepts",
+         "Folder of class (regularization) images. Empty: a folder in the project's work directory. "
+         "Missing images are generated there with the base model."),
+    _opt("class_prompt", "str", "photo of {class}", "concepts",
+         "Prompt of the class images, used to generate them and as their caption."),
+    _opt("num_class_images", "int", 100, "concepts",
+         "How many class images prior preservation uses; missing ones are generated.", min=0, max=100000),
+    _opt("generate_class_images", "bool", True, "concepts",
+         "Render missing class images with the base model into class_dir. Off: class_dir is used as it is, "
+         "never written to (JoePenna's regularization folders are imported this way)."),
+    _opt("token_only", "bool", False, "concepts",
+         "Caption images with the token alone and use no class images (JoePenna's token_only)."),
+)
+
+OPTIONS: tuple[Option, ...] = (
+    # model
+    _opt("project_name", "str", "my_project", "model",
+         "Name of the project: results are saved as <project>/<project>_<step>.safetensors."),
+    _opt("base_model", "path", "", "model",
+         "Checkpoint to train (.safetensors or .ckpt). In the WebUI, empty means the loaded checkpoint."),
+    _opt("vae", "path", "", "model",
+         "Separate VAE to use instead of the checkpoint's own (optional)."),
+    _opt("prediction_type", "choice", "auto", "model",
+         "What the model predicts. 'auto' reads it from the checkpoint's .yaml, metadata or the model itself.",
+         choices=("auto", "epsilon", "v_prediction")),
+    _opt("resolution", "int", 512, "model",
+         "Training image size in pixels (a multiple of 64): 512 for SD1.x and SD2 base, 768 for SD2 768-v.",
+         min=64, max=2048),
+    # training
+    _opt("max_train_steps", "int", 1000, "training",
+         "Stop after this many optimizer steps (about 100 per training image works well). 0: use epochs.",
+         min=0, max=10_000_000),
+    _opt("num_train_epochs", "int", 0, "training",
+         "Stop after this many passes over the training images (used when max_train_steps is 0).",
+         min=0, max=100000),
+    _opt("learning_rate", "float", 2e-6, "training", "Learning rate of the UNet.", min=0.0, max=1.0),
+    _opt("lr_scheduler", "choice", "constant", "training", "How the learning rate changes over the run.",
+         choices=("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")),
+    _opt("lr_warmup_steps", "int", 0, "training", "Steps over which the learning rate rises from 0.",
+         min=0, max=1_000_000),
+    _opt("lr_num_cycles", "int", 1, "training",
+         "cosine_with_restarts: how many times the learning rate falls to 0 and starts again.", min=1, max=1000),
+    _opt("lr_power", "float", 1.0, "training",
+         "polynomial: the power of the decay (1 is linear; 2 falls faster at first).", min=0.1, max=10.0),
+    _opt("train_batch_size", "int", 1, "training", "Training images per step (each also brings a class image).",
+         min=1, max=1024),
+    _opt("gradient_accumulation_steps", "int", 1, "training",
+         "Batches whose gradients are added up before each optimizer step.", min=1, max=1024),
+    _opt("optimizer", "choice", "adamw", "training",
+         "AdamW, or 8-bit AdamW (needs bitsandbytes and a CUDA GPU; saves about 1.5 GB on SD1.5).",
+         choices=("adamw", "adamw_8bit")),
+    _opt("adam_beta1", "float", 0.9, "training", "AdamW beta1.", min=0.0, max=0.99999),
+    _opt("adam_beta2", "float", 0.999, "training", "AdamW beta2.", min=0.0, max=0.999999),
+    _opt("adam_epsilon", "float", 1e-8, "training", "AdamW epsilon.", min=0.0, max=1.0),
+    _opt("weight_decay", "float", 1e-2, "training", "AdamW weight decay of the UNet.", min=0.0, max=1.0),
+    _opt("max_grad_norm", "float", 1.0, "training", "Clip gradients to this norm (0: no clipping).",
+         min=0.0, max=1000.0),
+    _opt("train_text_encoder", "bool", False, "training",
+         "Also train the text encoder: better likeness, about 2 GB more memory."),
+    _opt("text_encoder_lr", "float", 1e-6, "training", "Learning rate of the text encoder.", min=0.0, max=1.0),
+    _opt("text_encoder_weight_decay", "float", 1e-2, "training", "AdamW weight decay of the text encoder.",
+         min=0.0, max=1.0),
+    _opt("stop_text_encoder", "float", 1.0, "training",
+         "Fraction of the steps after which the text encoder stops training (1.0: trains throughout).",
+         min=0.0, max=1.0),
+    _opt("prior_preservation", "bool", True, "training",
+         "Train on class images too, so the model keeps what the class word meant (prior preservation)."),
+    _opt("prior_loss_weight", "float", 1.0, "training", "Weight of the class images' loss.", min=0.0, max=100.0),
+    _opt("noise_offset", "float", 0.0, "training",
+         "Offset noise (about 0.05-0.1) lets the model learn very dark and very bright images.", min=0.0, max=1.0),
+    _opt("min_snr_gamma", "float", 0.0, "training",
+         "Min-SNR loss weighting (5 is typical; 0: off). Speeds up convergence.", min=0.0, max=100.0),
+    _opt("ema", "bool", False, "training", "Keep an exponential moving average of the UNet and save it."),
+    _opt("ema_decay", "float", 0.9999, "training",
+         "EMA decay per step, reached after a warm-up (step t uses at most (1+t)/(10+t), as diffusers does).",
+         min=0.0, max=1.0),
+    _opt("ema_on_cpu", "bool", True, "training", "Keep the EMA weights in CPU memory (saves GPU memory)."),
+    _opt("seed", "int", 23, "training", "Seed of all randomness: same seed, same run.", min=0, max=2**32 - 1),
+    _opt("flip_p", "float", 0.0, "training",
+         "Probability of mirroring a training image. Keep 0 for faces (they are not symmetric).",
+         min=0.0, max=1.0),
+    _opt("crop", "choice", "center", "training", "How images larger than the resolution are cropped.",
+         choices=("center", "random")),
+    _opt("aspect_ratio_buckets", "bool", False, "training",
+         "Train at several aspect ratios (about resolution^2 pixels each) instead of cropping to a square."),
+    _opt("class_image_steps", "int", 30, "training", "DDIM steps to generate each missing class image.",
+         min=1, max=1000),
+    _opt("class_image_guidance", "float", 7.5, "training", "Guidance scale to generate class images.",
+         min=1.0, max=50.0),
+    # memory
+    _opt("device", "str", "auto", "memory", "Device to train on: auto, cpu, cuda, cuda:1 ..."),
+    _opt("mixed_precision", "choice", "auto", "memory",
+         "Compute in fp16/bf16 with fp32 master weights. auto: fp16 on CUDA, none on CPU.",
+         choices=("auto", "no", "fp16", "bf16")),
+    _opt("gradient_checkpointing", "bool", True, "memory",
+         "Recompute activations in the backward pass: much less memory, about 20% slower."),
+    _opt("cache_latents", "bool", True, "memory",
+         "Encode every image with the VAE once, then free the VAE from the GPU."),
+    _opt("precompute_text_embeddings", "bool", True, "memory",
+         "Encode every caption once when the text encoder is not trained, then free it from the GPU."),
+    # saving
+    _opt("save_every_n_steps", "int", 0, "saving",
+         "Also save a model (and resumable training state) every N steps. 0: only at the end.",
+         min=0, max=10_000_000),
+    _opt("save_precision", "choice", "fp16", "saving",
+         "Precision of the saved model: fp16 (about 2 GB for SD1.5) or fp32.", choices=("fp16", "fp32")),
+    # samples
+    _opt("sample_every_n_steps", "int", 0, "samples", "Render sample images every N steps (0: never).",
+         min=0, max=10_000_000),
+    _opt("sample_prompts", "text", "photo of {token} {class}", "samples",
+         "One prompt per line for the sample images ({token} and {class} are filled in)."),
+    _opt("sample_negative_prompt", "str", "", "samples", "Negative prompt of the sample images."),
+    _opt("sample_seed", "int", 42, "samples", "Seed of the sample images (fixed, so they are comparable).",
+         min=0, max=2**32 - 1),
+    _opt("sample_steps", "int", 20, "samples", "DDIM steps for each sample image.", min=1, max=1000),
+    _opt("sample_guidance", "float", 7.5, "samples", "Guidance scale of the sample images.", min=1.0, max=50.0),
+)
+
+_PY_TYPES = {"int": int, "float": float, "bool": bool, "str": str, "text": str, "path": str, "choice": str}
+
+
+def _make_record(name: str, options: tuple[Option, ...], extra: list | None = None) -> type:
+    fields = [(o.name, _PY_TYPES[o.kind], field(default=o.default)) for o in options]
+    record = dataclasses.make_dataclass(name, fields + (extra or []))
+    record.__module__ = __name__
+    return record
+
+
+Concept = _make_record("Concept", CONCEPT_OPTIONS)
+Config = _make_record("Config", OPTIONS, [("concepts", list, field(default_factory=list))])
+Concept.__doc__ = "One subject to learn: its images, token, class word and class images."
+Config.__doc__ = "Every option of a training run; build with `from_dict`, check with `validate`."
+
+OPTIONS_BY_NAME = {o.name: o for o in OPTIONS}
+CONCEPT_OPTIONS_BY_NAME = {o.name: o for o in CONCEPT_OPTIONS}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Converting and checking values
+
+
+def coerce(option: Option, value: Any) -> Any:
+    """Turn a JSON/form/command-line value into the option's type; raises ValueError with a reason."""
+    kind = option.kind
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, (int, float)) and value in (0, 1):
+            return bool(value)
+        if isinstance(value, str) and value.strip().lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+            return value.strip().lower() in ("true", "1", "yes", "on")
+        raise ValueError("expected true or false")
+    if kind == "int":
+        if isinstance(value, bool):
+            raise ValueError("expected a whole number")
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str):
+            try:
+                number = float(value.strip())
+            except ValueError:
+                raise ValueError("expected a whole number") from None
+            if number.is_integer():
+                return int(number)
+        raise ValueError("expected a whole number")
+    if kind == "float":
+        if isinstance(value, bool):
+            raise ValueError("expected a number")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ValueError("expected a number") from None
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise ValueError("expected text")
+    return value
+
+
+def check(option: Option, value: Any) -> str | None:
+    """Return why `value` is out of the option's range or choices, or None when it is fine."""
+    if option.kind == "choice" and value not in option.choices:
+        return f"must be one of {', '.join(option.choices)}"
+    if option.kind in ("int", "float"):
+        if value != value:  # NaN
+            return "must be a number"
+        low = option.min is not None and value < option.min
+        high = option.max is not None and value > option.max
+        if (low or high) and option.min is not None and option.max is not None:
+            return f"must be between {option.min:g} and {option.max:g}"
+        if low:
+            return f"must be at least {option.min:g}"
+        if high:
+            return f"must be at most {option.max:g}"
+    return None
+
+
+def _read_fields(options: dict[str, Option], data: dict, where: str, problems: list[str]) -> dict:
+    values = {}
+    for key, raw in data.items():
+        option = options.get(key)
+        if option is None:
+            problems.append(f"{where}{key}: unknown option (value {raw!r}); check its spelling")
+            continue
+        try:
+            value = coerce(option, raw)
+        except ValueError as exc:
+            problems.append(f"{where}{key} = {raw!r}: {exc}")
+            continue
+        reason = check(option, value)
+        if reason:
+            problems.append(f"{where}{key} = {raw!r}: {reason}")
+            continue
+        values[key] = value
+    return values
+
+
+def from_dict(data: dict) -> Config:
+    """Build a Config from plain data (JSON, API, form), reporting every bad field at once."""
+    if not isinstance(data, dict):
+        raise ConfigError([f"the configuration must be a JSON object, got {type(data).__name__}"])
+    data = dict(data)
+    data.pop("schema_version", None)
+    problems: list[str] = []
+    raw_concepts = data.pop("concepts", [])
+    values = _read_fields(OPTIONS_BY_NAME, data, "", problems)
+    concepts = []
+    if not isinstance(raw_concepts, list):
+        problems.append(f"concepts = {raw_concepts!r}: must be a list of concepts")
+        raw_concepts = []
+    for i, raw in enumerate(raw_concepts):
+        if not isinstance(raw, dict):
+            problems.append(f"concepts[{i}] = {raw!r}: must be an object with instance_dir, token, class_word...")
+            continue
+        concepts.append(Concept(**_read_fields(CONCEPT_OPTIONS_BY_NAME, raw, f"concepts[{i}].", problems)))
+    if problems:
+        raise ConfigError(problems)
+    return Config(**values, concepts=concepts)
+
+
+def to_dict(config: Config) -> dict:
+    """Plain data with the schema version, ready for JSON."""
+    return {"schema_version": SCHEMA_VERSION, **dataclasses.asdict(config)}
+
+
+def validate(config: Config) -> Config:
+    """Check the options together; raises ConfigError listing every problem. Returns the config."""
+    problems: list[str] = []
+    for option in OPTIONS:
+        reason = check(option, getattr(config, option.name))
+        if reason:
+            problems.append(f"{option.name} = {getattr(config, option.name)!r}: {reason}")
+    if config.resolution % 64:
+        problems.append(f"resolution = {config.resolution}: must be a multiple of 64 (e.g. 512 or 768)")
+    if config.learning_rate == 0:
+        problems.append("learning_rate = 0: nothing would be learnt and the result would be a copy of the base "
+                        "model; use e.g. 2e-6 (SD 1.5, full fine-tune) or 1e-6 (SD 2.x)")
+    if config.train_text_encoder and config.text_encoder_lr == 0:
+        problems.append("text_encoder_lr = 0 with train_text_encoder on: the text encoder would not change; turn "
+                        "train_text_encoder off, or use e.g. 1e-6")
+    if config.max_train_steps == 0 and config.num_train_epochs == 0:
+        problems.append("max_train_steps = 0 and num_train_epochs = 0: set one of them to say when to stop")
+    if not config.project_name.strip() or not _is_plain_name(config.project_name):
+        problems.append(f"project_name = {config.project_name!r}: use letters, digits, spaces, '-', '_' or '.' "
+                        "(it becomes a folder and file name)")
+    if not config.concepts:
+        problems.append("concepts = []: add at least one concept with the folder of your training images "
+                        "(instance_dir)")
+    for i, concept in enumerate(config.concepts):
+        for option in CONCEPT_OPTIONS:
+            reason = check(option, getattr(concept, option.name))
+            if reason:
+                problems.append(f"concepts[{i}].{option.name} = {getattr(concept, option.name)!r}: {reason}")
+        if not concept.instance_dir:
+            problems.append(f"concepts[{i}].instance_dir = '': give the folder of the training images")
+        for name in ("instance_prompt", "class_prompt"):
+            template = getattr(concept, name)
+            if "{token}" in template and not concept.token.strip():
+                problems.append(f"concepts[{i}].token = '': {name} {template!r} uses {{token}}; set a token "
+                                "such as 'ohwx'")
+            if "{class}" in template and not concept.class_word.strip() and not concept.token_only:
+                problems.append(f"concepts[{i}].class_word = '': {name} {template!r} uses {{class}}; set a "
+                                "class word such as 'person'")
+        if config.prior_preservation and not concept.token_only and not concept.class_prompt.strip():
+            problems.append(f"concepts[{i}].class_prompt = '': prior preservation needs a class prompt")
+    if problems:
+        raise ConfigError(problems)
+    return config
+
+
+def _is_plain_name(name: str) -> bool:
+    return (name == name.strip() and name not in (".", "..")
+            and all(ch.isalnum() or ch in " -_." for ch in name))
+
+
+def fill_prompt(template: str, concept: Concept) -> str:
+    """Fill {token} and {class} in a prompt template; token_only concepts drop the class word."""
+    class_word = "" if concept.token_only else concept.class_word
+    text = template.replace("{token}", concept.token).replace("{class}", class_word)
+    return " ".join(text.split())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Files: our JSON, JoePenna's config JSON, ShivamShrirao's concepts_list.json
+
+
+def load_json(path: str | os.PathLike) -> Config:
+    """Read a project file in our format, JoePenna's config format or a concepts_list.json."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError([f"config file {str(path)!r} does not exist; check the path"]) from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError([f"config file {str(path)!r} is not valid JSON ({exc}); fix or re-save it"]) from None
+    if isinstance(data, list):
+        return from_concepts_list(data)
+    if isinstance(data, dict) and "schema_version" not in data and _looks_like_joepenna(data):
+        return from_joepenna(data)
+    if isinstance(data, dict):
+        version = data.get("schema_version", SCHEMA_VERSION)
+        if version != SCHEMA_VERSION:
+            raise ConfigError([f"schema_version = {version!r}: this version reads schema {SCHEMA_VERSION}; "
+                               "update the extension or re-save the project"])
+    return from_dict(data)
+
+
+def save_json(config: Config, path: str | os.PathLike) -> Path:
+    """Write the config as JSON (atomically, so a crash never leaves half a file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(to_dict(config), indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+_JOEPENNA_KEYS = {"class_word", "training_images_folder_path", "regularization_images_folder_path",
+                  "max_training_steps", "save_every_x_steps", "flip_percent", "model_path", "token_only"}
+
+
+def _looks_like_joepenna(data: dict) -> bool:
+    return len(_JOEPENNA_KEYS & data.keys()) >= 2
+
+
+def from_joepenna(data: dict) -> Config:
+    """Import JoePenna's config JSON (his main.py --config_file_path format)."""
+    problems = []
+    if data.get("model_repo_id") and not data.get("model_path"):
+        problems.append(f"model_repo_id = {data['model_repo_id']!r}: models cannot be downloaded here; set "
+                        "model_path to a checkpoint file")
+    if problems:
+        raise ConfigError(problems)
+    regularization = data.get("regularization_images_folder_path") or ""
+    concept = {
+        **regularization_folder(regularization),
+        "instance_dir": data.get("training_images_folder_path") or "",
+        "token": data.get("token", CONCEPT_OPTIONS_BY_NAME["token"].default),
+        "class_word": data.get("class_word", CONCEPT_OPTIONS_BY_NAME["class_word"].default),
+        "token_only": data.get("token_only", False),
+        "class_dir": regularization,
+        # JoePenna's default caption is "<token> <class>"; his folder of regularization images is captioned
+        # with the class word alone.
+        "instance_prompt": "{token} {class}",
+        "class_prompt": "{class}",
+    }
+    mapped = {
+        "project_name": data.get("project_name"),
+        "base_model": data.get("model_path"),
+        "max_train_steps": data.get("max_training_steps"),
+        "save_every_n_steps": data.get("save_every_x_steps"),
+        "learning_rate": data.get("learning_rate"),
+        "seed": data.get("seed"),
+        "flip_p": data.get("flip_percent", data.get("flip_p")),
+        "device": device_for_gpu(data.get("gpu")),
+        "prior_preservation": bool(regularization) and not data.get("token_only", False),
+    }
+    values = {k: v for k, v in mapped.items() if v is not None}
+    if "project_name" in values:
+        values["project_name"] = _safe_project_name(str(values["project_name"]))
+    values["concepts"] = [concept]
+    return from_dict(values)
+
+
+def regularization_folder(folder: str) -> dict:
+    """A concept's fields for a regularization folder in JoePenna's sense: its images are the class images, all
+    of them, and nothing is ever rendered into it."""
+    if not folder:
+        return {}
+    from .inputs import image_files
+
+    count = len(image_files(folder))
+    fields: dict[str, Any] = {"class_dir": folder, "generate_class_images": False}
+    if count:
+        fields["num_class_images"] = count
+    return fields
+
+
+def device_for_gpu(gpu: Any) -> str | None:
+    """JoePenna's "gpu" (and --gpu): 0, his default, is our auto (the first GPU, or the CPU where there is
+    none); another number is that CUDA GPU."""
+    if not isinstance(gpu, int) or isinstance(gpu, bool):
+        return None
+    return "auto" if gpu == 0 else f"cuda:{gpu}"
+
+
+def token_and_class(instance_prompt: str, class_prompt: str) -> tuple[str, str]:
+    """ShivamShrirao's prompts name the token only inside them: "photo of sks dog" against "photo of a dog"
+    gives ("sks", "dog") (the instance prompt's words the class prompt lacks; the class prompt's last word)."""
+    class_words = class_prompt.split()
+    token = " ".join(w for w in instance_prompt.split() if w not in class_words)
+    return token, (class_words[-1].strip(",.;:") if class_words else "")
+
+
+def from_concepts_list(items: list) -> Config:
+    """Import ShivamShrirao's concepts_list.json: a list of instance/class prompts and folders."""
+    concepts = []
+    problems = []
+    for i, item in enumerate(items):
+        if not isinstance(item, dict) or "instance_data_dir" not in item:
+            problems.append(f"concepts_list[{i}] = {item!r}: needs instance_data_dir and instance_prompt")
+            continue
+        token, class_word = token_and_class(item.get("instance_prompt", ""), item.get("class_prompt", ""))
+        concepts.append({
+            "instance_dir": item.get("instance_data_dir", ""),
+            "instance_prompt": item.get("instance_prompt", ""),
+            "class_dir": item.get("class_data_dir", ""),
+            "class_prompt": item.get("class_prompt", ""),
+            "token": token,
+            "class_word": class_word,
+        })
+    if problems:
+        raise ConfigError(problems)
+    has_class = any(c["class_prompt"] for c in concepts)
+    return from_dict({"concepts": concepts, "prior_preservation": has_class})
+
+
+def _safe_project_name(name: str) -> str:
+    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._")
+    return cleaned or "my_project"
+
+
+def default_config(**overrides: Any) -> Config:
+    """The defaults with one default concept, then `overrides` applied (checked like any input)."""
+    data = {"concepts": [{}], **overrides}
+    return from_dict(data)

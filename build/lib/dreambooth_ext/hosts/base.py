@@ -1,0 +1,54 @@
+"""What the engine needs from whoever runs it: base weights, folders, publishing, the device."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any
+
+from ..config import Config
+from ..models.bundle import ModelBundle, check_checkpoint_file
+
+
+class Host(ABC):
+    """One host is the WebUI (its loaded model and folders); another is a plain folder of checkpoints."""
+
+    @abstractmethod
+    def load_base(self, config: Config) -> ModelBundle:
+        """The model to train, with clean base weights."""
+
+    def check(self, config: Config) -> None:
+        """Refuse, before a run starts, what would make it fail at once (cheap: no weights are read).
+
+        Raises DreamboothError with the user's fix; the tab shows it in its error box, the API answers 422.
+        """
+        if config.base_model:
+            check_checkpoint_file(config.base_model)
+
+    @abstractmethod
+    def checkpoint_path(self, project: str, step: int) -> Path:
+        """Where the model saved at `step` goes."""
+
+    @abstractmethod
+    def work_dir(self, project: str) -> Path:
+        """The project's folder for training state, generated class images and samples."""
+
+    def publish(self, path: Path) -> None:  # noqa: B027 - optional hook
+        """A finished model file exists at `path`: make it visible (e.g. refresh the checkpoint list)."""
+
+    def release_device(self) -> None:  # noqa: B027 - optional hook
+        """Free the accelerator for training (the WebUI moves its own model off the GPU)."""
+
+    def restore_device(self) -> None:  # noqa: B027 - optional hook
+        """Undo `release_device`; called after success, error or cancel."""
+
+    # Progress and cancel: a TrainingRun reports every train.run.Progress here and, after each report, stops
+    # within a step once `cancel_requested` says so. This is the one path for both; callers that want the
+    # progress too pass TrainingRun(on_progress=...).
+
+    def report(self, progress: Any) -> None:  # noqa: B027 - optional hook
+        """Show a train.run.Progress the host's own way (the WebUI: its progress bar and /sdapi/v1/progress)."""
+
+    def cancel_requested(self) -> bool:
+        """Whether the host asked the run to stop (the WebUI: its Interrupt button or /sdapi/v1/interrupt)."""
+        return False

@@ -1,0 +1,491 @@
+"""The WebUI as a host: train the model it has loaded, save next to its checkpoints, share its device and progress.
+
+This is the only engine module that imports the WebUI's `modules` package, always inside functions: importing
+this file outside the WebUI is harmless, calling into it is not.
+
+What the live model looks like (AUTOMATIC1111 v1.10.1, read from its source and seen on a running host):
+- `state_dict()` has the prompt hijack's extra levels: `cond_stage_model.wrapped.…` and the token embedding's
+  `….token_embedding.wrapped.weight` (sd_hijack.EmbeddingsWithFixes);
+- weights are fp16 unless --no-half, schedule buffers too (only `alphas_cumprod` is kept in fp32), Linear/Conv
+  weights are fp8 with Settings > Optimizations > FP8 weight, and a generation with `<lora:…>` leaves LoRA deltas
+  added in place, with clean copies in `network_weights_backup`/`network_bias_backup` (extensions-builtin/Lora).
+Forge keeps the same callbacks and checkpoint list, but its model is a different object (`forge_objects`) and
+several `sd_models` functions are stubs there (`read_state_dict`, `send_model_to_device`, `reload_model_weights`):
+on Forge the base model is read from the selected checkpoint's file instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import Config
+from ..errors import DreamboothError
+from ..models.bundle import ModelBundle, SourceInfo, check_checkpoint_file, load_bundle, load_bundle_from_file
+from ..models.checkpoint import read_vae
+from ..models.family import detect_family, normalize_keys
+from .base import Host
+
+log = logging.getLogger(__name__)
+
+FP8_DTYPES = tuple(getattr(torch, name) for name in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz",
+                                                     "float8_e5m2fnuz") if hasattr(torch, name))
+_SCHEDULE_KEYS = ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
+                  "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
+                  "sqrt_recipm1_alphas_cumprod", "posterior_variance", "posterior_log_variance_clipped",
+                  "posterior_mean_coef1", "posterior_mean_coef2")
+
+NO_MODEL = ("No checkpoint is loaded: pick one in the Stable Diffusion checkpoint dropdown at the top of the page, "
+            "wait until it has loaded, then start training again.")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The host's state
+
+
+def is_forge() -> bool:
+    """Forge (lllyasviel/stable-diffusion-webui-forge) loads models through sd_models.forge_model_reload."""
+    from modules import sd_models
+
+    return hasattr(sd_models, "forge_model_reload")
+
+
+def _current_model() -> Any:
+    """The loaded model without triggering a load (`shared.sd_model` loads one on first access)."""
+    from modules import sd_models, shared
+
+    data = getattr(sd_models, "model_data", None)
+    model = data.sd_model if data is not None else shared.sd_model
+    # Forge's placeholder before the first generation has no checkpoint info.
+    return model if model is not None and getattr(model, "sd_checkpoint_info", None) is not None else None
+
+
+def _loaded_model() -> Any:
+    """The loaded model, loading the selected checkpoint first if the host has never loaded one."""
+    from modules import shared
+
+    model = _current_model()
+    if model is None:
+        model = shared.sd_model
+    if model is None or getattr(model, "sd_checkpoint_info", None) is None:
+        raise DreamboothError(NO_MODEL)
+    return model
+
+
+def dreambooth_dir() -> Path:
+    """--dreambooth-dir, or `<models dir>/dreambooth` (follows --models-dir, like the host's other model folders)."""
+    from modules import paths, shared
+
+    configured = getattr(shared.cmd_opts, "dreambooth_dir", None)
+    return Path(configured) if configured else Path(paths.models_path) / "dreambooth"
+
+
+def checkpoints_dir() -> Path:
+    """Where trained checkpoints go: --ckpt-dir if given, else models/Stable-diffusion (follows --models-dir)."""
+    from modules import sd_models, shared
+
+    return Path(shared.cmd_opts.ckpt_dir or sd_models.model_path)
+
+
+def checkpoint_titles() -> list[str]:
+    from modules import sd_models
+
+    return list(sd_models.checkpoint_tiles())
+
+
+def checkpoint_selection() -> tuple[list[str], str | None]:
+    """The checkpoint dropdown's fresh choices (folders re-scanned) and the selected title: what it should show."""
+    from modules import sd_models, shared
+
+    sd_models.list_models()
+    return list(sd_models.checkpoint_tiles()), shared.opts.sd_model_checkpoint
+
+
+def _checkpoint_info(path_or_title: str | os.PathLike) -> Any:
+    """The host's CheckpointInfo for a file (by its path) or a title, name or hash it lists; None if unlisted."""
+    from modules import sd_models
+
+    wanted = os.path.normcase(os.path.abspath(path_or_title))
+    for info in sd_models.checkpoints_list.values():
+        if os.path.normcase(os.path.abspath(info.filename)) == wanted:
+            return info
+    return sd_models.checkpoint_aliases.get(str(path_or_title))
+
+
+def load_checkpoint_now(path_or_title: str | os.PathLike) -> str:
+    """Load a (freshly trained) checkpoint and make it the host's selected one; returns its title.
+
+    Selected means `opts.sd_model_checkpoint` names it: the host loads that option's checkpoint before each
+    generation, so a model loaded without it is swapped back at the next one. The option is written directly:
+    `opts.set` would run its onchange, which takes the host's queue_lock, and a training job may hold it.
+    """
+    from modules import sd_models, shared
+
+    sd_models.list_models()
+    info = _checkpoint_info(path_or_title)
+    if info is None:
+        raise DreamboothError(f"{str(path_or_title)!r} is not in the WebUI's checkpoint list: give a file inside "
+                              f"{checkpoints_dir()} (or --ckpt-dir) or the title of a listed checkpoint.")
+    if is_forge():
+        _forge_select(info)
+    else:
+        sd_models.reload_model_weights(info=info)
+        shared.opts.data["sd_model_checkpoint"] = info.title  # the title now has its hash
+    return info.title
+
+
+def _forge_select(info: Any) -> None:
+    """Forge loads lazily: select the checkpoint and let its next generation (or forge_model_reload) load it."""
+    from modules import sd_models, shared
+
+    shared.opts.data["sd_model_checkpoint"] = info.title
+    try:
+        from modules_forge import main_entry
+
+        main_entry.refresh_model_loading_parameters()
+        sd_models.forge_model_reload()
+    except Exception as exc:  # Forge internals change often; selecting it is what matters
+        log.warning("Forge: selected %s, but loading it now failed (%s); it loads with the next generation.",
+                    info.title, exc)
+
+
+def _forge_checkpoint_info() -> Any:
+    from modules import sd_models
+
+    model = _current_model()
+    if model is not None:
+        return model.sd_checkpoint_info
+    params = getattr(getattr(sd_models, "model_data", None), "forge_loading_parameters", None) or {}
+    return params.get("checkpoint_info") or sd_models.select_checkpoint()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reading the live model
+
+
+def _refuse_unusable(model: Any, live: dict[str, torch.Tensor]) -> None:
+    """SDXL and other families get the engine's own message; fp8 storage and unrecoverable LoRA deltas are refused."""
+    detect_family(normalize_keys(live))
+    if any(v.dtype in FP8_DTYPES for v in live.values()):
+        raise DreamboothError(_fp8_message(model))
+    unrecoverable = [name for name, module in model.named_modules()
+                     if getattr(module, "network_current_names", ()) and
+                     getattr(module, "network_weights_backup", None) is None]
+    if unrecoverable:
+        raise DreamboothError(
+            f"The loaded model has LoRA weights merged into {len(unrecoverable)} layer(s) (e.g. {unrecoverable[0]}) "
+            "and the WebUI kept no clean copy of them, so its base weights cannot be recovered. Fix: remove every "
+            "<lora:...> from the prompt and generate one image (that restores the weights), or reload the "
+            "checkpoint, then start training again.")
+
+
+def _fp8_message(model: Any) -> str:
+    from modules import shared
+
+    setting = getattr(shared.opts, "fp8_storage", "Enable")
+    return (f"The loaded checkpoint {model.sd_checkpoint_info.title} is held in 8-bit (fp8) weights because "
+            f"Settings > Optimizations > FP8 weight is '{setting}'; training from those would bake their rounding "
+            "into your model. Fix: set FP8 weight to 'Disable', click Apply settings and reload the checkpoint (or "
+            "pick the checkpoint file as the base model so it is read from disk).")
+
+
+def live_model_problem(model: Any = None) -> str | None:
+    """Why the loaded model cannot be trained, or None; cheap (no weights are copied)."""
+    try:
+        model = model if model is not None else _current_model()
+        if model is None:
+            return NO_MODEL
+        if is_forge():
+            return None  # read from its file, see load_base
+        _refuse_unusable(model, model.state_dict())
+    except DreamboothError as exc:
+        return str(exc)
+    return None
+
+
+def _lora_backups(model: Any) -> dict[str, torch.Tensor | None]:
+    """Live key -> the clean tensor from the Lora extension's backup; None = the key did not exist before."""
+    clean: dict[str, torch.Tensor | None] = {}
+    for name, module in model.named_modules():
+        if not getattr(module, "network_current_names", ()):
+            continue
+        prefix = f"{name}." if name else ""
+        weights = module.network_weights_backup
+        if isinstance(weights, (tuple, list)):  # MultiheadAttention: (in_proj_weight, out_proj.weight)
+            clean[prefix + "in_proj_weight"], clean[prefix + "out_proj.weight"] = weights[0], weights[1]
+            bias_key = prefix + "out_proj.bias"
+        else:
+            clean[prefix + "weight"] = weights
+            bias_key = prefix + "bias"
+        clean[bias_key] = getattr(module, "network_bias_backup", None)
+    if clean:
+        log.info("The loaded model has LoRA weights applied in place; training starts from the clean weights the "
+                 "WebUI kept (%d tensors restored in our copy, the WebUI's model is left as it is).",
+                 sum(v is not None for v in clean.values()))
+    return clean
+
+
+def _cpu_fp32_copy(tensor: torch.Tensor) -> torch.Tensor:
+    """A CPU copy that never shares storage with the host's tensor; floats are upcast to fp32."""
+    tensor = tensor.detach()
+    if tensor.is_floating_point():
+        return tensor.to("cpu", torch.float32, copy=True)
+    return tensor.to("cpu", copy=True)
+
+
+def _schedule_from_alphas_cumprod(alphas_cumprod: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The DDPM schedule buffers of an ldm checkpoint, computed in float64 from alphas_cumprod."""
+    ac = alphas_cumprod.detach().to("cpu", torch.float64)
+    ac_prev = torch.cat([torch.ones(1, dtype=torch.float64), ac[:-1]])
+    betas = 1.0 - ac / ac_prev
+    posterior_variance = betas * (1.0 - ac_prev) / (1.0 - ac)
+    values = {
+        "betas": betas, "alphas_cumprod": ac, "alphas_cumprod_prev": ac_prev,
+        "sqrt_alphas_cumprod": ac.sqrt(), "sqrt_one_minus_alphas_cumprod": (1.0 - ac).sqrt(),
+        "log_one_minus_alphas_cumprod": (1.0 - ac).log(), "sqrt_recip_alphas_cumprod": (1.0 / ac).sqrt(),
+        "sqrt_recipm1_alphas_cumprod": (1.0 / ac - 1).sqrt(), "posterior_variance": posterior_variance,
+        "posterior_log_variance_clipped": posterior_variance.clamp(min=1e-20).log(),
+        "posterior_mean_coef1": betas * ac_prev.sqrt() / (1.0 - ac),
+        "posterior_mean_coef2": (1.0 - ac_prev) * (1.0 - betas).sqrt() / (1.0 - ac),
+    }
+    return {k: v.float() for k, v in values.items()}
+
+
+def _restore_schedule(sd: dict[str, torch.Tensor], live: dict[str, torch.Tensor], model: Any) -> None:
+    """The host halves the schedule buffers but keeps `alphas_cumprod` (before any schedule override) in fp32:
+    rebuild the halved ones from it instead of training with fp16-rounded betas."""
+    halved = [k for k in _SCHEDULE_KEYS if k in live and live[k].dtype != torch.float32]
+    original = getattr(model, "alphas_cumprod_original", None)
+    if original is None:
+        original = live.get("alphas_cumprod")
+    if not halved or original is None or original.dtype != torch.float32:
+        return
+    rebuilt = _schedule_from_alphas_cumprod(original)
+    for key in halved:
+        sd[key] = rebuilt[key]
+
+
+def live_state_dict(model: Any) -> dict[str, torch.Tensor]:
+    """The loaded model's clean weights in the on-disk layout: fp32 CPU copies, LoRA deltas undone."""
+    live = model.state_dict()
+    _refuse_unusable(model, live)
+    clean = _lora_backups(model)
+    sd = {}
+    for key, value in live.items():
+        if key in clean:
+            if clean[key] is None:
+                continue  # a bias the LoRA added
+            value = clean[key]
+        sd[key] = _cpu_fp32_copy(value)
+    _restore_schedule(sd, live, model)
+    return normalize_keys(sd)
+
+
+def _prediction_type(config: Config, model: Any) -> str:
+    if config.prediction_type != "auto":
+        return config.prediction_type
+    return "v_prediction" if getattr(model, "parameterization", "eps") == "v" else "epsilon"
+
+
+def _source_info(model: Any, config: Config) -> SourceInfo:
+    from modules import sd_vae
+
+    info = model.sd_checkpoint_info
+    sha256 = getattr(info, "sha256", None) or ""
+    short = getattr(info, "shorthash", None) or sha256[:10]
+    external_vae = config.vae or getattr(sd_vae, "loaded_vae_file", None)
+    return SourceInfo(name=info.name, path=str(info.filename), sha256=sha256, short_hash=short,
+                      vae_name=Path(external_vae).name if external_vae else "")
+
+
+def bundle_from_live_model(model: Any, config: Config) -> ModelBundle:
+    """The bundle of the model in memory: its weights, the VAE in use (external or own), its prediction type."""
+    state_dict = live_state_dict(model)
+    vae_state_dict = read_vae(config.vae) if config.vae else None
+    metadata = getattr(model.sd_checkpoint_info, "metadata", None) or {}
+    return load_bundle(state_dict, vae_state_dict=vae_state_dict, prediction_type=_prediction_type(config, model),
+                       source=_source_info(model, config), yaml_text=_used_config_text(model),
+                       metadata={k: v for k, v in metadata.items() if isinstance(v, str)})
+
+
+def _used_config_text(model: Any) -> str | None:
+    """The ldm config the host built the loaded model from (the yaml beside its file, or one it guessed)."""
+    path = getattr(model, "used_config", None)
+    if not path or not os.path.isfile(path):
+        return None
+    return Path(path).read_text(encoding="utf-8", errors="replace")
+
+
+def loaded_model_summary() -> dict[str, str | None]:
+    """For the tab: which checkpoint and VAE training would start from, and why it can't (`problem`), if so.
+
+    Keys: title (the checkpoint's name, without the hash the host's title carries), hash (10 hex chars or ""),
+    vae (the external VAE's file name, "" for the checkpoint's own),
+    family ("sd1", "sd2", "sdxl", "" when nothing is loaded), problem (None when it can be trained).
+    """
+    from modules import sd_vae
+
+    model = _current_model()
+    if model is None:
+        return {"title": "", "hash": "", "vae": "", "family": "", "problem": NO_MODEL}
+    info = model.sd_checkpoint_info
+    family = next((name for name, flag in (("sdxl", "is_sdxl"), ("sd2", "is_sd2"), ("sd1", "is_sd1"))
+                   if getattr(model, flag, False)), "unknown")
+    vae_file = getattr(sd_vae, "loaded_vae_file", None)
+    return {"title": info.name, "hash": getattr(info, "shorthash", None) or "",
+            "vae": Path(vae_file).name if vae_file else "", "family": family, "problem": live_model_problem(model)}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The host object
+
+
+class WebUIHost(Host):
+    """Train the model the WebUI has loaded (`checkpoint_title=None`), or a checkpoint from its list read from disk."""
+
+    def __init__(self, checkpoint_title: str | None = None):
+        self.checkpoint_title = checkpoint_title
+        self._released: Any = None
+
+    # -- the base model ---------------------------------------------------------------------------------
+
+    def load_base(self, config: Config) -> ModelBundle:
+        path = self._source_file(config)
+        if path is not None:
+            return self._from_file(path, config)
+        if is_forge():
+            info = _forge_checkpoint_info()
+            log.warning("Forge: its loaded model cannot be read in place; reading %s from disk instead.",
+                        info.filename)
+            return self._from_file(Path(info.filename), config)
+        return bundle_from_live_model(_loaded_model(), config)
+
+    def check(self, config: Config) -> None:
+        """An unknown checkpoint title, a file of another family, an fp8-held or LoRA-patched live model: refused
+        before the run starts, without reading any weights."""
+        path = self._source_file(config)
+        if path is None and is_forge():
+            path = Path(_forge_checkpoint_info().filename)
+        if path is not None:
+            check_checkpoint_file(path)
+            return
+        problem = live_model_problem()
+        if problem:
+            raise DreamboothError(problem)
+
+    def _source_file(self, config: Config) -> Path | None:
+        """The file named by checkpoint_title or config.base_model (a path or a title); None = the live model."""
+        from modules import sd_models
+
+        wanted = self.checkpoint_title or config.base_model
+        if not wanted:
+            return None
+        if Path(wanted).is_file():
+            return Path(wanted)
+        info = sd_models.get_closet_checkpoint_match(wanted)
+        if info is None:
+            sd_models.list_models()
+            info = sd_models.get_closet_checkpoint_match(wanted)
+        if info is None:
+            raise DreamboothError(f"base model {wanted!r} is neither a file nor a checkpoint in the WebUI's list. "
+                                  "Pick one from the checkpoint list (refresh it if the file is new), or leave the "
+                                  "base model empty to train the loaded checkpoint.")
+        return Path(info.filename)
+
+    def _from_file(self, path: Path, config: Config) -> ModelBundle:
+        log.info("Reading the base model from %s", path)
+        return load_bundle_from_file(path, vae_path=config.vae or None, prediction_type=config.prediction_type)
+
+    # -- where files go ---------------------------------------------------------------------------------
+
+    def checkpoint_path(self, project: str, step: int) -> Path:
+        return checkpoints_dir() / project / f"{project}_{step}.safetensors"
+
+    def work_dir(self, project: str) -> Path:
+        return dreambooth_dir() / project
+
+    def publish(self, path: Path) -> None:
+        """Re-scan the checkpoint folders so the file is in the list at once (title without hash until hashed)."""
+        from modules import sd_models
+
+        sd_models.list_models()
+        log.info("Published %s to the checkpoint list", path)
+
+    # -- the device -------------------------------------------------------------------------------------
+
+    def release_device(self) -> None:
+        """Move the WebUI's model off the accelerator the way its "Unload SD checkpoint to RAM" does."""
+        from modules import sd_models
+
+        model = _current_model()
+        if model is None:
+            return
+        sd_models.unload_model_weights(model)
+        self._released = model
+
+    def restore_device(self) -> None:
+        """Put the WebUI's model back ("Load SD checkpoint to VRAM"); never raises over a training error."""
+        from modules import sd_models
+
+        model, self._released = self._released, None
+        if model is None:
+            return
+        if _current_model() is not model:
+            log.info("The loaded checkpoint changed during training; not moving the old one back.")
+            return
+        try:
+            sd_models.send_model_to_device(model)
+        except Exception as exc:
+            log.warning("Could not move the WebUI's model back to its device (%s). Use Settings > Actions > "
+                        "'Load SD checkpoint to VRAM', or reload the checkpoint.", exc)
+
+    # -- progress and cancel ----------------------------------------------------------------------------
+
+    def report(self, progress: Any) -> None:
+        """Mirror a train.run.Progress into shared.state: the host's progress bar and /sdapi/v1/progress follow.
+
+        The host's bar computes its own ETA from the time since the job began and the fraction done; during
+        training `time_start` is set so that this ETA is the run's own (steps left / it/s), and the text carries
+        no second one.
+        """
+        from modules import shared
+
+        state = shared.state
+        done, total = _progress_counts(progress)
+        if total > 0:
+            state.job_count = max(int(state.job_count or 0), 1)
+            state.job_no = 0
+            state.sampling_steps = total
+            state.sampling_step = min(done, total)
+        if progress.phase == "training" and progress.it_per_s:
+            state.time_start = time.time() - progress.step / progress.it_per_s
+        state.textinfo = describe_progress(progress)
+
+    def cancel_requested(self) -> bool:
+        """The user pressed Interrupt (or Skip-all/stop generating) in the WebUI or called /sdapi/v1/interrupt."""
+        from modules import shared
+
+        return bool(shared.state.interrupted or shared.state.stopping_generation)
+
+
+def _progress_counts(progress: Any) -> tuple[int, int]:
+    if progress.total_steps:
+        return progress.step, progress.total_steps
+    return progress.done, progress.total
+
+
+def describe_progress(progress: Any) -> str:
+    """One line for the progress bar: "Training step 12/400, loss 0.1234, 1.52 it/s" (the bar adds the ETA)."""
+    if progress.phase != "training":
+        return progress.message or progress.phase.replace("_", " ").capitalize()
+    parts = [f"Training step {progress.step}/{progress.total_steps}"]
+    if progress.loss is not None:
+        parts.append(f"loss {progress.loss:.4f}")
+    if progress.it_per_s:
+        parts.append(f"{progress.it_per_s:.2f} it/s")
+    return ", ".join(parts)

@@ -1,0 +1,226 @@
+"""Everything training needs from one base checkpoint: modules, tokenizer, noise schedule and the original keys."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import DreamboothError
+from .checkpoint import (
+    file_sha256,
+    read_checkpoint,
+    read_checkpoint_keys,
+    read_safetensors_metadata,
+    read_vae,
+    short_hash,
+)
+from .convert import (
+    VAE_PREFIX,
+    text_encoder_from_ldm,
+    unet_config_from_ldm,
+    unet_from_ldm,
+    vae_config_from_ldm,
+    vae_from_ldm,
+)
+from .family import detect_family, normalize_keys
+from .tokenizer import load_tokenizer
+
+logger = logging.getLogger(__name__)
+
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+# A v-model's output at the last timestep is far below its input; an epsilon model's is close to it.
+V_PROBE_THRESHOLD = -1.0
+
+
+@dataclass
+class SourceInfo:
+    """Where the base model came from, as the WebUI names it."""
+
+    name: str
+    path: str = ""
+    sha256: str = ""
+    short_hash: str = ""
+    vae_name: str = ""
+
+
+@dataclass
+class ModelBundle:
+    """The base model, split into trainable modules, plus what is needed to write it back in the WebUI layout."""
+
+    family: str
+    prediction_type: str
+    base: dict[str, torch.Tensor]
+    unet: Any
+    vae: Any
+    text_encoder: Any
+    tokenizer: Any
+    noise_scheduler: Any
+    source: SourceInfo
+    unet_config: dict = field(default_factory=dict)
+    vae_config: dict = field(default_factory=dict)
+    # The ldm config the base model was loaded with (the .yaml beside its file, or the host's), if it has one:
+    # a result of unusual shape loads in the WebUI only with the same config beside it.
+    base_yaml: str | None = None
+    # The size the checkpoint says it was made for (its modelspec.resolution), when it says so.
+    declared_resolution: int | None = None
+
+    @property
+    def native_resolution(self) -> int:
+        """The image size the base model was trained at: what it declares, else 768 for SD2 768-v, 512 otherwise."""
+        if self.declared_resolution:
+            return self.declared_resolution
+        return 768 if self.family == "sd2" and self.prediction_type == "v_prediction" else 512
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Prediction type
+
+
+def _from_yaml(yaml_text: str) -> str | None:
+    """"v_prediction"/"epsilon" from an ldm config, None when the text is not one."""
+    try:
+        import yaml
+
+        data = yaml.safe_load(yaml_text)
+        params = data["model"]["params"]
+    except Exception:
+        # Unparsable or unusual files: fall back to looking for the one line that matters.
+        if re.search(r"^\s*parameterization:\s*[\"']?v[\"']?\s*$", yaml_text, re.MULTILINE):
+            return "v_prediction"
+        return None
+    if not isinstance(params, dict):
+        return None
+    return "v_prediction" if str(params.get("parameterization", "eps")).strip() == "v" else "epsilon"
+
+
+def _from_metadata(metadata: dict[str, str] | None) -> str | None:
+    value = str((metadata or {}).get("modelspec.prediction_type", "")).strip().lower()
+    if value in ("v", "v_prediction", "v-prediction"):
+        return "v_prediction"
+    if value in ("epsilon", "eps"):
+        return "epsilon"
+    return None
+
+
+def probe_v_prediction(unet: Any) -> float:
+    """mean(output - input) of the UNet at t=999 on a constant input: strongly negative for v-prediction models.
+
+    Near pure noise an epsilon model predicts about its input, while a v-model predicts about minus the clean
+    image, so the difference is far below zero only for v-models.
+    """
+    config = unet.config
+    param = next(unet.parameters())
+    x = torch.full((1, config.in_channels, 8, 8), 0.5, dtype=param.dtype, device=param.device)
+    cond = torch.full((1, 2, config.cross_attention_dim), 0.5, dtype=param.dtype, device=param.device)
+    with torch.no_grad():
+        out = unet(x, torch.tensor([999], device=param.device), encoder_hidden_states=cond).sample
+    return float((out - x).float().mean())
+
+
+def resolve_prediction_type(family: str, requested: str, *, yaml_text: str | None = None,
+                            metadata: dict[str, str] | None = None, unet: Any = None) -> str:
+    """What the model predicts: an explicit choice wins; "auto" reads the yaml, metadata, then probes the UNet."""
+    if requested in PREDICTION_TYPES:
+        return requested
+    if requested != "auto":
+        raise DreamboothError(f"prediction_type = {requested!r}: use auto, epsilon or v_prediction")
+    if family == "sd1":
+        logger.info("Prediction type: epsilon (every SD 1.x model predicts noise)")
+        return "epsilon"
+    if yaml_text and (found := _from_yaml(yaml_text)):
+        logger.info("Prediction type: %s (from the .yaml beside the checkpoint)", found)
+        return found
+    if found := _from_metadata(metadata):
+        logger.info("Prediction type: %s (from the checkpoint's modelspec metadata)", found)
+        return found
+    if unet is None:
+        logger.warning("Prediction type: epsilon (nothing says otherwise; set prediction_type for a 768-v model)")
+        return "epsilon"
+    score = probe_v_prediction(unet)
+    found = "v_prediction" if score < V_PROBE_THRESHOLD else "epsilon"
+    logger.info("Prediction type: %s (probed the UNet: mean(out - x) = %.3f at t=999)", found, score)
+    return found
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def _apply_vae(base: dict[str, torch.Tensor], vae_state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Replace every first_stage_model.* key of the base with the override's (which may lack the prefix)."""
+    vae = {(k if k.startswith(VAE_PREFIX) else VAE_PREFIX + k): v for k, v in vae_state_dict.items()}
+    vae_config_from_ldm(vae)  # refuses a dict that is not a whole VAE before anything is replaced
+    merged = {k: v for k, v in base.items() if not k.startswith(VAE_PREFIX)}
+    merged.update(vae)
+    return merged
+
+
+def make_noise_scheduler(prediction_type: str, betas: torch.Tensor | None = None) -> Any:
+    """SD's DDPM training schedule; a checkpoint's own `betas` buffer is used as is when present."""
+    from diffusers import DDPMScheduler
+
+    kwargs: dict[str, Any] = {}
+    steps = 1000
+    if betas is not None:
+        kwargs["trained_betas"] = betas.detach().double().cpu().numpy()
+        steps = int(betas.numel())
+    return DDPMScheduler(num_train_timesteps=steps, beta_start=0.00085, beta_end=0.012,
+                         beta_schedule="scaled_linear", clip_sample=False, prediction_type=prediction_type, **kwargs)
+
+
+def load_bundle(state_dict: dict[str, torch.Tensor], *, vae_state_dict: dict[str, torch.Tensor] | None = None,
+                prediction_type: str = "auto", source: SourceInfo | None = None, yaml_text: str | None = None,
+                metadata: dict[str, str] | None = None) -> ModelBundle:
+    """Split a WebUI-layout state dict (a file's or the live model's) into fp32 CPU modules."""
+    base = {k: v for k, v in normalize_keys(state_dict).items() if isinstance(v, torch.Tensor)}
+    family = detect_family(base)
+    if vae_state_dict is not None:
+        base = _apply_vae(base, vae_state_dict)
+    unet = unet_from_ldm(base, family)
+    vae = vae_from_ldm(base)
+    text_encoder = text_encoder_from_ldm(base, family)
+    prediction = resolve_prediction_type(family, prediction_type, yaml_text=yaml_text, metadata=metadata, unet=unet)
+    logger.info("Loaded %s model %s (%s)", family, source.name if source else "(in memory)", prediction)
+    return ModelBundle(
+        family=family, prediction_type=prediction, base=base, unet=unet, vae=vae, text_encoder=text_encoder,
+        tokenizer=load_tokenizer(family), noise_scheduler=make_noise_scheduler(prediction, base.get("betas")),
+        source=source or SourceInfo(name="(in memory)"), unet_config=unet_config_from_ldm(base, family),
+        vae_config=vae_config_from_ldm(base), base_yaml=yaml_text,
+        declared_resolution=_declared_resolution(metadata))
+
+
+def _declared_resolution(metadata: dict[str, str] | None) -> int | None:
+    """modelspec.resolution "WxH" of a square model, e.g. "64x64" -> 64."""
+    match = re.fullmatch(r"\s*(\d+)\s*x\s*(\d+)\s*", str((metadata or {}).get("modelspec.resolution", "")))
+    if match and match.group(1) == match.group(2):
+        return int(match.group(1))
+    return None
+
+
+def load_bundle_from_file(path: str | os.PathLike, *, vae_path: str | os.PathLike | None = None,
+                          prediction_type: str = "auto") -> ModelBundle:
+    """Read a checkpoint (and optional VAE) file, with its hash and the `<name>.yaml` beside it if any."""
+    path = Path(path)
+    state_dict = read_checkpoint(path)
+    sha = file_sha256(path)
+    yaml_path = path.with_suffix(".yaml")
+    yaml_text = yaml_path.read_text(encoding="utf-8", errors="replace") if yaml_path.is_file() else None
+    vae_state_dict = read_vae(vae_path) if vae_path else None
+    source = SourceInfo(name=path.name, path=str(path), sha256=sha, short_hash=short_hash(sha),
+                        vae_name=Path(vae_path).name if vae_path else "")
+    return load_bundle(state_dict, vae_state_dict=vae_state_dict, prediction_type=prediction_type, source=source,
+                       yaml_text=yaml_text, metadata=read_safetensors_metadata(path))
+
+
+def check_checkpoint_file(path: str | os.PathLike) -> None:
+    """Refuse a base model file that cannot be trained (missing, damaged, another family), reading only its
+    header; a pickled .ckpt is checked when it loads."""
+    keys = read_checkpoint_keys(path)
+    if keys is not None:
+        detect_family(dict.fromkeys(keys))

@@ -1,0 +1,116 @@
+"""Turning a micro-batch number into latents and text conditioning, with optional caches.
+
+Every random choice is drawn from generators seeded by (seed, micro-batch number), so a resumed run sees
+exactly the batches, flips, crops, noise and timesteps of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from ..data.dataset import Example, flip_decision
+from ..data.images import prepare_image
+from .sampling import encode_prompts
+
+
+def derive_seed(*parts: object) -> int:
+    digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def generator_for(*parts: object) -> torch.Generator:
+    return torch.Generator("cpu").manual_seed(derive_seed(*parts))
+
+
+@dataclass
+class LatentStats:
+    mean: torch.Tensor
+    std: torch.Tensor
+
+
+class LatentCache:
+    """VAE posterior (mean, std) of every example, once per flip state used. Kept on the CPU."""
+
+    def __init__(self):
+        self.stats: dict[tuple[bool, int], LatentStats] = {}
+
+    @torch.no_grad()
+    def fill(self, vae, examples: list[Example], *, is_class: bool, flip_p: float, crop: str,
+             on_item: Callable[[], None] | None = None) -> None:
+        device, dtype = next(vae.parameters()).device, next(vae.parameters()).dtype
+        flips = (False, True) if flip_p > 0 else (False,)
+        for index, example in enumerate(examples):
+            for flip in flips:
+                pixels = prepare_image(example.path, example.size, crop, flip)[None].to(device, dtype)
+                dist = vae.encode(pixels).latent_dist
+                self.stats[(is_class, index, flip)] = LatentStats(dist.mean[0].float().cpu(), dist.std[0].float().cpu())
+            if on_item:
+                on_item()
+
+    def get(self, is_class: bool, index: int, flip: bool) -> LatentStats:
+        return self.stats[(is_class, index, flip)]
+
+
+class Feeder:
+    """Latents and captions of micro-batches, from the cache or by encoding images each step."""
+
+    def __init__(self, vae, examples: list[Example], *, is_class: bool, seed: int, flip_p: float, crop: str,
+                 cache: LatentCache | None):
+        self.vae = vae
+        self.examples = examples
+        self.is_class = is_class
+        self.seed = seed
+        self.flip_p = flip_p
+        self.crop = crop
+        self.cache = cache
+
+    def latents(self, indices: list[int], micro: int, device: torch.device) -> tuple[torch.Tensor, list[str]]:
+        stats = [self._stats(i, micro) for i in indices]
+        mean = torch.stack([s.mean for s in stats])
+        std = torch.stack([s.std for s in stats])
+        noise = torch.randn(mean.shape, generator=generator_for(self.seed, "latent", self.is_class, micro))
+        latents = (mean + std * noise) * self.vae.config.scaling_factor
+        return latents.to(device), [self.examples[i].caption for i in indices]
+
+    def _stats(self, index: int, micro: int) -> LatentStats:
+        kind = "class" if self.is_class else "instance"
+        flip = flip_decision(derive_seed(self.seed, kind), micro, index, self.flip_p)
+        if self.cache is not None:
+            return self.cache.get(self.is_class, index, flip)
+        generator = generator_for(self.seed, "crop", kind, micro, index) if self.crop == "random" else None
+        example = self.examples[index]
+        vae_param = next(self.vae.parameters())
+        pixels = prepare_image(example.path, example.size, self.crop, flip, generator)[None]
+        with torch.no_grad():
+            dist = self.vae.encode(pixels.to(vae_param.device, vae_param.dtype)).latent_dist
+        return LatentStats(dist.mean[0].float().cpu(), dist.std[0].float().cpu())
+
+
+class TextConditioning:
+    """Encoder hidden states of captions: precomputed once when the text encoder is frozen."""
+
+    def __init__(self, tokenizer, text_encoder, precomputed: dict[str, torch.Tensor] | None = None):
+        self.tokenizer = tokenizer
+        self.text_encoder = text_encoder
+        self.precomputed = precomputed
+
+    @classmethod
+    @torch.no_grad()
+    def precompute(cls, tokenizer, text_encoder, captions: list[str], batch_size: int = 16) -> TextConditioning:
+        unique = sorted(set(captions))
+        table = {}
+        for start in range(0, len(unique), batch_size):
+            chunk = unique[start:start + batch_size]
+            states = encode_prompts(tokenizer, text_encoder, chunk).float().cpu()
+            table.update(zip(chunk, states, strict=True))
+        return cls(tokenizer, text_encoder, table)
+
+    def encode(self, captions: list[str], device: torch.device, *, grad: bool) -> torch.Tensor:
+        if self.precomputed is not None:
+            return torch.stack([self.precomputed[c] for c in captions]).to(device)
+        with torch.set_grad_enabled(grad):
+            return encode_prompts(self.tokenizer, self.text_encoder, captions)

@@ -1,0 +1,86 @@
+"""Which device and number formats a run uses, decided once from the config."""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import DreamboothError, MissingFeatureError
+
+
+@dataclass(frozen=True)
+class Precision:
+    """How a run computes: autocast dtype (None: plain fp32), dtype of frozen parts, fp16 loss scaling."""
+
+    autocast_dtype: torch.dtype | None
+    frozen_dtype: torch.dtype
+    use_grad_scaler: bool
+
+    @property
+    def name(self) -> str:
+        return {None: "no", torch.float16: "fp16", torch.bfloat16: "bf16"}[self.autocast_dtype]
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' picks the first CUDA GPU, else the CPU; anything else must exist here."""
+    name = (name or "auto").strip().lower()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise DreamboothError(f"device = {name!r} is not a device name; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DreamboothError(f"device = {name!r} but no CUDA GPU is available here; use device = cpu or auto "
+                                  "(JoePenna's \"gpu\" setting and --gpu N ask for CUDA GPU N)")
+        index = device.index or 0
+        if index >= torch.cuda.device_count():
+            raise DreamboothError(f"device = {name!r} but this machine has {torch.cuda.device_count()} CUDA "
+                                  f"GPU(s) (cuda:0 .. cuda:{torch.cuda.device_count() - 1}); pick one of those")
+    elif device.type != "cpu":
+        if device.type == "mps" and not torch.backends.mps.is_available():
+            raise DreamboothError(f"device = {name!r} is not available here; use auto or cpu")
+    return device
+
+
+def resolve_precision(mode: str, device: torch.device) -> Precision:
+    """fp16 needs CUDA; bf16 needs a GPU that supports it (or the CPU); 'auto' is fp16 on CUDA, fp32 elsewhere."""
+    if mode == "auto":
+        mode = "fp16" if device.type == "cuda" else "no"
+    if mode == "no":
+        return Precision(None, torch.float32, False)
+    if mode == "fp16":
+        if device.type != "cuda":
+            raise DreamboothError(f"mixed_precision = 'fp16' needs a CUDA GPU, but the device is {device}; "
+                                  "use mixed_precision = bf16 or no")
+        return Precision(torch.float16, torch.float16, True)
+    if mode == "bf16":
+        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise DreamboothError("mixed_precision = 'bf16' is not supported by this GPU; use fp16")
+        return Precision(torch.bfloat16, torch.bfloat16, False)
+    raise DreamboothError(f"mixed_precision = {mode!r}: use auto, no, fp16 or bf16")
+
+
+def bitsandbytes_problem(device: torch.device) -> str | None:
+    """Why 8-bit AdamW cannot run here, or None when it can."""
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return "the bitsandbytes package is not installed"
+    if device.type != "cuda":
+        return f"8-bit AdamW runs on CUDA GPUs only and the device is {device}"
+    return None
+
+
+def require_8bit_adam(device: torch.device) -> None:
+    problem = bitsandbytes_problem(device)
+    if problem:
+        raise MissingFeatureError(f"optimizer = 'adamw_8bit' cannot be used: {problem}. Use optimizer = adamw "
+                                  "(needs about 1.5 GB more memory on SD1.5), or install bitsandbytes for your "
+                                  "torch and train on a CUDA GPU.")
+
+
+def free_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()

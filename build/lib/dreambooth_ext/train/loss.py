@@ -1,0 +1,45 @@
+"""The Dreambooth loss: denoising error on instance samples plus weighted error on class samples."""
+
+from __future__ import annotations
+
+import torch
+from diffusers import DDPMScheduler
+
+
+def training_target(scheduler: DDPMScheduler, latents: torch.Tensor, noise: torch.Tensor,
+                    timesteps: torch.Tensor) -> torch.Tensor:
+    """The noise for epsilon models, the velocity for v-prediction models."""
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(latents, noise, timesteps)
+    raise ValueError(f"unsupported prediction type {kind!r}")
+
+
+def snr(scheduler: DDPMScheduler, timesteps: torch.Tensor) -> torch.Tensor:
+    alphas_cumprod = scheduler.alphas_cumprod.to(device=timesteps.device, dtype=torch.float32)[timesteps]
+    return alphas_cumprod / (1.0 - alphas_cumprod)
+
+
+def min_snr_weights(scheduler: DDPMScheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-gamma weighting (Hang et al. 2023), expressed for the model's prediction target."""
+    ratio = snr(scheduler, timesteps)
+    clipped = torch.clamp(ratio, max=gamma)
+    if scheduler.config.prediction_type == "v_prediction":
+        return clipped / (ratio + 1.0)
+    return clipped / ratio
+
+
+def per_sample_mse(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return ((prediction.float() - target.float()) ** 2).mean(dim=tuple(range(1, prediction.ndim)))
+
+
+def dreambooth_loss(per_sample: torch.Tensor, is_class: torch.Tensor,
+                    prior_loss_weight: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Returns (loss, instance term, class term): loss = mse(instance) + prior_loss_weight * mse(class)."""
+    instance = per_sample[~is_class].mean()
+    if not bool(is_class.any()):
+        return instance, instance, None
+    prior = per_sample[is_class].mean()
+    return instance + prior_loss_weight * prior, instance, prior

@@ -1,0 +1,72 @@
+"""Optimizer and learning-rate schedule of a run."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from diffusers.optimization import get_scheduler
+
+from ..config import Config
+from .devices import require_8bit_adam
+
+
+def param_groups(config: Config, unet: torch.nn.Module, text_encoder: torch.nn.Module | None) -> list[dict]:
+    """The UNet's weights, and the text encoder's with its own learning rate and weight decay."""
+    groups = [{"params": [p for p in unet.parameters() if p.requires_grad],
+               "lr": config.learning_rate, "weight_decay": config.weight_decay, "name": "unet"}]
+    if text_encoder is not None:
+        groups.append({"params": [p for p in text_encoder.parameters() if p.requires_grad],
+                       "lr": config.text_encoder_lr, "weight_decay": config.text_encoder_weight_decay,
+                       "name": "text_encoder"})
+    return groups
+
+
+def make_optimizer(config: Config, groups: list[dict], device: torch.device) -> torch.optim.Optimizer:
+    kwargs = {"betas": (config.adam_beta1, config.adam_beta2), "eps": config.adam_epsilon}
+    if config.optimizer == "adamw_8bit":
+        require_8bit_adam(device)
+        import bitsandbytes as bnb  # only importable where require_8bit_adam passed
+
+        return bnb.optim.AdamW8bit(groups, **kwargs)
+    # foreach=False keeps CPU runs bit-reproducible across a resume (the fused/foreach kernels are too, but
+    # the plain loop is the reference everywhere).
+    return torch.optim.AdamW(groups, foreach=device.type == "cuda", **kwargs)
+
+
+def make_lr_scheduler(config: Config, optimizer: torch.optim.Optimizer, total_steps: int):
+    return get_scheduler(config.lr_scheduler, optimizer=optimizer, num_warmup_steps=config.lr_warmup_steps,
+                         num_training_steps=total_steps, num_cycles=config.lr_num_cycles, power=config.lr_power)
+
+
+# What each group's settings are called in the config: group name -> {optimizer key: config field}.
+_GROUP_OPTIONS = {"unet": {"lr": "learning_rate", "weight_decay": "weight_decay"},
+                  "text_encoder": {"lr": "text_encoder_lr", "weight_decay": "text_encoder_weight_decay"}}
+
+
+def apply_changed_options(config: Config, optimizer: torch.optim.Optimizer, scheduler: Any) -> list[str]:
+    """After a resume: the options of this run, not the saved ones, drive the optimizer from here on.
+
+    The saved optimizer state brings its own learning rates, weight decay, betas and epsilon; a user who changed
+    them for the resumed run means the new ones. Returns "name: old -> new" for each change."""
+    changes: dict[str, str] = {}
+    for index, group in enumerate(optimizer.param_groups):
+        names = _GROUP_OPTIONS.get(group.get("name", "unet"), _GROUP_OPTIONS["unet"])
+        wanted_lr = getattr(config, names["lr"])
+        if scheduler.base_lrs[index] != wanted_lr:
+            changes[names["lr"]] = f"{scheduler.base_lrs[index]:g} -> {wanted_lr:g}"
+            scheduler.base_lrs[index] = group["initial_lr"] = wanted_lr
+            group["lr"] = wanted_lr * scheduler.lr_lambdas[index](scheduler.last_epoch)
+        wanted = {"weight_decay": (names["weight_decay"], getattr(config, names["weight_decay"])),
+                  "betas": ("adam_beta1, adam_beta2", (config.adam_beta1, config.adam_beta2)),
+                  "eps": ("adam_epsilon", config.adam_epsilon)}
+        for key, (label, value) in wanted.items():
+            if key in group and _as_tuple(group[key]) != _as_tuple(value):
+                changes[label] = f"{group[key]} -> {value}"
+                group[key] = value
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+    return [f"{name}: {change}" for name, change in changes.items()]
+
+
+def _as_tuple(value: Any) -> tuple:
+    return tuple(value) if isinstance(value, (tuple, list)) else (value,)

@@ -1,0 +1,544 @@
+"""A training run: an object that loads the base model from its host, prepares data, trains, saves and
+reports progress. Nothing about a run lives at module level, so two runs can exist in one process."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..config import Config, fill_prompt, to_dict, validate
+from ..data.checks import check_dataset
+from ..data.class_images import generate_class_images, plan_class_images
+from ..data.dataset import BatchPlan, Example, collect_class_examples, collect_instance_examples
+from ..errors import DreamboothError
+from ..hosts.base import Host
+from ..models.bundle import ModelBundle
+from ..models.export import (
+    build_checkpoint,
+    checkpoint_metadata,
+    remove_partial_files,
+    save_checkpoint,
+    yaml_for_bundle,
+)
+from .batches import Feeder, LatentCache, TextConditioning, derive_seed, generator_for
+from .devices import Precision, free_memory, require_8bit_adam, resolve_device, resolve_precision
+from .ema import EMA
+from .guard import check_writable, output_error, project_lock, write_errors
+from .loss import dreambooth_loss, min_snr_weights, per_sample_mse, training_target
+from .optim import apply_changed_options, make_lr_scheduler, make_optimizer, param_groups
+from .sampling import generate_images, placed
+from .state import (
+    TrainingState,
+    find_state,
+    load_state,
+    remove_partial_state,
+    restore_weights,
+    save_state,
+    trainable_weights,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Progress:
+    """What a run reports: the phase, and during training the step, loss, learning rate, speed and ETA."""
+
+    phase: str
+    step: int = 0
+    total_steps: int = 0
+    loss: float | None = None
+    lr: float | None = None
+    it_per_s: float | None = None
+    eta_s: float | None = None
+    message: str = ""
+    done: int = 0
+    total: int = 0
+    samples: tuple[Path, ...] = ()
+    checkpoint: Path | None = None
+    warnings: tuple[str, ...] = ()  # the dataset check's findings, reported once before loading
+
+
+@dataclass
+class RunResult:
+    status: str  # "finished" or "cancelled"
+    step: int
+    total_steps: int
+    checkpoints: list[Path] = field(default_factory=list)
+    samples: list[Path] = field(default_factory=list)
+    losses: list[tuple[int, float]] = field(default_factory=list)
+
+
+class TrainingRun:
+    """Create with a config and a host, call `run()`; `cancel()` from any thread stops it within one step."""
+
+    def __init__(self, config: Config, host: Host, *, resume: bool = False,
+                 on_progress: Callable[[Progress], None] | None = None):
+        self.config = config
+        self.host = host
+        self.resume = resume
+        self.on_progress = on_progress
+        self._cancel = threading.Event()
+        self.result: RunResult | None = None
+
+    # -- control ----------------------------------------------------------------------------------------
+
+    def cancel(self) -> None:
+        self._cancel.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel.is_set()
+
+    def _emit(self, progress: Progress) -> None:
+        """Report to the host and the caller, then honour a stop the host asked for."""
+        self.host.report(progress)
+        if self.on_progress:
+            self.on_progress(progress)
+        if not self.cancelled and self.host.cancel_requested():
+            log.info("Stop requested by the host: the run stops after this step and keeps its state")
+            self.cancel()
+
+    # -- the run ----------------------------------------------------------------------------------------
+
+    def run(self) -> RunResult:
+        """Check everything that can be checked cheaply, take the project's lock, then load and train."""
+        config = validate(self.config)
+        self.host.check(config)
+        instances = collect_instance_examples(config)  # bad image folders fail here, before any model loads
+        self._check_dataset(config, instances)
+        device = resolve_device(config.device)
+        precision = resolve_precision(config.mixed_precision, device)
+        if config.optimizer == "adamw_8bit":
+            require_8bit_adam(device)
+        work_dir = self.host.work_dir(config.project_name)
+        with project_lock(work_dir, config.project_name):
+            self._check_outputs(config, work_dir)
+            self._remove_leftovers(config.project_name, work_dir)
+            state = load_state(work_dir / "state") if self.resume else None
+            return self._train(config, instances, device, precision, work_dir, state)
+
+    def _train(self, config: Config, instances: list[Example], device: torch.device, precision: Precision,
+               work_dir: Path, state: TrainingState | None) -> RunResult:
+        self._emit(Progress("loading", message="Loading the base model"))
+        self.host.release_device()
+        try:
+            bundle = self.host.load_base(config)
+            _warn_about_resolution(config, bundle)
+            class_dirs = self._class_images(config, bundle, work_dir, device, precision)
+            if self.cancelled:
+                self.result = RunResult("cancelled", 0, 0)
+                return self.result
+            classes = collect_class_examples(config, class_dirs) if config.prior_preservation else []
+            _check_class_images(config, classes)
+            loop = _Loop(self, config, bundle, instances, classes, device, precision, work_dir)
+            self.result = loop.train(state)
+            return self.result
+        finally:
+            free_memory(device)
+            self.host.restore_device()
+
+    def _check_dataset(self, config: Config, instances: list[Example]) -> None:
+        report = check_dataset(config, instances)
+        report.raise_errors()
+        for warning in report.warnings:
+            log.warning("Dataset check: %s", warning)
+        message = (f"Dataset check: {len(report.warnings)} warning(s)" if report.warnings
+                   else "Dataset check: no problems found")
+        self._emit(Progress("checking", message=message, warnings=tuple(report.warnings)))
+
+    def _check_outputs(self, config: Config, work_dir: Path) -> None:
+        """Every folder the run will write to, tried now rather than after the model has loaded."""
+        check_writable(work_dir, "training state", "Give a work folder you can write to (--work-dir on the command "
+                       "line, --dreambooth-dir in the WebUI).")
+        check_writable(self.host.checkpoint_path(config.project_name, 0).parent, "the trained model",
+                       "Give a models folder you can write to (--models-dir / --ckpt-dir).")
+        for job in plan_class_images(config, work_dir)[1]:
+            if job.missing:
+                check_writable(job.folder, "generated class images", f"class_dir of concept {job.concept + 1} "
+                               "must be a folder you can write to (or already hold num_class_images images).")
+
+    def _remove_leftovers(self, project: str, work_dir: Path) -> None:
+        """What a killed save of this project left half-written: hidden model files and a partial state."""
+        remove_partial_files(self.host.checkpoint_path(project, 0).parent, f"{project}_")
+        remove_partial_state(work_dir / "state")
+
+    def _class_images(self, config: Config, bundle: ModelBundle, work_dir: Path, device: torch.device,
+                      precision: Precision) -> list[Path]:
+        folders, jobs = plan_class_images(config, work_dir)
+        missing = sum(job.missing for job in jobs)
+        if not missing:
+            return folders
+        self._emit(Progress("class_images", total=missing, message=f"Generating {missing} class images"))
+        size = config.resolution
+
+        def render(prompt: str, n: int):
+            seed = derive_seed(config.seed, "class image", prompt, n)
+            return generate_images(bundle, [prompt], steps=config.class_image_steps,
+                                   guidance=config.class_image_guidance, seed=seed, width=size, height=size,
+                                   autocast_dtype=precision.autocast_dtype)[0]
+
+        def on_image(done: int, total: int) -> None:
+            self._emit(Progress("class_images", done=done, total=total,
+                                message=f"Generated class image {done}/{total}"))
+
+        # The UNet and text encoder may be trained next: move them without a lossy dtype round trip.
+        with placed([bundle.unet, bundle.text_encoder], device), placed([bundle.vae], device, precision.frozen_dtype):
+            generate_class_images(jobs, render, on_image=on_image, should_stop=lambda: self.cancelled)
+        return folders
+
+
+def _warn_about_resolution(config: Config, bundle: ModelBundle) -> None:
+    if config.resolution != bundle.native_resolution:
+        log.warning("Training at %dpx a model made for %dpx (%s, %s). That works, but %dpx usually gives better "
+                    "results.", config.resolution, bundle.native_resolution, bundle.family, bundle.prediction_type,
+                    bundle.native_resolution)
+
+
+def sample_prompts(config: Config) -> list[str]:
+    """Each line of sample_prompts for each concept (lines without {token}/{class} once)."""
+    prompts: list[str] = []
+    for line in config.sample_prompts.splitlines():
+        for concept in config.concepts if line.strip() else ():
+            prompt = fill_prompt(line, concept)
+            if prompt not in prompts:
+                prompts.append(prompt)
+    return prompts
+
+
+def _check_resumable(config: Config, state: TrainingState) -> None:
+    """What a saved state cannot follow: a different set of trained modules."""
+    saved = state.meta.get("config", {})
+    if saved.get("train_text_encoder", config.train_text_encoder) != config.train_text_encoder:
+        was = "on" if saved["train_text_encoder"] else "off"
+        raise DreamboothError(f"The saved training state was made with train_text_encoder {was}; a resumed run must "
+                              f"keep it {was} (the optimizer state covers exactly the modules that were trained). "
+                              "Set it back, or start again without resume.")
+
+
+def _check_class_images(config: Config, classes: list[Example]) -> None:
+    wanted = [c for c in config.concepts if config.prior_preservation and not c.token_only and c.num_class_images]
+    if wanted and not classes:
+        raise DreamboothError("prior_preservation is on but no class images could be read. Check class_dir, or "
+                              "turn prior_preservation off.")
+
+
+class _Loop:
+    """The training loop proper, for one run (split from TrainingRun to keep each piece short)."""
+
+    def __init__(self, run: TrainingRun, config: Config, bundle: ModelBundle, instances: list[Example],
+                 classes: list[Example], device: torch.device, precision: Precision, work_dir: Path):
+        self.run, self.config, self.bundle = run, config, bundle
+        self.device, self.precision, self.work_dir = device, precision, work_dir
+        self.instances, self.classes = instances, classes
+        self.instance_plan = BatchPlan([e.size for e in instances], config.train_batch_size,
+                                       derive_seed(config.seed, "instance order"))
+        self.class_plan = (BatchPlan([e.size for e in classes], config.train_batch_size,
+                                     derive_seed(config.seed, "class order")) if classes else None)
+        self.total_steps = self._total_steps()
+        self.result = RunResult("finished", 0, self.total_steps)
+
+    def _total_steps(self) -> int:
+        if self.config.max_train_steps:
+            return self.config.max_train_steps
+        micro = self.config.num_train_epochs * self.instance_plan.steps_per_epoch
+        return max(1, math.ceil(micro / self.config.gradient_accumulation_steps))
+
+    # -- setup ------------------------------------------------------------------------------------------
+
+    def _setup_modules(self) -> None:
+        config, bundle, device = self.config, self.bundle, self.device
+        bundle.unet.to(device, torch.float32).requires_grad_(True).train()
+        if config.gradient_checkpointing:
+            bundle.unet.enable_gradient_checkpointing()
+        bundle.vae.requires_grad_(False).eval()
+        text_encoder = bundle.text_encoder
+        if config.train_text_encoder:
+            text_encoder.to(device, torch.float32).requires_grad_(True).train()
+            if config.gradient_checkpointing:
+                text_encoder.gradient_checkpointing_enable()
+        else:
+            text_encoder.requires_grad_(False).eval()
+        self.trained = {"unet": bundle.unet}
+        if config.train_text_encoder:
+            self.trained["text_encoder"] = text_encoder
+
+    def _setup_data(self) -> None:
+        config, bundle, device, dtype = self.config, self.bundle, self.device, self.precision.frozen_dtype
+        captions = [e.caption for e in self.instances + self.classes]
+        if not config.train_text_encoder and config.precompute_text_embeddings:
+            self.run._emit(Progress("caching", message=f"Encoding {len(set(captions))} captions"))
+            with placed([bundle.text_encoder], device, dtype):
+                self.text = TextConditioning.precompute(bundle.tokenizer, bundle.text_encoder, captions)
+        else:
+            if not config.train_text_encoder:
+                bundle.text_encoder.to(device, dtype)
+            self.text = TextConditioning(bundle.tokenizer, bundle.text_encoder)
+        cache = None
+        if config.cache_latents and config.crop == "random":
+            log.info("Not caching latents: crop = random needs a new crop every step.")
+        elif config.cache_latents:
+            cache = self._cache_latents()
+        else:
+            bundle.vae.to(device, dtype)
+        common = {"seed": config.seed, "flip_p": config.flip_p, "crop": config.crop, "cache": cache}
+        self.instance_feed = Feeder(bundle.vae, self.instances, is_class=False, **common)
+        self.class_feed = Feeder(bundle.vae, self.classes, is_class=True, **common) if self.classes else None
+
+    def _cache_latents(self) -> LatentCache:
+        cache = LatentCache()
+        total = len(self.instances) + len(self.classes)
+        done = 0
+
+        def tick() -> None:
+            nonlocal done
+            done += 1
+            self.run._emit(Progress("caching", done=done, total=total, message=f"Caching latents {done}/{total}"))
+
+        with placed([self.bundle.vae], self.device, self.precision.frozen_dtype):
+            for examples, is_class in ((self.instances, False), (self.classes, True)):
+                cache.fill(self.bundle.vae, examples, is_class=is_class, flip_p=self.config.flip_p,
+                           crop=self.config.crop, on_item=tick)
+        return cache
+
+    def _setup_optimization(self, state: TrainingState | None) -> int:
+        config = self.config
+        groups = param_groups(config, self.bundle.unet, self.trained.get("text_encoder"))
+        self.optimizer = make_optimizer(config, groups, self.device)
+        self.lr_scheduler = make_lr_scheduler(config, self.optimizer, self.total_steps)
+        self.scaler = torch.amp.GradScaler("cuda") if self.precision.use_grad_scaler else None
+        self.ema = None
+        if config.ema:
+            self.ema = EMA(self.bundle.unet, config.ema_decay, "cpu" if config.ema_on_cpu else self.device)
+        if state is None:
+            return 0
+        _check_resumable(config, state)
+        restore_weights(self.trained, state.weights)
+        self.optimizer.load_state_dict(state.optimizer)
+        self.lr_scheduler.load_state_dict(state.lr_scheduler)
+        changed = apply_changed_options(config, self.optimizer, self.lr_scheduler)
+        if changed:
+            log.info("Resuming with changed options (used from here on): %s", "; ".join(changed))
+        if self.scaler is not None and state.scaler:
+            self.scaler.load_state_dict(state.scaler)
+        if self.ema is not None:
+            if state.ema is None:
+                raise DreamboothError("ema is on but the saved training state has no EMA weights; turn ema off "
+                                      "to resume this run, or start again without resume.")
+            self.ema.load_state_dict(state.ema)
+            self.ema.updates = state.step  # one update per optimizer step: the warm-up continues where it was
+        log.info("Resuming %s at step %d of %d", config.project_name, state.step, self.total_steps)
+        return state.step
+
+    # -- training ---------------------------------------------------------------------------------------
+
+    def train(self, state: TrainingState | None) -> RunResult:
+        self._setup_modules()
+        self._setup_data()
+        step = self._setup_optimization(state)
+        started, start_step, smoothed = time.perf_counter(), step, None
+        te_stop = (math.ceil(self.config.stop_text_encoder * self.total_steps)
+                   if self.config.train_text_encoder else 0)
+        while step < self.total_steps:
+            if self.run.cancelled:
+                return self._cancel(step)
+            train_text = step < te_stop
+            if not train_text and self.bundle.text_encoder.training:
+                self.bundle.text_encoder.eval()  # its training stopped: no dropout, no checkpointed frozen pass
+            loss = self._optimizer_step(step, train_text=train_text)
+            step += 1
+            smoothed = loss if smoothed is None else 0.9 * smoothed + 0.1 * loss
+            self.result.losses.append((step, loss))
+            self._report(step, smoothed, started, start_step)
+            if step < self.total_steps:
+                self._periodic(step)
+        self._sample(step)
+        self.result.step = step
+        self._save_model(step)
+        shutil.rmtree(self.work_dir / "state", ignore_errors=True)  # finished: the state is no longer needed
+        self.run._emit(Progress("finished", step=step, total_steps=self.total_steps,
+                                checkpoint=self.result.checkpoints[-1], message="Training finished"))
+        return self.result
+
+    def _optimizer_step(self, step: int, *, train_text: bool) -> float:
+        accumulation = self.config.gradient_accumulation_steps
+        total = 0.0
+        for k in range(accumulation):
+            micro = step * accumulation + k
+            loss = self._micro_batch_loss(micro, train_text=train_text) / accumulation
+            if self.scaler is not None:
+                self.scaler.scale(loss).backward()
+            else:
+                loss.backward()
+            total += loss.item()
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        if self.config.max_grad_norm > 0:
+            params = [p for group in self.optimizer.param_groups for p in group["params"]]
+            torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update(self.bundle.unet)
+        return total
+
+    def _micro_batch_loss(self, micro: int, *, train_text: bool) -> torch.Tensor:
+        """Instance and class samples of one micro-batch; one UNet pass when their sizes match."""
+        groups = [self.instance_feed.latents(self.instance_plan.batch(micro), micro, self.device) + (False,)]
+        if self.class_feed is not None and self.config.prior_preservation:
+            groups.append(self.class_feed.latents(self.class_plan.batch(micro), micro, self.device) + (True,))
+        per_sample, is_class = [], []
+        shapes_match = len(groups) == 2 and groups[0][0].shape[1:] == groups[1][0].shape[1:]
+        for members in ([groups] if shapes_match else [[g] for g in groups]):
+            latents = torch.cat([g[0] for g in members])
+            captions = [c for g in members for c in g[1]]
+            kinds = [g[2] for g in members for _ in g[1]]
+            per_sample.append(self._denoising_error(latents, captions, kinds, micro, train_text=train_text))
+            is_class.append(torch.tensor(kinds, device=self.device))
+        loss, _, _ = dreambooth_loss(torch.cat(per_sample), torch.cat(is_class), self.config.prior_loss_weight)
+        return loss
+
+    def _noise(self, shape: torch.Size, kinds: list[bool], micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Noise and timestep of each sample, drawn per (step, kind, position): adding class samples to a
+        batch leaves the instance samples' randomness unchanged."""
+        noises, timesteps, position = [], [], {False: 0, True: 0}
+        for is_class in kinds:
+            generator = generator_for(self.config.seed, "noise", micro, is_class, position[is_class])
+            position[is_class] += 1
+            noise = torch.randn(shape[1:], generator=generator)
+            if self.config.noise_offset:
+                noise += self.config.noise_offset * torch.randn((shape[1], 1, 1), generator=generator)
+            noises.append(noise)
+            timesteps.append(torch.randint(0, self.bundle.noise_scheduler.config.num_train_timesteps, (1,),
+                                           generator=generator))
+        return torch.stack(noises).to(self.device), torch.cat(timesteps).to(self.device)
+
+    def _denoising_error(self, latents: torch.Tensor, captions: list[str], kinds: list[bool], micro: int, *,
+                         train_text: bool) -> torch.Tensor:
+        scheduler = self.bundle.noise_scheduler
+        noise, timesteps = self._noise(latents.shape, kinds, micro)
+        noisy = scheduler.add_noise(latents, noise, timesteps)
+        with self._autocast():
+            context = self.text.encode(captions, self.device, grad=train_text)
+            prediction = self.bundle.unet(noisy, timesteps, encoder_hidden_states=context).sample
+        error = per_sample_mse(prediction, training_target(scheduler, latents, noise, timesteps))
+        if self.config.min_snr_gamma:
+            error = error * min_snr_weights(scheduler, timesteps, self.config.min_snr_gamma)
+        return error
+
+    def _autocast(self):
+        if self.precision.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.precision.autocast_dtype)
+
+    # -- reporting, saving, sampling --------------------------------------------------------------------
+
+    def _report(self, step: int, loss: float, started: float, start_step: int) -> None:
+        elapsed = time.perf_counter() - started
+        rate = (step - start_step) / elapsed if elapsed > 0 else None
+        eta = (self.total_steps - step) / rate if rate else None
+        lr = self.lr_scheduler.get_last_lr()[0]
+        self.run._emit(Progress("training", step=step, total_steps=self.total_steps, loss=loss, lr=lr,
+                                it_per_s=rate, eta_s=eta))
+
+    def _periodic(self, step: int) -> None:
+        config = self.config
+        if config.sample_every_n_steps and step % config.sample_every_n_steps == 0:
+            self._sample(step)
+        if config.save_every_n_steps and step % config.save_every_n_steps == 0:
+            self._save_model(step)
+            self._save_state(step)
+
+    def _cancel(self, step: int) -> RunResult:
+        if step > 0:
+            self._save_state(step)
+        self.result.status, self.result.step = "cancelled", step
+        self.run._emit(Progress("cancelled", step=step, total_steps=self.total_steps,
+                                message=f"Cancelled at step {step}; resume continues from there"))
+        return self.result
+
+    def _save_state(self, step: int) -> None:
+        self.run._emit(Progress("saving", step=step, total_steps=self.total_steps, message="Saving training state"))
+        state = TrainingState(
+            step=step, weights=trainable_weights(self.trained),
+            ema={k: v.cpu() for k, v in self.ema.state_dict().items()} if self.ema else None,
+            optimizer=self.optimizer.state_dict(), lr_scheduler=self.lr_scheduler.state_dict(),
+            scaler=self.scaler.state_dict() if self.scaler else None,
+            meta={"project": self.config.project_name, "total_steps": self.total_steps,
+                  "config": to_dict(self.config)})
+        folder = self.work_dir / "state"
+        try:
+            save_state(folder, state)
+        except write_errors() as exc:
+            kept = find_state(folder)
+            raise output_error(exc, f"the training state at step {step}", folder,
+                               "the state saved earlier is kept." if kept else "no earlier state exists.") from exc
+
+    def _save_model(self, step: int) -> Path:
+        config, bundle = self.config, self.bundle
+        path = self.run.host.checkpoint_path(config.project_name, step)
+        self.run._emit(Progress("saving", step=step, total_steps=self.total_steps, message=f"Saving {path.name}"))
+        unet_weights = self.ema.weights_for_export(bundle.unet) if self.ema else None
+        text_encoder = bundle.text_encoder if config.train_text_encoder else None
+        state_dict = build_checkpoint(bundle, bundle.unet, text_encoder=text_encoder,
+                                      precision=config.save_precision, unet_state=unet_weights)
+        concept = config.concepts[0]
+        concepts = [{"token": c.token, "class_word": c.class_word, "instance_prompt": fill_prompt(c.instance_prompt, c),
+                     "class_prompt": fill_prompt(c.class_prompt, c)} for c in config.concepts]
+        extra = {"dreambooth.token": concept.token, "dreambooth.class_word": concept.class_word,
+                 "dreambooth.concepts": json.dumps(concepts),
+                 "dreambooth.learning_rate": str(config.learning_rate),
+                 "dreambooth.resolution": str(config.resolution), "dreambooth.ema": str(bool(self.ema))}
+        metadata = checkpoint_metadata(bundle, title=f"{config.project_name}_{step}", steps=step,
+                                       config_json=json.dumps(to_dict(config)), resolution=config.resolution,
+                                       extra=extra)
+        try:
+            save_checkpoint(state_dict, path, metadata, yaml_text=yaml_for_bundle(bundle))
+        except write_errors() as exc:
+            raise output_error(exc, "the trained model", path,
+                               "models and training state saved earlier are kept.") from exc
+        self.result.checkpoints.append(path)
+        self.run.host.publish(path)
+        return path
+
+    @torch.no_grad()
+    def _sample(self, step: int) -> None:
+        config, bundle = self.config, self.bundle
+        if not config.sample_every_n_steps:
+            return
+        prompts = sample_prompts(config)
+        if not prompts:
+            return
+        self.run._emit(Progress("sampling", step=step, total_steps=self.total_steps, message="Rendering samples"))
+        folder = self.work_dir / "samples"
+        folder.mkdir(parents=True, exist_ok=True)
+        paths = []
+        frozen = [bundle.vae] + ([] if config.train_text_encoder else [bundle.text_encoder])
+        # With EMA on, the samples show the averaged weights: those are what gets exported.
+        averaged = self.ema.applied_to(bundle.unet) if self.ema else contextlib.nullcontext()
+        with placed(frozen, self.device, self.precision.frozen_dtype), averaged:
+            for i, prompt in enumerate(prompts):
+                image = generate_images(bundle, [prompt], negative_prompt=config.sample_negative_prompt,
+                                        steps=config.sample_steps, guidance=config.sample_guidance,
+                                        seed=config.sample_seed, width=config.resolution,
+                                        height=config.resolution, autocast_dtype=self.precision.autocast_dtype)[0]
+                path = folder / f"step{step:06d}_{i}.png"
+                image.save(path)
+                paths.append(path)
+        self.result.samples.extend(paths)
+        self.run._emit(Progress("sampling", step=step, total_steps=self.total_steps, samples=tuple(paths)))

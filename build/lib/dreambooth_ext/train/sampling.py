@@ -1,0 +1,77 @@
+"""Text encoding and DDIM image generation with the run's own modules (no diffusers pipelines: their
+classes do not import with the WebUI's transformers)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+
+import torch
+from diffusers import DDIMScheduler
+from PIL import Image
+
+from ..data.images import tensor_to_image
+
+
+def tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
+    return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                     return_tensors="pt").input_ids
+
+
+def encode_prompts(tokenizer, text_encoder: torch.nn.Module, prompts: list[str]) -> torch.Tensor:
+    """Last hidden states of the text encoder (final layer norm applied), as the WebUI conditions."""
+    device = next(text_encoder.parameters()).device
+    return text_encoder(tokenize(tokenizer, prompts).to(device))[0]
+
+
+@contextlib.contextmanager
+def placed(modules: list[torch.nn.Module], device: torch.device, dtype: torch.dtype | None = None) -> Iterator[None]:
+    """Move modules to a device (and dtype) for a while, then back where each was."""
+    homes = []
+    for module in modules:
+        param = next(module.parameters())
+        homes.append((module, param.device, param.dtype))
+        module.to(device=device, dtype=dtype or param.dtype)
+    try:
+        yield
+    finally:
+        for module, home_device, home_dtype in homes:
+            module.to(device=home_device, dtype=home_dtype)
+
+
+@torch.no_grad()
+def generate_images(bundle, prompts: list[str], *, negative_prompt: str = "", steps: int = 30,
+                    guidance: float = 7.5, seed: int = 0, width: int = 512, height: int = 512,
+                    autocast_dtype: torch.dtype | None = None,
+                    on_step: Callable[[int, int], None] | None = None) -> list[Image.Image]:
+    """Render one image per prompt with DDIM and classifier-free guidance; modules must be placed already."""
+    unet, vae = bundle.unet, bundle.vae
+    device = next(unet.parameters()).device
+    scheduler = DDIMScheduler.from_config(bundle.noise_scheduler.config, clip_sample=False,
+                                          set_alpha_to_one=False, steps_offset=1)
+    scheduler.set_timesteps(steps, device=device)
+    autocast = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype
+                else contextlib.nullcontext())
+    was_training = unet.training
+    unet.eval()
+    try:
+        with autocast:
+            cond = encode_prompts(bundle.tokenizer, bundle.text_encoder, prompts)
+            uncond = encode_prompts(bundle.tokenizer, bundle.text_encoder, [negative_prompt] * len(prompts))
+            context = torch.cat([uncond, cond]).to(device)
+            generator = torch.Generator("cpu").manual_seed(seed)
+            shape = (len(prompts), unet.config.in_channels, height // 8, width // 8)
+            latents = torch.randn(shape, generator=generator).to(device) * scheduler.init_noise_sigma
+            for i, t in enumerate(scheduler.timesteps):
+                model_input = scheduler.scale_model_input(torch.cat([latents, latents]), t)
+                pred = unet(model_input, t, encoder_hidden_states=context.to(unet.dtype)).sample
+                pred_uncond, pred_cond = pred.float().chunk(2)
+                pred = pred_uncond + guidance * (pred_cond - pred_uncond)
+                latents = scheduler.step(pred, t, latents).prev_sample
+                if on_step:
+                    on_step(i + 1, len(scheduler.timesteps))
+            vae_dtype = next(vae.parameters()).dtype
+            decoded = vae.decode((latents / vae.config.scaling_factor).to(vae_dtype)).sample
+    finally:
+        unet.train(was_training)
+    return [tensor_to_image(image.float().cpu()) for image in decoded]

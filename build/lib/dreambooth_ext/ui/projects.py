@@ -1,0 +1,57 @@
+"""Saved projects: `<projects dir>/<name>/project.json`, with names that can never leave that folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .. import config as schema
+from ..errors import DreamboothError
+
+PROJECT_FILE = "project.json"
+
+
+def check_project_name(name: str) -> str:
+    """The name itself when it is a plain folder name; raises DreamboothError saying why not."""
+    if not isinstance(name, str) or not name.strip():
+        raise DreamboothError("The project name is empty: give a name such as 'anna_v1'.")
+    if name != name.strip():
+        raise DreamboothError(f"Project name {name!r} starts or ends with a space; remove it.")
+    if name in (".", "..") or ".." in name:
+        raise DreamboothError(f"Project name {name!r} contains '..'; use letters, digits, spaces, '-', '_' or '.'.")
+    if any(sep in name for sep in ("/", "\\", ":")) or Path(name).is_absolute():
+        raise DreamboothError(f"Project name {name!r} is a path; use a plain name (letters, digits, spaces, "
+                              "'-', '_' or '.'), it becomes a folder inside the projects folder.")
+    if not all(ch.isalnum() or ch in " -_." for ch in name):
+        raise DreamboothError(f"Project name {name!r} has characters that cannot be in a folder name; use "
+                              "letters, digits, spaces, '-', '_' or '.'.")
+    return name
+
+
+def project_file(projects_dir: Path, name: str) -> Path:
+    return Path(projects_dir) / check_project_name(name) / PROJECT_FILE
+
+
+def list_projects(projects_dir: Path) -> list[str]:
+    """Names of the saved projects, sorted."""
+    root = Path(projects_dir)
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if (p / PROJECT_FILE).is_file())
+
+
+def project_info(projects_dir: Path, name: str) -> dict:
+    folder = Path(projects_dir) / check_project_name(name)
+    return {"name": name, "path": str(folder / PROJECT_FILE),
+            "resumable": (folder / "state").is_dir() and any((folder / "state").iterdir())}
+
+
+def save_project(projects_dir: Path, config: schema.Config) -> Path:
+    return schema.save_json(config, project_file(projects_dir, config.project_name))
+
+
+def load_project(projects_dir: Path, name: str) -> schema.Config:
+    path = project_file(projects_dir, name)
+    if not path.is_file():
+        raise DreamboothError(f"There is no saved project {name!r} (looked for {path}); save it first or pick "
+                              "one from the list.")
+    return schema.load_json(path)

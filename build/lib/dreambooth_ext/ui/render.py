@@ -1,0 +1,122 @@
+"""What the tab shows, built from a job status dict: status HTML, the loss chart's data, the sample gallery."""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+MAX_GALLERY = 16  # the newest sample images shown
+
+
+def _fmt_time(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    seconds = int(seconds)
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+def status_html(status: dict[str, Any], note: str = "") -> str:
+    """The status area. `data-state` is what the page's JS reads to know when to stop polling."""
+    state = status.get("state", "idle")
+    parts = [f"<div class='dreambooth-status' data-state='{html.escape(state)}'>"]
+    if note:
+        parts.append(f"<div class='dreambooth-note'>{html.escape(note)}</div>")
+    if state == "idle":
+        parts.append("<p>No training run yet.</p>")
+    else:
+        project = html.escape(status.get("project", ""))
+        parts.append(f"<p><b>{project}</b>: {html.escape(state)}"
+                     + (f" ({html.escape(status['phase'])})" if status.get("phase") else "") + "</p>")
+        if status.get("message"):
+            parts.append(f"<p>{html.escape(status['message'])}</p>")
+        parts.append(_numbers(status))
+    if status.get("error"):
+        parts.append(f"<div class='dreambooth-error'><b>Error</b><pre>{html.escape(status['error'])}</pre></div>")
+    if status.get("warnings"):
+        parts.append(dataset_report_html(status["warnings"]))
+    checkpoints = status.get("checkpoints") or []
+    if checkpoints:
+        items = "".join(f"<li><code>{html.escape(str(p))}</code></li>" for p in checkpoints)
+        parts.append(f"<div class='dreambooth-checkpoints'>Checkpoints written:<ul>{items}</ul></div>")
+    parts.append("</div>")
+    return "".join(parts)
+
+
+def _numbers(status: dict[str, Any]) -> str:
+    cells = []
+    if status.get("total_steps"):
+        cells.append(f"step {status.get('step', 0)}/{status['total_steps']}")
+    elif status.get("total"):
+        cells.append(f"{status.get('done', 0)}/{status['total']}")
+    if status.get("loss") is not None:
+        cells.append(f"loss {status['loss']:.4f}")
+    if status.get("lr") is not None:
+        cells.append(f"lr {status['lr']:.2e}")
+    if status.get("it_per_s"):
+        cells.append(f"{status['it_per_s']:.2f} it/s")
+    if status.get("state") == "running" and status.get("eta_s") is not None:
+        cells.append(f"ETA {_fmt_time(status['eta_s'])}")
+    return f"<p class='dreambooth-numbers'>{html.escape(' · '.join(cells))}</p>" if cells else ""
+
+
+def dataset_report_html(warnings: list[str], errors: list[str] | None = None) -> str:
+    """The dataset check's findings: errors (training cannot work) first, then warnings."""
+    if not warnings and not errors:
+        return "<div class='dreambooth-note'>Dataset check: no problems found.</div>"
+    items = "".join(f"<li class='dreambooth-error'>{html.escape(e)}</li>" for e in errors or [])
+    items += "".join(f"<li>{html.escape(w)}</li>" for w in warnings)
+    return f"<div class='dreambooth-warning dreambooth-dataset'><b>Dataset check</b><ul>{items}</ul></div>"
+
+
+def error_html(message: str) -> str:
+    return (f"<div class='dreambooth-status' data-state='failed'><div class='dreambooth-error'><b>Error</b>"
+            f"<pre>{html.escape(message)}</pre></div></div>")
+
+
+def message_html(message: str, *, error: bool = False) -> str:
+    css = "dreambooth-error" if error else "dreambooth-note"
+    return f"<div class='{css}'><pre>{html.escape(message)}</pre></div>"
+
+
+def model_summary_html(summary: dict[str, Any]) -> str:
+    """Which checkpoint and VAE an empty base_model trains (the loaded model in the WebUI)."""
+    rows = []
+    if summary.get("title"):
+        title = html.escape(summary["title"])
+        digest = f" <code>[{html.escape(summary['hash'])}]</code>" if summary.get("hash") else ""
+        rows.append(f"<p>Checkpoint to train: <b>{title}</b>{digest}"
+                    + (f" ({html.escape(summary['family'])})" if summary.get("family") else "") + "</p>")
+        rows.append(f"<p>VAE: {html.escape(summary.get('vae') or 'the checkpoint’s own')}</p>")
+    if summary.get("problem"):
+        rows.append(f"<p class='dreambooth-warning'>{html.escape(summary['problem'])}</p>")
+    return "<div class='dreambooth-model'>" + "".join(rows) + "</div>"
+
+
+def loss_frame(status: dict[str, Any]):
+    """The loss history as the DataFrame gr.LinePlot takes (columns step, loss); None before the first loss (the
+    chart then draws nothing: an empty table would make its plotting library warn about an empty scale)."""
+    import pandas as pd  # a gradio dependency; imported here so the engine never needs it
+
+    losses = status.get("losses") or []
+    if not losses:
+        return None
+    return pd.DataFrame({"step": pd.Series([s for s, _ in losses], dtype="int64"),
+                         "loss": pd.Series([v for _, v in losses], dtype="float64")})
+
+
+def gallery_items(status: dict[str, Any]) -> list[tuple[Image.Image, str]]:
+    """The newest sample images as (image, caption). Images, not paths: gradio 4 refuses to serve files from
+    folders it was not told about, and the samples live in the project's folder."""
+    items = []
+    for path in (status.get("samples") or [])[-MAX_GALLERY:]:
+        try:
+            with Image.open(path) as image:
+                items.append((image.convert("RGB"), Path(path).name))
+        except OSError:
+            continue  # a sample removed since (e.g. the project was deleted): show the rest
+    return items

@@ -1,0 +1,368 @@
+"""The Dreambooth tab, built from the schema: every option in `config.OPTIONS` / `CONCEPT_OPTIONS` becomes a
+widget in its group; nothing here defines an option. The handlers are methods, so tests call them directly."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import gradio as gr
+
+from .. import config as schema
+from ..data.checks import check_dataset
+from ..errors import DreamboothError
+from . import projects, render
+from .adapter import HostAdapter
+from .jobs import FINISHED, JobManager, error_message, log_failure
+from .widgets import HIDDEN, js_kwarg, option_grid, update
+
+log = logging.getLogger(__name__)
+
+CONCEPT_SLOTS = 3
+DEFAULT_PICK = "(default: base_model, else the loaded model)"
+GROUP_TITLES = {"model": "Model", "concepts": "Concepts", "training": "Training", "memory": "Memory and speed",
+                "saving": "Saving", "samples": "Sample images"}
+OPEN_GROUPS = ("model", "concepts")
+
+
+class DreamboothTab:
+    def __init__(self, adapter: HostAdapter, jobs: JobManager, *, concept_slots: int = CONCEPT_SLOTS):
+        self.adapter, self.jobs, self.concept_slots = adapter, jobs, concept_slots
+        self.options = tuple(schema.OPTIONS)  # read at build time, so a changed schema changes the tab
+        self.concept_options = tuple(schema.CONCEPT_OPTIONS)
+        self.widgets: dict[str, gr.components.Component] = {}
+        self.concept_widgets: list[dict[str, gr.components.Component]] = []
+        self.blocks: gr.Blocks | None = None
+
+    # -- the form <-> a Config --------------------------------------------------------------------------
+
+    @property
+    def form(self) -> list[gr.components.Component]:
+        """Every option widget in a fixed order: the options, then each concept slot's options."""
+        return [self.widgets[o.name] for o in self.options] + [
+            slot[o.name] for slot in self.concept_widgets for o in self.concept_options]
+
+    def collect(self, values: Sequence[Any]) -> schema.Config:
+        """The form's values as a Config (checked per field by the schema). A concept slot with an empty image
+        folder is unused; the first slot always counts, so an empty form says which folder is missing."""
+        values = list(values)
+        n = len(self.options)
+        data: dict[str, Any] = dict(zip([o.name for o in self.options], values[:n], strict=True))
+        size = len(self.concept_options)
+        concepts = []
+        for i in range(self.concept_slots):
+            chunk = values[n + i * size: n + (i + 1) * size]
+            concept = dict(zip([o.name for o in self.concept_options], chunk, strict=True))
+            if i == 0 or str(concept.get("instance_dir") or "").strip():
+                concepts.append(concept)
+        data["concepts"] = concepts
+        return schema.from_dict(data)
+
+    def form_values(self, config: schema.Config) -> list[Any]:
+        """The values that show `config` in the form (the inverse of `collect`)."""
+        if len(config.concepts) > self.concept_slots:
+            raise DreamboothError(f"Project {config.project_name!r} has {len(config.concepts)} concepts; this tab "
+                                  f"edits up to {self.concept_slots}. Train it with the API or the command line.")
+        values = [getattr(config, o.name) for o in self.options]
+        for i in range(self.concept_slots):
+            concept = config.concepts[i] if i < len(config.concepts) else None
+            for o in self.concept_options:
+                values.append(getattr(concept, o.name) if concept else ("" if o.name == "instance_dir" else o.default))
+        return values
+
+    # -- building ---------------------------------------------------------------------------------------
+
+    def build(self) -> gr.Blocks:
+        with gr.Blocks(analytics_enabled=False) as blocks:
+            with gr.Row(equal_height=False):
+                with gr.Column(scale=3):
+                    self._project_row()
+                    for group in schema.GROUPS:
+                        with gr.Accordion(GROUP_TITLES.get(group, group.capitalize()), open=group in OPEN_GROUPS,
+                                          elem_id=f"dreambooth_group_{group}"):
+                            if group == "model":
+                                self._model_info()
+                            if group == "concepts":
+                                self._concept_slots()
+                            self.widgets.update(option_grid(
+                                [o for o in self.options if o.group == group], "dreambooth_"))
+                    self._ungrouped_options()
+                with gr.Column(scale=2):
+                    self._run_panel()
+            self._wire()
+        self.blocks = blocks
+        return blocks
+
+    def _ungrouped_options(self) -> None:
+        rest = [o for o in self.options if o.name not in self.widgets]
+        if rest:  # an option whose group the tab has no place for still gets a widget
+            with gr.Accordion("Other", open=False):
+                self.widgets.update(option_grid(rest, "dreambooth_"))
+
+    def _project_row(self) -> None:
+        names = projects.list_projects(self.adapter.projects_dir())
+        with gr.Row(elem_id="dreambooth_project_row"):
+            self.project_pick = gr.Dropdown(choices=names, value=None, label="Saved projects",
+                                            elem_id="dreambooth_project_pick")
+            self.project_refresh = gr.Button("Refresh list", elem_id="dreambooth_project_refresh")
+            self.project_load = gr.Button("Load", elem_id="dreambooth_project_load")
+            self.project_save = gr.Button("Save", elem_id="dreambooth_project_save")
+        self.project_message = gr.HTML(elem_id="dreambooth_project_message")
+        # For the page's JS: which names exist (to confirm an overwrite), and the answer it got.
+        self.existing_projects = gr.Textbox(json.dumps(names), visible=False, elem_id="dreambooth_existing_projects")
+        self.overwrite = gr.Checkbox(False, visible=False, elem_id="dreambooth_overwrite")
+
+    def _model_info(self) -> None:
+        self.model_html = gr.HTML(self._summary_html(), elem_id="dreambooth_model_info")
+        with gr.Row():
+            self.checkpoint_pick = gr.Dropdown(
+                choices=[DEFAULT_PICK] + self._titles(), value=DEFAULT_PICK, label="Train another checkpoint",
+                info="Train this checkpoint instead of base_model / the loaded model.",
+                elem_id="dreambooth_checkpoint_pick")
+            self.model_refresh = gr.Button("Refresh", elem_id="dreambooth_model_refresh")
+
+    def _concept_slots(self) -> None:
+        for i in range(self.concept_slots):
+            with gr.Accordion(f"Concept {i + 1}" + ("" if i == 0 else " (optional)"), open=i == 0):
+                values = {"instance_dir": ""} if i else {}
+                self.concept_widgets.append(option_grid(self.concept_options, f"dreambooth_c{i}_", values))
+
+    def _run_panel(self) -> None:
+        with gr.Row():
+            self.start_button = gr.Button("Start training", variant="primary", elem_id="dreambooth_start")
+            self.resume_button = gr.Button("Resume", elem_id="dreambooth_resume")
+            self.cancel_button = gr.Button("Cancel", variant="stop", elem_id="dreambooth_cancel")
+            self.check_button = gr.Button("Check dataset", elem_id="dreambooth_check")
+        self.dataset_report = gr.HTML(elem_id="dreambooth_dataset_report")
+        self.task_id = gr.Textbox(visible=False, elem_id="dreambooth_task_id")
+        gr.HTML("<div id='dreambooth_progressbar'></div>", elem_id="dreambooth_progress_container")
+        self.status = gr.HTML(render.status_html(self.jobs.status()), elem_id="dreambooth_status")
+        status = self.jobs.status()
+        self.chart = gr.LinePlot(render.loss_frame(status), x="step", y="loss", title="Loss (smoothed)", height=220,
+                                 visible=bool(status.get("losses")), elem_id="dreambooth_loss_chart")
+        self.gallery = gr.Gallery(label="Sample images", columns=4, elem_id="dreambooth_gallery")
+        self.load_model_button = gr.Button("Load this model now", visible=False, elem_id="dreambooth_load_model")
+        # Changed after each action that may change the host's checkpoint list or selection (CSS-hidden, not
+        # visible=False: a component that is not rendered fires no change event).
+        self.selection_token = gr.Textbox("", elem_id="dreambooth_selection_token", elem_classes=HIDDEN)
+        self.seen = gr.State(None)  # what the page already shows, so polling sends the chart/gallery only on change
+        self.refresh_button = gr.Button("refresh", elem_id="dreambooth_refresh", elem_classes=HIDDEN)
+        # Clicked once by the page's JS when it loads: the form comes back as the last run had it.
+        self.restore_button = gr.Button("restore", elem_id="dreambooth_restore", elem_classes=HIDDEN)
+
+    def _wire(self) -> None:
+        form = self.form
+        view = [self.chart, self.gallery, self.seen, self.load_model_button]
+        # the status HTML last: the host appends its timing to it
+        start_outputs = view + [self.checkpoint_pick, self.selection_token, self.status]
+        run_inputs = [self.task_id, self.checkpoint_pick, self.seen] + form
+        self._gpu_run = self.adapter.foreground(self._run_job, [update()] * (len(start_outputs) - 1))
+        quiet = {"show_progress": "hidden"}  # progress shows in the status area and the host's progress bar
+        self.start_button.click(self.start, run_inputs, start_outputs, **quiet, **js_kwarg("dreambooth_start"))
+        self.resume_button.click(self.resume, run_inputs, start_outputs, **quiet, **js_kwarg("dreambooth_start"))
+        self.load_model_button.click(self.load_model, [], [self.project_message, self.selection_token])
+        self.cancel_button.click(self.cancel, [self.seen], view + [self.status], **quiet)
+        self.check_button.click(self.check_dataset, form, [self.dataset_report])
+        self.refresh_button.click(self.refresh, [self.seen], view + [self.status, self.model_html], **quiet)
+        self.model_refresh.click(self.refresh_model, [], [self.model_html, self.checkpoint_pick])
+        self.project_refresh.click(self.refresh_projects, [], [self.project_pick, self.existing_projects])
+        save_inputs = [self.overwrite, self.existing_projects, self.widgets["project_name"]] + form
+        self.project_save.click(self.save, save_inputs,
+                                [self.project_pick, self.existing_projects, self.project_message],
+                                **js_kwarg("dreambooth_confirm_save"))
+        self.project_load.click(self.load, [self.project_pick], form + [self.project_message])
+        self.restore_button.click(self.restore_form, [], form, show_progress="hidden")
+
+    def attach_checkpoint_dropdown(self, dropdown: gr.components.Component) -> None:
+        """Keep the host's checkpoint dropdown in step with what Start, Resume and "Load this model now" did.
+
+        The WebUI creates that dropdown (a quicksetting) after the extension tabs, so it is attached when it
+        appears (the host's after-component callback, inside its page's Blocks), not while the tab is built. Those
+        handlers end by changing `selection_token`; its change event redraws the dropdown.
+        """
+        self.selection_token.change(self.checkpoint_dropdown_update, [], [dropdown], show_progress="hidden")
+
+    def checkpoint_dropdown_update(self) -> dict:
+        """The host's dropdown with its fresh choices and the host's selected checkpoint."""
+        if self.adapter.checkpoint_selection is None:
+            return update()
+        try:
+            choices, selected = self.adapter.checkpoint_selection()
+        except Exception:  # noqa: BLE001 - the dropdown keeps what it shows; the log says why
+            log.exception("Reading the host's checkpoint list failed")
+            return update()
+        return update(choices=choices, value=selected)
+
+    # -- handlers ---------------------------------------------------------------------------------------
+
+    def start(self, task_id: str, pick: str | None, seen: Any, *values: Any, resume: bool = False) -> list:
+        try:
+            config = schema.validate(self.collect(values))
+            self.jobs.check_free()
+            config, host = self.adapter.prepare_checked(config, None if pick in (None, "", DEFAULT_PICK) else pick)
+            job = self.jobs.claim(config, resume=resume)
+        except DreamboothError as exc:
+            return self._start_outputs(self.jobs.status(), seen, error=error_message(exc))
+        outputs = list(self._gpu_run(task_id, job, host))
+        status = job.status
+        if (status.state == FINISHED and status.checkpoints and self.adapter.load_checkpoint
+                and self.adapter.load_after_training()):
+            note = self._load_checkpoint(status.checkpoints[-1])
+            outputs[-1] = render.message_html(note) + outputs[-1]
+        return outputs
+
+    def resume(self, task_id: str, pick: str | None, seen: Any, *values: Any) -> list:
+        return self.start(task_id, pick, seen, *values, resume=True)
+
+    def _run_job(self, task_id: str, job, host) -> list:
+        status = job.run(host)
+        return self._start_outputs(status.to_dict(), None)
+
+    def _start_outputs(self, status: dict, seen: Any, error: str = "") -> list:
+        chart, gallery, seen, load_button, status_html = self._view(status, with_notice(seen, error))
+        return [chart, gallery, seen, load_button, update(choices=[DEFAULT_PICK] + self._titles()), new_token(),
+                status_html]
+
+    def _view(self, status: dict, seen: Any) -> list:
+        """Chart, gallery, what the page now shows (`seen`), the Load button and the status HTML.
+
+        `seen` = [run start, loss points, samples, model version, notice]: the chart and gallery are sent only
+        when they changed; the model version is the one `refresh` last drew the model box for; the notice (the
+        last action's error) stays above the status until the next action, however often the page polls."""
+        valid = isinstance(seen, list) and len(seen) == SEEN_FIELDS
+        key = [status.get("started_at"), len(status.get("losses") or []), len(status.get("samples") or []),
+               seen[3] if valid else None, seen[4] if valid else ""]
+        same_run = valid and seen[0] == key[0]
+        chart = update() if same_run and seen[1] == key[1] else update(value=render.loss_frame(status),
+                                                                       visible=key[1] > 0)
+        gallery = update() if same_run and seen[2] == key[2] else render.gallery_items(status)
+        can_load = bool(self.adapter.load_checkpoint and status.get("state") == FINISHED and status.get("checkpoints"))
+        status_html = render.status_html(status)
+        if key[4]:
+            status_html = render.message_html(key[4], error=True) + status_html
+        return [chart, gallery, key, update(visible=can_load), status_html]
+
+    def refresh(self, seen: Any = None) -> list:
+        """The polled view, plus the model box when the host loaded another model since it was drawn (also on
+        the page's first poll: the box built with the tab predates the host's model)."""
+        outputs = self._view(self.jobs.status(), seen)
+        version = self.adapter.model_version()
+        if outputs[2][3] == version:
+            return outputs + [update()]
+        outputs[2][3] = version
+        return outputs + [self._summary_html()]
+
+    def cancel(self, seen: Any = None) -> list:
+        stopping = self.jobs.cancel()
+        outputs = self._view(self.jobs.status(), with_notice(seen, ""))
+        note = "Cancelling: the run stops after this step and keeps its state for Resume." if stopping else \
+            "No training run is active."
+        outputs[-1] = render.message_html(note) + outputs[-1]
+        return outputs
+
+    def check_dataset(self, *values: Any) -> str:
+        """The dataset check a run starts with, on the form as it is (no model is loaded)."""
+        try:
+            report = check_dataset(schema.validate(self.collect(values)))
+        except DreamboothError as exc:
+            return render.message_html(error_message(exc), error=True)
+        return render.dataset_report_html(report.warnings, report.errors)
+
+    def refresh_model(self) -> list:
+        return [self._summary_html(), update(choices=[DEFAULT_PICK] + self._titles())]
+
+    def load_model(self) -> list:
+        """Load the last run's result and make it the host's selected checkpoint (its dropdown follows)."""
+        checkpoints = self.jobs.status().get("checkpoints") or []
+        if not checkpoints or not self.adapter.load_checkpoint:
+            return [render.message_html("No finished model to load.", error=True), update()]
+        note = self._load_checkpoint(checkpoints[-1])
+        return [render.message_html(note, error=note.startswith("Could not")), new_token()]
+
+    def _load_checkpoint(self, path: str) -> str:
+        try:
+            return "Loaded " + self.adapter.queued(self.adapter.load_checkpoint)(path)
+        except Exception as exc:  # noqa: BLE001 - shown to the user; unexpected ones with a traceback in the log
+            log_failure(exc, f"Loading {path}")
+            return f"Could not load {path}: {error_message(exc)}"
+
+    def restore_form(self) -> list:
+        """The form of the active or last run (after a page reload the page would show the defaults, and Resume
+        would resume a project the user did not mean); unchanged when there was no run."""
+        config = self.jobs.last_config
+        if config is None:
+            return [update() for _ in self.form]
+        try:
+            return self.form_values(config)
+        except DreamboothError:  # more concepts than the tab has slots
+            return [update() for _ in self.form]
+
+    def refresh_projects(self) -> list:
+        names = projects.list_projects(self.adapter.projects_dir())
+        return [update(choices=names), json.dumps(names)]
+
+    def save(self, overwrite: bool, existing: str, name: str, *values: Any) -> list:
+        try:
+            config = self.collect(values)
+            path = projects.project_file(self.adapter.projects_dir(), config.project_name)
+            if path.exists() and not overwrite:
+                raise DreamboothError(f"Project {config.project_name!r} exists already; not overwritten. Save again "
+                                      "and confirm, or change project_name.")
+            projects.save_project(self.adapter.projects_dir(), config)
+            message, is_error = f"Saved {path}", False
+        except DreamboothError as exc:
+            message, is_error, config = error_message(exc), True, None
+        names = projects.list_projects(self.adapter.projects_dir())
+        value = config.project_name if config is not None else update()
+        return [update(choices=names, value=value), json.dumps(names), render.message_html(message, error=is_error)]
+
+    def load(self, name: str | None) -> list:
+        try:
+            if not name:
+                raise DreamboothError("Pick a saved project in the list first.")
+            config = projects.load_project(self.adapter.projects_dir(), name)
+            values = self.form_values(config)
+        except DreamboothError as exc:
+            return [update() for _ in self.form] + [render.message_html(error_message(exc), error=True)]
+        return values + [render.message_html(f"Loaded project {name!r}")]
+
+    # -- host information -------------------------------------------------------------------------------
+
+    def _titles(self) -> list[str]:
+        try:
+            return list(self.adapter.checkpoint_titles())
+        except Exception:  # noqa: BLE001 - a listing failure must not break the tab
+            log.exception("Listing checkpoints failed")
+            return []
+
+    def _summary_html(self) -> str:
+        try:
+            return render.model_summary_html(self.adapter.model_summary())
+        except Exception as exc:  # noqa: BLE001
+            log.exception("Reading the loaded model failed")
+            return render.message_html(f"Could not read the loaded model: {error_message(exc)}", error=True)
+
+
+SEEN_FIELDS = 5
+
+
+def with_notice(seen: Any, notice: str) -> list:
+    """`seen` with the notice replaced (an action clears the previous action's error, or sets its own)."""
+    if isinstance(seen, list) and len(seen) == SEEN_FIELDS:
+        return [*seen[:4], notice]
+    return [None, None, None, None, notice]
+
+
+def new_token() -> str:
+    """A value `selection_token` has never had, so its change event fires."""
+    return str(time.time_ns())
+
+
+def build_tab(adapter: HostAdapter, jobs: JobManager, *, concept_slots: int = CONCEPT_SLOTS) -> DreamboothTab:
+    """Build the tab's gr.Blocks (in `.blocks`); returns the tab object with its widgets and handlers."""
+    tab = DreamboothTab(adapter, jobs, concept_slots=concept_slots)
+    tab.build()
+    return tab
