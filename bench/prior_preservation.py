@@ -38,7 +38,6 @@ from dreambooth_ext.models.bundle import load_bundle_from_file  # noqa: E402
 from dreambooth_ext.models.tiny import save_tiny_checkpoint  # noqa: E402
 from dreambooth_ext.train.loss import per_sample_mse, training_target  # noqa: E402
 from dreambooth_ext.train.run import TrainingRun  # noqa: E402
-from dreambooth_ext.train.sampling import encode_prompts  # noqa: E402
 
 EVAL_TIMESTEPS = (50, 150, 300, 500)
 
@@ -93,12 +92,12 @@ def predictions(bundle, examples) -> tuple[torch.Tensor, torch.Tensor]:
     for example in examples:
         pixels = prepare_image(example.path, example.size, "center", False)[None]
         latents = bundle.vae.encode(pixels).latent_dist.mean * bundle.vae.config.scaling_factor
-        context = encode_prompts(bundle.tokenizer, bundle.text_encoder, [example.caption])
+        conditioning = bundle.encode([example.caption])
         for t in EVAL_TIMESTEPS:
             timestep = torch.tensor([t])
             noise = torch.randn(latents.shape, generator=generator)
             noisy = bundle.noise_scheduler.add_noise(latents, noise, timestep)
-            preds.append(bundle.unet(noisy, timestep, encoder_hidden_states=context).sample)
+            preds.append(bundle.unet(noisy, timestep, **conditioning.unet_kwargs()).sample)
             targets.append(training_target(bundle.noise_scheduler, latents, noise, timestep))
     return torch.cat(preds), torch.cat(targets)
 

@@ -14,7 +14,7 @@ from dreambooth_ext.models.tokenizer import load_tokenizer
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return load_tokenizer("sd1")
+    return load_tokenizer()
 
 
 def photos(folder: Path, count: int = 3, size: int = 64) -> Path:

@@ -23,9 +23,8 @@ from dreambooth_ext.models.bundle import (
     probe_v_prediction,
     resolve_prediction_type,
 )
-from dreambooth_ext.models.family import detect_family, normalize_keys
+from dreambooth_ext.models.family import SD1_TEXT_PREFIX, SD2_TEXT_PREFIX, detect_family, family_named, normalize_keys
 from dreambooth_ext.models.tiny import save_tiny_checkpoint, tiny_checkpoint
-from dreambooth_ext.models.tokenizer import load_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +50,7 @@ def _small_state_dict() -> dict:
 def test_round_trip_is_bit_for_bit(tiny, family):
     sd = tiny(family)
     bundle = load_bundle(sd, prediction_type="epsilon")
-    out = export.build_checkpoint(bundle, bundle.unet, bundle.text_encoder, bundle.vae, precision="fp32")
+    out = export.build_checkpoint(bundle, bundle.unet, bundle.text_encoders, bundle.vae, precision="fp32")
     assert out.keys() == sd.keys()
     different = [k for k in sd if out[k].dtype != sd[k].dtype or not torch.equal(out[k], sd[k])]
     assert different == []
@@ -63,15 +62,15 @@ def test_round_trip_is_bit_for_bit(tiny, family):
 @pytest.mark.parametrize("family", ["sd1", "sd2"])
 def test_modules_from_round_tripped_dict_compute_the_same(tiny, family):
     first = load_bundle(tiny(family), prediction_type="epsilon")
-    again = load_bundle(export.build_checkpoint(first, first.unet, first.text_encoder, first.vae, "fp32"),
+    again = load_bundle(export.build_checkpoint(first, first.unet, first.text_encoders, first.vae, "fp32"),
                         prediction_type="epsilon")
     gen = torch.Generator().manual_seed(1)
     latents = torch.randn(1, 4, 8, 8, generator=gen)
     ids = torch.tensor([[49406, 320, 1125, 49407] + [49407] * 4])
     with torch.no_grad():
         for bundle_a, bundle_b in [(first, again)]:
-            hidden_a = bundle_a.text_encoder(ids).last_hidden_state
-            assert torch.equal(hidden_a, bundle_b.text_encoder(ids).last_hidden_state)
+            hidden_a = bundle_a.text_encoders[0](ids).last_hidden_state
+            assert torch.equal(hidden_a, bundle_b.text_encoders[0](ids).last_hidden_state)
             out_a = bundle_a.unet(latents, torch.tensor([10]), encoder_hidden_states=hidden_a).sample
             assert torch.equal(out_a, bundle_b.unet(latents, torch.tensor([10]), encoder_hidden_states=hidden_a).sample)
             image = bundle_a.vae.decode(latents).sample
@@ -81,10 +80,10 @@ def test_modules_from_round_tripped_dict_compute_the_same(tiny, family):
 
 def test_sd2_text_encoder_uses_penultimate_layer_and_keeps_last_block_from_base(tiny):
     sd = tiny("sd2")
-    config = convert.text_encoder_config_from_ldm(sd, "sd2")
+    config = convert.open_clip_config_from_ldm(sd, SD2_TEXT_PREFIX, skip_last_layer=True)
     assert (config.num_hidden_layers, config.hidden_act, config.num_attention_heads) == (2, "gelu", 1)
-    text = convert.text_encoder_from_ldm(sd, "sd2")
-    mapped = convert.text_encoder_to_ldm(text.state_dict(), "sd2")
+    (text,) = family_named("sd2").text_encoders_from_ldm(sd)
+    mapped = family_named("sd2").text_encoders_to_ldm((text.state_dict(),))
     assert not any(".resblocks.2." in k for k in mapped)
     weight = sd["cond_stage_model.model.transformer.resblocks.1.attn.in_proj_weight"]
     assert torch.equal(text.text_model.encoder.layers[1].self_attn.k_proj.weight, weight[32:64])
@@ -92,14 +91,14 @@ def test_sd2_text_encoder_uses_penultimate_layer_and_keeps_last_block_from_base(
 
 
 def test_sd1_text_config_from_shapes(tiny):
-    config = convert.text_encoder_config_from_ldm(tiny("sd1"), "sd1")
+    config = convert.clip_config_from_ldm(tiny("sd1"), SD1_TEXT_PREFIX, hidden_act="quick_gelu")
     assert (config.vocab_size, config.hidden_size, config.max_position_embeddings) == (49408, 32, 77)
     assert (config.intermediate_size, config.num_hidden_layers, config.hidden_act) == (64, 2, "quick_gelu")
 
 
 @pytest.mark.parametrize("family", ["sd1", "sd2"])
 def test_inferred_unet_config(tiny, family):
-    config = convert.unet_config_from_ldm(tiny(family), family)
+    config = convert.unet_config_from_ldm(tiny(family), family_named(family))
     assert config["block_out_channels"] == (32, 64)
     assert config["layers_per_block"] == 1
     assert config["down_block_types"] == ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D")
@@ -114,14 +113,15 @@ def test_inferred_unet_config(tiny, family):
 
 
 def test_sd_sized_config_heads():
-    config = convert.make_unet_config(family="sd2", block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
-                                      attention_levels=(True, True, True, False), cross_attention_dim=1024)
+    config = convert.make_unet_config(family=family_named("sd2"), block_out_channels=(320, 640, 1280, 1280),
+                                      layers_per_block=2, attention_levels=(True, True, True, False),
+                                      cross_attention_dim=1024)
     assert config["attention_head_dim"] == (5, 10, 20, 20)
     assert config["down_block_types"][-1] == "DownBlock2D" and config["up_block_types"][0] == "UpBlock2D"
 
 
 def test_inferred_vae_config(tiny):
-    config = convert.vae_config_from_ldm(tiny("sd1"))
+    config = convert.vae_config_from_ldm(tiny("sd1"), family_named("sd1"))
     assert config["block_out_channels"] == (32, 32, 32, 32)
     assert (config["layers_per_block"], config["latent_channels"], config["scaling_factor"]) == (1, 4, 0.18215)
 
@@ -129,14 +129,14 @@ def test_inferred_vae_config(tiny):
 def test_vae_attention_is_conv_in_ldm_and_linear_in_diffusers(tiny):
     sd = tiny("sd1")
     assert sd["first_stage_model.decoder.mid.attn_1.q.weight"].shape == (32, 32, 1, 1)
-    vae = convert.vae_from_ldm(sd)
+    vae = convert.vae_from_ldm(sd, family_named("sd1"))
     assert vae.decoder.mid_block.attentions[0].to_q.weight.shape == (32, 32)
 
 
 def test_text_encoder_ignores_a_damaged_position_ids_buffer(tiny):
     sd = tiny("sd1")
     sd["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.arange(77.0)[None] - 0.001
-    model = convert.text_encoder_from_ldm(sd, "sd1")
+    (model,) = family_named("sd1").text_encoders_from_ldm(sd)
     assert torch.equal(model.text_model.embeddings.position_ids, torch.arange(77)[None])
 
 
@@ -144,7 +144,7 @@ def test_missing_weight_is_refused(tiny):
     sd = tiny("sd1")
     del sd["model.diffusion_model.middle_block.1.proj_out.weight"]
     with pytest.raises(DreamboothError, match="proj_out"):
-        convert.unet_from_ldm(sd, "sd1")
+        convert.unet_from_ldm(sd, family_named("sd1"))
 
 
 def test_tiny_checkpoint_is_seeded_and_leaves_global_rng_alone():
@@ -190,7 +190,7 @@ def test_live_wrapped_keys_normalize(tiny):
         normal = normalize_keys(live)
         assert normal.keys() == sd.keys()
         assert all(normal[k] is sd[k] for k in sd)
-        assert detect_family(normal) == family
+        assert detect_family(normal).name == family
 
 
 def test_sdxl_is_refused():
@@ -339,14 +339,14 @@ def test_export_uses_the_trained_weights(tiny):
     bundle = load_bundle(tiny("sd1"), prediction_type="epsilon")
     with torch.no_grad():
         bundle.unet.conv_in.weight.add_(1.0)
-        bundle.text_encoder.text_model.final_layer_norm.bias.add_(1.0)
+        bundle.text_encoders[0].text_model.final_layer_norm.bias.add_(1.0)
     key_unet = "model.diffusion_model.input_blocks.0.0.weight"
     key_text = "cond_stage_model.transformer.text_model.final_layer_norm.bias"
     without_text = export.build_checkpoint(bundle, bundle.unet, precision="fp32")
     assert torch.equal(without_text[key_unet], bundle.unet.conv_in.weight)
     assert torch.equal(without_text[key_text], bundle.base[key_text])  # text encoder not given: base kept
-    with_text = export.build_checkpoint(bundle, bundle.unet, bundle.text_encoder, precision="fp32")
-    assert torch.equal(with_text[key_text], bundle.text_encoder.text_model.final_layer_norm.bias)
+    with_text = export.build_checkpoint(bundle, bundle.unet, bundle.text_encoders, precision="fp32")
+    assert torch.equal(with_text[key_text], bundle.text_encoders[0].text_model.final_layer_norm.bias)
     averaged = {k: v + 2.0 for k, v in bundle.unet.state_dict().items()}  # e.g. EMA weights
     with_ema = export.build_checkpoint(bundle, bundle.unet, precision="fp32", unet_state=averaged)
     assert torch.equal(with_ema[key_unet], averaged["conv_in.weight"])
@@ -412,7 +412,7 @@ def test_v_prediction_save_writes_matching_yaml(tiny, tmp_path):
 
 @pytest.mark.parametrize("family,pad", [("sd1", 49407), ("sd2", 0)])
 def test_tokenizer(family, pad):
-    tokenizer = load_tokenizer(family)
+    (tokenizer,) = family_named(family).tokenizers()
     assert tokenizer("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
     assert len(tokenizer) == 49408 and tokenizer.model_max_length == 77
     assert tokenizer.pad_token_id == pad
@@ -423,15 +423,16 @@ def test_tokenizer(family, pad):
 def test_prediction_type_sources():
     v_yaml = "model:\n  params:\n    parameterization: \"v\"\n    timesteps: 1000\n"
     eps_yaml = "model:\n  params:\n    timesteps: 1000\n"
-    assert resolve_prediction_type("sd2", "epsilon", yaml_text=v_yaml) == "epsilon"
-    assert resolve_prediction_type("sd1", "v_prediction") == "v_prediction"
-    assert resolve_prediction_type("sd1", "auto", yaml_text=v_yaml) == "epsilon"
-    assert resolve_prediction_type("sd2", "auto", yaml_text=v_yaml) == "v_prediction"
-    assert resolve_prediction_type("sd2", "auto", yaml_text=eps_yaml) == "epsilon"
-    assert resolve_prediction_type("sd2", "auto", metadata={"modelspec.prediction_type": "v"}) == "v_prediction"
-    assert resolve_prediction_type("sd2", "auto", metadata={"modelspec.prediction_type": "epsilon"}) == "epsilon"
+    assert resolve_prediction_type(family_named("sd2"), "epsilon", yaml_text=v_yaml) == "epsilon"
+    assert resolve_prediction_type(family_named("sd1"), "v_prediction") == "v_prediction"
+    assert resolve_prediction_type(family_named("sd1"), "auto", yaml_text=v_yaml) == "epsilon"
+    assert resolve_prediction_type(family_named("sd2"), "auto", yaml_text=v_yaml) == "v_prediction"
+    assert resolve_prediction_type(family_named("sd2"), "auto", yaml_text=eps_yaml) == "epsilon"
+    sd2 = family_named("sd2")
+    assert resolve_prediction_type(sd2, "auto", metadata={"modelspec.prediction_type": "v"}) == "v_prediction"
+    assert resolve_prediction_type(sd2, "auto", metadata={"modelspec.prediction_type": "epsilon"}) == "epsilon"
     with pytest.raises(DreamboothError, match="prediction_type = 'x'"):
-        resolve_prediction_type("sd2", "x")
+        resolve_prediction_type(family_named("sd2"), "x")
 
 
 class _FakeUnet(torch.nn.Module):
@@ -448,19 +449,19 @@ class _FakeUnet(torch.nn.Module):
 
 def test_prediction_type_probe():
     assert probe_v_prediction(_FakeUnet(-3.0)) == pytest.approx(-2.0)
-    assert resolve_prediction_type("sd2", "auto", unet=_FakeUnet(-3.0)) == "v_prediction"
-    assert resolve_prediction_type("sd2", "auto", unet=_FakeUnet(1.0)) == "epsilon"
+    assert resolve_prediction_type(family_named("sd2"), "auto", unet=_FakeUnet(-3.0)) == "v_prediction"
+    assert resolve_prediction_type(family_named("sd2"), "auto", unet=_FakeUnet(1.0)) == "epsilon"
 
 
 def test_load_bundle_from_file(tiny, tmp_path):
     path = tmp_path / "tiny2.safetensors"
     safetensors.torch.save_file(tiny("sd2"), str(path), metadata={"modelspec.prediction_type": "v"})
     bundle = load_bundle_from_file(path)
-    assert bundle.family == "sd2" and bundle.prediction_type == "v_prediction"
+    assert bundle.family.name == "sd2" and bundle.prediction_type == "v_prediction"
     assert bundle.noise_scheduler.config.prediction_type == "v_prediction"
     assert bundle.source.sha256 == ckpt.file_sha256(path) and bundle.source.short_hash == bundle.source.sha256[:10]
     assert bundle.source.name == "tiny2.safetensors"
-    assert bundle.tokenizer.pad_token_id == 0
+    assert bundle.tokenizers[0].pad_token_id == 0
 
 
 def test_scheduler_uses_the_checkpoint_betas(tiny):
@@ -475,4 +476,4 @@ def test_scheduler_uses_the_checkpoint_betas(tiny):
 
 def test_save_tiny_checkpoint(tmp_path):
     path = save_tiny_checkpoint(tmp_path / "demo.safetensors", family="sd2")
-    assert detect_family(ckpt.read_checkpoint(path)) == "sd2"
+    assert detect_family(ckpt.read_checkpoint(path)).name == "sd2"

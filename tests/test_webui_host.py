@@ -69,14 +69,14 @@ def test_live_fp16_model_gives_clean_fp32_bundle_in_file_layout(webui):
     for key in SCHEDULE:
         assert bundle.base[key].dtype == torch.float32
         torch.testing.assert_close(bundle.base[key], original[key], rtol=1e-4, atol=1e-7)
-    assert bundle.family == "sd1" and bundle.prediction_type == "epsilon"
+    assert bundle.family.name == "sd1" and bundle.prediction_type == "epsilon"
     assert bundle.source.name == "tiny_sd1.safetensors"
     assert bundle.source.short_hash == live.sd_checkpoint_info.shorthash and len(bundle.source.sha256) == 64
     # Our copy never aliases the host's tensors.
     live_ptrs = {t.data_ptr() for t in live.state_dict().values()}
     assert not live_ptrs & {t.data_ptr() for t in bundle.base.values()}
 
-    exported = build_checkpoint(bundle, bundle.unet, text_encoder=bundle.text_encoder, precision="fp32")
+    exported = build_checkpoint(bundle, bundle.unet, text_encoders=bundle.text_encoders, precision="fp32")
     assert set(exported) == set(original)
     assert not [k for k in exported if ".wrapped." in k]
 
@@ -132,7 +132,7 @@ def test_lora_on_sd2_multihead_attention_is_undone(webui):
 
     bundle = WebUIHost().load_base(config())
 
-    assert bundle.family == "sd2"
+    assert bundle.family.name == "sd2"
     assert_fp16_of(bundle.base, tiny_state_dict("sd2"))
 
 

@@ -1,8 +1,8 @@
 """Checks of a dataset before training: the mistakes that make Dreambooth results disappointing, found before any
 model loads, each said once with what to do.
 
-Warnings, not errors, except where training cannot work at all. The text encoder's tokenizer (SD1 and SD2 share
-CLIP's vocabulary) judges tokens and caption lengths.
+Warnings, not errors, except where training cannot work at all. CLIP's tokenizer (every family's text encoders
+share its vocabulary) judges tokens and caption lengths.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def check_dataset(config: Config, instances: list[Example] | None = None, tokeni
     if tokenizer is None:
         from ..models.tokenizer import load_tokenizer
 
-        tokenizer = load_tokenizer("sd1")
+        tokenizer = load_tokenizer()
     for index, concept in enumerate(config.concepts):
         own = [e for e in instances if e.concept == index]
         label = f"concept {index + 1}" if len(config.concepts) > 1 else "the concept"

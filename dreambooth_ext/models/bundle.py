@@ -1,4 +1,5 @@
-"""Everything training needs from one base checkpoint: modules, tokenizer, noise schedule and the original keys."""
+"""Everything training needs from one base checkpoint: its family, modules, tokenizers, noise schedule and the
+original keys."""
 
 from __future__ import annotations
 
@@ -20,16 +21,8 @@ from .checkpoint import (
     read_vae,
     short_hash,
 )
-from .convert import (
-    VAE_PREFIX,
-    text_encoder_from_ldm,
-    unet_config_from_ldm,
-    unet_from_ldm,
-    vae_config_from_ldm,
-    vae_from_ldm,
-)
-from .family import detect_family, normalize_keys
-from .tokenizer import load_tokenizer
+from .convert import VAE_PREFIX, unet_config_from_ldm, unet_from_ldm, vae_config_from_ldm, vae_from_ldm
+from .family import Conditioning, Family, detect_family, normalize_keys
 
 logger = logging.getLogger(__name__)
 
@@ -53,13 +46,13 @@ class SourceInfo:
 class ModelBundle:
     """The base model, split into trainable modules, plus what is needed to write it back in the WebUI layout."""
 
-    family: str
+    family: Family
     prediction_type: str
     base: dict[str, torch.Tensor]
     unet: Any
     vae: Any
-    text_encoder: Any
-    tokenizer: Any
+    text_encoders: tuple[Any, ...]  # the family's, in its order (one for SD1/SD2)
+    tokenizers: tuple[Any, ...]  # one per text encoder
     noise_scheduler: Any
     source: SourceInfo
     unet_config: dict = field(default_factory=dict)
@@ -73,9 +66,11 @@ class ModelBundle:
     @property
     def native_resolution(self) -> int:
         """The image size the base model was trained at: what it declares, else 768 for SD2 768-v, 512 otherwise."""
-        if self.declared_resolution:
-            return self.declared_resolution
-        return 768 if self.family == "sd2" and self.prediction_type == "v_prediction" else 512
+        return self.declared_resolution or self.family.native_resolution(self.prediction_type)
+
+    def encode(self, prompts: list[str]) -> Conditioning:
+        """The UNet's conditioning for prompts, through the family's text encoders (placed already)."""
+        return self.family.encode(self.tokenizers, self.text_encoders, prompts)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -123,16 +118,16 @@ def probe_v_prediction(unet: Any) -> float:
     return float((out - x).float().mean())
 
 
-def resolve_prediction_type(family: str, requested: str, *, yaml_text: str | None = None,
+def resolve_prediction_type(family: Family, requested: str, *, yaml_text: str | None = None,
                             metadata: dict[str, str] | None = None, unet: Any = None) -> str:
-    """What the model predicts: an explicit choice wins; "auto" reads the yaml, metadata, then probes the UNet."""
+    """What the model predicts: an explicit choice wins; "auto" asks the family, then reads the yaml, the
+    metadata, and probes the UNet."""
     if requested in PREDICTION_TYPES:
         return requested
     if requested != "auto":
         raise DreamboothError(f"prediction_type = {requested!r}: use auto, epsilon or v_prediction")
-    if family == "sd1":
-        logger.info("Prediction type: epsilon (every SD 1.x model predicts noise)")
-        return "epsilon"
+    if found := family.resolve_prediction(requested):
+        return found
     if yaml_text and (found := _from_yaml(yaml_text)):
         logger.info("Prediction type: %s (from the .yaml beside the checkpoint)", found)
         return found
@@ -152,10 +147,11 @@ def resolve_prediction_type(family: str, requested: str, *, yaml_text: str | Non
 # Loading
 
 
-def _apply_vae(base: dict[str, torch.Tensor], vae_state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _apply_vae(base: dict[str, torch.Tensor], vae_state_dict: dict[str, torch.Tensor],
+               family: Family) -> dict[str, torch.Tensor]:
     """Replace every first_stage_model.* key of the base with the override's (which may lack the prefix)."""
     vae = {(k if k.startswith(VAE_PREFIX) else VAE_PREFIX + k): v for k, v in vae_state_dict.items()}
-    vae_config_from_ldm(vae)  # refuses a dict that is not a whole VAE before anything is replaced
+    vae_config_from_ldm(vae, family)  # refuses a dict that is not a whole VAE before anything is replaced
     merged = {k: v for k, v in base.items() if not k.startswith(VAE_PREFIX)}
     merged.update(vae)
     return merged
@@ -181,17 +177,17 @@ def load_bundle(state_dict: dict[str, torch.Tensor], *, vae_state_dict: dict[str
     base = {k: v for k, v in normalize_keys(state_dict).items() if isinstance(v, torch.Tensor)}
     family = detect_family(base)
     if vae_state_dict is not None:
-        base = _apply_vae(base, vae_state_dict)
+        base = _apply_vae(base, vae_state_dict, family)
     unet = unet_from_ldm(base, family)
-    vae = vae_from_ldm(base)
-    text_encoder = text_encoder_from_ldm(base, family)
+    vae = vae_from_ldm(base, family)
+    text_encoders = family.text_encoders_from_ldm(base)
     prediction = resolve_prediction_type(family, prediction_type, yaml_text=yaml_text, metadata=metadata, unet=unet)
     logger.info("Loaded %s model %s (%s)", family, source.name if source else "(in memory)", prediction)
     return ModelBundle(
-        family=family, prediction_type=prediction, base=base, unet=unet, vae=vae, text_encoder=text_encoder,
-        tokenizer=load_tokenizer(family), noise_scheduler=make_noise_scheduler(prediction, base.get("betas")),
+        family=family, prediction_type=prediction, base=base, unet=unet, vae=vae, text_encoders=text_encoders,
+        tokenizers=family.tokenizers(), noise_scheduler=make_noise_scheduler(prediction, base.get("betas")),
         source=source or SourceInfo(name="(in memory)"), unet_config=unet_config_from_ldm(base, family),
-        vae_config=vae_config_from_ldm(base), base_yaml=yaml_text,
+        vae_config=vae_config_from_ldm(base, family), base_yaml=yaml_text,
         declared_resolution=_declared_resolution(metadata))
 
 

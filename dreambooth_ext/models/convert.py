@@ -14,12 +14,11 @@ from typing import Any
 import torch
 
 from ..errors import DreamboothError, MissingFeatureError
-from .family import SD1_TEXT_PREFIX, SD2_TEXT_PREFIX, UNET_PREFIX
+from .family import UNET_PREFIX, Family
 
 logger = logging.getLogger(__name__)
 
 VAE_PREFIX = "first_stage_model."
-VAE_SCALING_FACTOR = 0.18215
 DIFFUSERS_RANGE = "diffusers>=0.27,<0.36"
 _POSITION_IDS = "text_model.embeddings.position_ids"
 
@@ -38,9 +37,8 @@ _OPEN_CLIP_TOP_TO_LDM = {
 
 
 def _helpers() -> Any:
-    """diffusers' single-file conversion module, checked for the four functions we call."""
-    names = ("convert_ldm_unet_checkpoint", "convert_ldm_vae_checkpoint", "convert_ldm_clip_checkpoint",
-             "convert_open_clip_checkpoint")
+    """diffusers' single-file conversion module, checked for the functions we call."""
+    names = ("convert_ldm_unet_checkpoint", "convert_ldm_vae_checkpoint", "convert_open_clip_checkpoint")
     try:
         from diffusers.loaders import single_file_utils
     except ImportError as exc:
@@ -75,13 +73,15 @@ def _need(sd: dict[str, torch.Tensor], key: str, what: str) -> torch.Tensor:
 # Configs (shared by the shape inference below and tiny.py, so both always agree)
 
 
-def make_unet_config(*, family: str, block_out_channels: tuple[int, ...], layers_per_block: int,
+def make_unet_config(*, family: Family, block_out_channels: tuple[int, ...], layers_per_block: int,
                      attention_levels: tuple[bool, ...], cross_attention_dim: int, in_channels: int = 4,
                      out_channels: int = 4, use_linear_projection: bool | None = None,
                      transformer_layers_per_block: int = 1, sample_size: int = 64) -> dict:
-    """A UNet2DConditionModel config in diffusers' naming (`attention_head_dim` there means heads per level)."""
+    """A UNet2DConditionModel config in diffusers' naming (`attention_head_dim` there means heads per level);
+    the family adds what shapes do not show."""
+    attention = family.unet_attention(tuple(block_out_channels))
     if use_linear_projection is None:
-        use_linear_projection = family == "sd2"
+        use_linear_projection = attention["use_linear_projection"]
     config = {
         "sample_size": sample_size,
         "in_channels": in_channels,
@@ -95,17 +95,12 @@ def make_unet_config(*, family: str, block_out_channels: tuple[int, ...], layers
         "transformer_layers_per_block": transformer_layers_per_block,
         "norm_num_groups": 32,
     }
-    if family == "sd2":
-        # SD2 attention has a fixed head size of 64 channels; its attention needs fp32 softmax to be stable.
-        config["attention_head_dim"] = tuple(max(1, c // 64) for c in block_out_channels)
-        config["upcast_attention"] = True
-    else:
-        config["attention_head_dim"] = 8
+    config.update({k: v for k, v in attention.items() if k != "use_linear_projection"})
     return config
 
 
-def make_vae_config(*, block_out_channels: tuple[int, ...], layers_per_block: int, latent_channels: int,
-                    in_channels: int = 3, out_channels: int = 3) -> dict:
+def make_vae_config(*, family: Family, block_out_channels: tuple[int, ...], layers_per_block: int,
+                    latent_channels: int, in_channels: int = 3, out_channels: int = 3) -> dict:
     """An AutoencoderKL config of the SD VAE's shape."""
     return {
         "in_channels": in_channels,
@@ -117,29 +112,30 @@ def make_vae_config(*, block_out_channels: tuple[int, ...], layers_per_block: in
         "latent_channels": latent_channels,
         "norm_num_groups": 32,
         "sample_size": 512,
-        "scaling_factor": VAE_SCALING_FACTOR,
+        "scaling_factor": family.vae_scaling_factor,
     }
 
 
-def make_text_encoder_config(*, family: str, vocab_size: int, hidden_size: int, max_position_embeddings: int,
-                             intermediate_size: int, num_hidden_layers: int) -> Any:
-    """A transformers CLIPTextConfig; SD1 is OpenAI CLIP (quick_gelu), SD2 OpenCLIP (gelu)."""
+def make_text_encoder_config(*, vocab_size: int, hidden_size: int, max_position_embeddings: int,
+                             intermediate_size: int, num_hidden_layers: int, hidden_act: str) -> Any:
+    """A transformers CLIPTextConfig: OpenAI CLIP uses quick_gelu (and pads with <|endoftext|>), OpenCLIP gelu
+    (and pads with id 0)."""
     from transformers import CLIPTextConfig
 
     return CLIPTextConfig(
         vocab_size=vocab_size, hidden_size=hidden_size, max_position_embeddings=max_position_embeddings,
         intermediate_size=intermediate_size, num_hidden_layers=num_hidden_layers,
-        num_attention_heads=max(1, hidden_size // 64), hidden_act="quick_gelu" if family == "sd1" else "gelu",
+        num_attention_heads=max(1, hidden_size // 64), hidden_act=hidden_act,
         # diffusers splits OpenCLIP's fused q/k/v by projection_dim when no text_projection is given.
         projection_dim=hidden_size, layer_norm_eps=1e-5,
-        bos_token_id=49406, eos_token_id=49407, pad_token_id=49407 if family == "sd1" else 0)
+        bos_token_id=49406, eos_token_id=49407, pad_token_id=49407 if hidden_act == "quick_gelu" else 0)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Shape inference
 
 
-def unet_config_from_ldm(sd: dict[str, torch.Tensor], family: str) -> dict:
+def unet_config_from_ldm(sd: dict[str, torch.Tensor], family: Family) -> dict:
     """The UNet2DConditionModel config of the checkpoint's UNet, read off its tensor shapes."""
     unet = _sub(sd, UNET_PREFIX)
     what = "UNet"
@@ -172,7 +168,7 @@ def unet_config_from_ldm(sd: dict[str, torch.Tensor], family: str) -> dict:
         use_linear_projection=proj_in[0].ndim == 2, transformer_layers_per_block=max(1, depth))
 
 
-def vae_config_from_ldm(sd: dict[str, torch.Tensor]) -> dict:
+def vae_config_from_ldm(sd: dict[str, torch.Tensor], family: Family) -> dict:
     """The AutoencoderKL config of the checkpoint's VAE, read off its tensor shapes."""
     vae = _sub(sd, VAE_PREFIX)
     what = "VAE"
@@ -182,35 +178,39 @@ def vae_config_from_ldm(sd: dict[str, torch.Tensor]) -> dict:
                               "give a separate VAE file")
     block_out = tuple(int(_need(vae, f"encoder.down.{i}.block.0.conv2.weight", what).shape[0]) for i in levels)
     return make_vae_config(
-        block_out_channels=block_out, layers_per_block=len(_indices(vae, r"encoder\.down\.0\.block\.(\d+)\.")),
+        family=family, block_out_channels=block_out,
+        layers_per_block=len(_indices(vae, r"encoder\.down\.0\.block\.(\d+)\.")),
         latent_channels=int(_need(vae, "post_quant_conv.weight", what).shape[0]),
         in_channels=int(_need(vae, "encoder.conv_in.weight", what).shape[1]),
         out_channels=int(_need(vae, "decoder.conv_out.weight", what).shape[0]))
 
 
-def text_encoder_config_from_ldm(sd: dict[str, torch.Tensor], family: str) -> Any:
-    """The CLIPTextConfig of the checkpoint's text encoder (SD2: all but the last OpenCLIP layer)."""
+def clip_config_from_ldm(sd: dict[str, torch.Tensor], prefix: str, hidden_act: str) -> Any:
+    """The CLIPTextConfig of a text encoder stored in Hugging Face's layout under `prefix` (OpenAI CLIP)."""
     what = "text encoder"
-    if family == "sd1":
-        text = _sub(sd, SD1_TEXT_PREFIX + "text_model.")
-        tokens = _need(text, "embeddings.token_embedding.weight", what)
-        return make_text_encoder_config(
-            family=family, vocab_size=int(tokens.shape[0]), hidden_size=int(tokens.shape[1]),
-            max_position_embeddings=int(_need(text, "embeddings.position_embedding.weight", what).shape[0]),
-            intermediate_size=int(_need(text, "encoder.layers.0.mlp.fc1.weight", what).shape[0]),
-            num_hidden_layers=len(_indices(text, r"encoder\.layers\.(\d+)\.")))
-    text = _sub(sd, SD2_TEXT_PREFIX)
+    text = _sub(sd, prefix + "text_model.")
+    tokens = _need(text, "embeddings.token_embedding.weight", what)
+    return make_text_encoder_config(
+        vocab_size=int(tokens.shape[0]), hidden_size=int(tokens.shape[1]),
+        max_position_embeddings=int(_need(text, "embeddings.position_embedding.weight", what).shape[0]),
+        intermediate_size=int(_need(text, "encoder.layers.0.mlp.fc1.weight", what).shape[0]),
+        num_hidden_layers=len(_indices(text, r"encoder\.layers\.(\d+)\.")), hidden_act=hidden_act)
+
+
+def open_clip_config_from_ldm(sd: dict[str, torch.Tensor], prefix: str, skip_last_layer: bool) -> Any:
+    """The CLIPTextConfig of an OpenCLIP text encoder under `prefix` (all but its last layer when it is unused)."""
+    what = "text encoder"
+    text = _sub(sd, prefix)
     tokens = _need(text, "token_embedding.weight", what)
     blocks = len(_indices(text, r"transformer\.resblocks\.(\d+)\."))
-    if blocks < 2:
-        raise DreamboothError(f"The checkpoint's OpenCLIP text encoder has {blocks} layer(s); SD2 uses the "
-                              "penultimate one, so it needs at least 2: pick a standard SD 2.x checkpoint")
-    # The WebUI (and diffusers' SD2) take the penultimate layer's output, then ln_final: the last block is unused.
+    if blocks < 1 + skip_last_layer:
+        raise DreamboothError(f"The checkpoint's OpenCLIP text encoder has {blocks} layer(s); the penultimate one is "
+                              "used, so it needs at least 2: pick a standard checkpoint")
     return make_text_encoder_config(
-        family=family, vocab_size=int(tokens.shape[0]), hidden_size=int(tokens.shape[1]),
+        vocab_size=int(tokens.shape[0]), hidden_size=int(tokens.shape[1]),
         max_position_embeddings=int(_need(text, "positional_embedding", what).shape[0]),
         intermediate_size=int(_need(text, "transformer.resblocks.0.mlp.c_fc.weight", what).shape[0]),
-        num_hidden_layers=blocks - 1)
+        num_hidden_layers=blocks - skip_last_layer, hidden_act="gelu")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -236,7 +236,7 @@ def _load_exact(module: torch.nn.Module, state_dict: dict[str, torch.Tensor], wh
                               "SD 1.x/2.x checkpoint") from exc
 
 
-def unet_from_ldm(sd: dict[str, torch.Tensor], family: str) -> Any:
+def unet_from_ldm(sd: dict[str, torch.Tensor], family: Family) -> Any:
     """The checkpoint's UNet as a fp32 CPU diffusers UNet2DConditionModel."""
     from diffusers import UNet2DConditionModel
 
@@ -246,11 +246,11 @@ def unet_from_ldm(sd: dict[str, torch.Tensor], family: str) -> Any:
     return unet.float().eval()
 
 
-def vae_from_ldm(sd: dict[str, torch.Tensor]) -> Any:
-    """The checkpoint's VAE as a fp32 CPU diffusers AutoencoderKL."""
+def vae_from_ldm(sd: dict[str, torch.Tensor], family: Family) -> Any:
+    """The checkpoint's VAE as a fp32 CPU diffusers AutoencoderKL (with its family's latent scale)."""
     from diffusers import AutoencoderKL
 
-    config = vae_config_from_ldm(sd)
+    config = vae_config_from_ldm(sd, family)
     vae = AutoencoderKL(**config)
     # The helper wants the prefix; passing only the VAE's keys keeps it from scanning the whole checkpoint.
     only_vae = {k: v for k, v in sd.items() if k.startswith(VAE_PREFIX)}
@@ -258,35 +258,42 @@ def vae_from_ldm(sd: dict[str, torch.Tensor]) -> Any:
     return vae.float().eval()
 
 
-def text_encoder_from_ldm(sd: dict[str, torch.Tensor], family: str) -> Any:
-    """The checkpoint's text encoder as a fp32 CPU transformers CLIPTextModel."""
+def clip_from_ldm(sd: dict[str, torch.Tensor], prefix: str, hidden_act: str) -> Any:
+    """A text encoder stored in Hugging Face's layout under `prefix`, as a fp32 CPU CLIPTextModel."""
     from transformers import CLIPTextModel
 
-    config = text_encoder_config_from_ldm(sd, family)
-    model = CLIPTextModel(config)
-    helpers = _helpers()
-    if family == "sd1":
-        converted = helpers.convert_ldm_clip_checkpoint({k: v for k, v in sd.items() if k.startswith(SD1_TEXT_PREFIX)})
-    else:
-        converted = helpers.convert_open_clip_checkpoint(model, _open_clip_used(sd, config.num_hidden_layers),
-                                                         prefix=SD2_TEXT_PREFIX)
+    model = CLIPTextModel(clip_config_from_ldm(sd, prefix, hidden_act))
+    converted = _sub(sd, prefix)  # the layout is Hugging Face's own: only the prefix goes
     # position_ids is a buffer (persistent in some transformers versions, not in others) and some old SD1 files
     # hold a damaged float copy of it: the model's own fresh arange is always the right value.
     _load_exact(model, converted, "text encoder", optional=(_POSITION_IDS,))
     return model.float().eval()
 
 
-def _open_clip_used(sd: dict[str, torch.Tensor], layers: int) -> dict[str, torch.Tensor]:
+def open_clip_from_ldm(sd: dict[str, torch.Tensor], prefix: str, *, skip_last_layer: bool) -> Any:
+    """An OpenCLIP text encoder stored under `prefix`, as a fp32 CPU CLIPTextModel (without its last layer when
+    the family conditions on the penultimate one)."""
+    from transformers import CLIPTextModel
+
+    config = open_clip_config_from_ldm(sd, prefix, skip_last_layer)
+    model = CLIPTextModel(config)
+    converted = _helpers().convert_open_clip_checkpoint(model, _open_clip_used(sd, prefix, config.num_hidden_layers),
+                                                        prefix=prefix)
+    _load_exact(model, converted, "text encoder", optional=(_POSITION_IDS,))
+    return model.float().eval()
+
+
+def _open_clip_used(sd: dict[str, torch.Tensor], prefix: str, layers: int) -> dict[str, torch.Tensor]:
     """The OpenCLIP keys the text encoder takes: embeddings, ln_final and the first `layers` blocks."""
     used = {}
-    block = re.compile(re.escape(SD2_TEXT_PREFIX) + r"transformer\.resblocks\.(\d+)\.")
+    block = re.compile(re.escape(prefix) + r"transformer\.resblocks\.(\d+)\.")
     for key, value in sd.items():
-        if not key.startswith(SD2_TEXT_PREFIX):
+        if not key.startswith(prefix):
             continue
         match = block.match(key)
         if match and int(match.group(1)) >= layers:
             continue
-        if key[len(SD2_TEXT_PREFIX):] in ("text_projection", "logit_scale"):
+        if key[len(prefix):] in ("text_projection", "logit_scale"):
             continue
         used[key] = value
     return used
@@ -404,31 +411,34 @@ def vae_to_ldm(state_dict: dict[str, torch.Tensor], config: dict) -> dict[str, t
     return {VAE_PREFIX + k: v for k, v in mapped.items()}
 
 
-def text_encoder_to_ldm(state_dict: dict[str, torch.Tensor], family: str) -> dict[str, torch.Tensor]:
-    """A CLIPTextModel state dict -> SD1 `cond_stage_model.transformer.*` or SD2 OpenCLIP `cond_stage_model.model.*`."""
+def clip_to_ldm(state_dict: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """A CLIPTextModel state dict -> the Hugging Face layout under `prefix` (SD1's cond_stage_model.transformer.)."""
+    return {prefix + k: v for k, v in state_dict.items() if not k.endswith("position_ids")}
+
+
+def open_clip_to_ldm(state_dict: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """A CLIPTextModel state dict -> OpenCLIP's layout under `prefix` (SD2's cond_stage_model.model.)."""
     params = {k: v for k, v in state_dict.items() if not k.endswith("position_ids")}
-    if family == "sd1":
-        return {SD1_TEXT_PREFIX + k: v for k, v in params.items()}
     out: dict[str, torch.Tensor] = {}
     qkv: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     layer = re.compile(r"text_model\.encoder\.layers\.(\d+)\.(.+)\.(weight|bias)$")
     for key, value in params.items():
         if key in _OPEN_CLIP_TOP_TO_LDM:
-            out[SD2_TEXT_PREFIX + _OPEN_CLIP_TOP_TO_LDM[key]] = value
+            out[prefix + _OPEN_CLIP_TOP_TO_LDM[key]] = value
             continue
         match = layer.match(key)
         if not match:
-            raise DreamboothError(f"The text encoder has a weight {key!r} that has no place in an SD2 checkpoint")
+            raise DreamboothError(f"The text encoder has a weight {key!r} that has no place in an OpenCLIP layout")
         index, name, kind = int(match.group(1)), match.group(2), match.group(3)
-        block = f"{SD2_TEXT_PREFIX}transformer.resblocks.{index}."
+        block = f"{prefix}transformer.resblocks.{index}."
         if name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
             qkv.setdefault((index, kind), {})[name[-6]] = value
         elif name in _OPEN_CLIP_LAYER_TO_LDM:
             out[f"{block}{_OPEN_CLIP_LAYER_TO_LDM[name]}.{kind}"] = value
         else:
-            raise DreamboothError(f"The text encoder has a weight {key!r} that has no place in an SD2 checkpoint")
+            raise DreamboothError(f"The text encoder has a weight {key!r} that has no place in an OpenCLIP layout")
     for (index, kind), parts in sorted(qkv.items()):
         # OpenCLIP keeps q, k and v as one fused projection, in that order.
-        out[f"{SD2_TEXT_PREFIX}transformer.resblocks.{index}.attn.in_proj_{kind}"] = torch.cat(
+        out[f"{prefix}transformer.resblocks.{index}.attn.in_proj_{kind}"] = torch.cat(
             [parts["q"], parts["k"], parts["v"]], dim=0)
     return out

@@ -14,13 +14,11 @@ import torch
 
 from ..errors import DreamboothError
 from .bundle import ModelBundle
-from .convert import VAE_SCALING_FACTOR, text_encoder_to_ldm, unet_to_ldm, vae_to_ldm
+from .convert import unet_to_ldm, vae_to_ldm
 
 logger = logging.getLogger(__name__)
 
 MODEL_PARTS = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.")
-# Training state a checkpoint may carry that a model for inference never needs.
-DROPPED_PREFIXES = ("model_ema.", "optimizer", "lr_scheduler")
 PRECISIONS = {"fp16": torch.float16, "fp32": torch.float32}
 PARTIAL_SUFFIX = ".partial"  # the WebUI lists only .safetensors/.ckpt, so half-written files stay invisible
 
@@ -31,10 +29,11 @@ def _state_dict(module: Any) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu") for k, v in module.state_dict().items()}
 
 
-def build_checkpoint(bundle: ModelBundle, unet: Any, text_encoder: Any = None, vae: Any = None,
+def build_checkpoint(bundle: ModelBundle, unet: Any, text_encoders: tuple[Any, ...] | None = None, vae: Any = None,
                      precision: str = "fp16", *,
                      unet_state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """The base checkpoint with the given (trained) modules' weights in place, cast to `precision`.
+    `text_encoders`: all of the family's, in its order, when they were trained.
 
     `unet_state` (a diffusers-key state dict, e.g. EMA weights) replaces the UNet's own weights when given.
     Keys the engine does not own (schedule buffers, SD2's last text block, text_projection...) come from the base
@@ -42,12 +41,12 @@ def build_checkpoint(bundle: ModelBundle, unet: Any, text_encoder: Any = None, v
     """
     if precision not in PRECISIONS:
         raise DreamboothError(f"save precision = {precision!r}: use fp16 or fp32")
-    out = {k: v for k, v in bundle.base.items() if not k.startswith(DROPPED_PREFIXES)}
+    out = {k: v for k, v in bundle.base.items() if not k.startswith(bundle.family.dropped_prefixes)}
     if unet_state is not None:
         unet_state = {k: v.detach().to("cpu") for k, v in unet_state.items()}
     out.update(unet_to_ldm(unet_state if unet_state is not None else _state_dict(unet), bundle.unet_config))
-    if text_encoder is not None:
-        out.update(text_encoder_to_ldm(_state_dict(text_encoder), bundle.family))
+    if text_encoders is not None:
+        out.update(bundle.family.text_encoders_to_ldm(tuple(_state_dict(e) for e in text_encoders)))
     if vae is not None:
         out.update(vae_to_ldm(_state_dict(vae), bundle.vae_config))
     dtype = PRECISIONS[precision]
@@ -59,12 +58,6 @@ def build_checkpoint(bundle: ModelBundle, unet: Any, text_encoder: Any = None, v
     return result
 
 
-def _architecture(bundle: ModelBundle) -> str:
-    if bundle.family == "sd1":
-        return "stable-diffusion-v1"
-    return "stable-diffusion-v2-768-v" if bundle.prediction_type == "v_prediction" else "stable-diffusion-v2-512"
-
-
 def checkpoint_metadata(bundle: ModelBundle, *, title: str, steps: int, config_json: str, resolution: int,
                         extra: dict[str, str] | None = None) -> dict[str, str]:
     """safetensors header metadata: kohya/SAI modelspec keys plus our dreambooth.* keys, all strings.
@@ -74,7 +67,7 @@ def checkpoint_metadata(bundle: ModelBundle, *, title: str, steps: int, config_j
     size = resolution
     metadata = {
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": _architecture(bundle),
+        "modelspec.architecture": bundle.family.architecture(bundle.prediction_type),
         "modelspec.implementation": "diffusers",
         "modelspec.title": title,
         "modelspec.date": datetime.datetime.now().isoformat(timespec="seconds"),
@@ -157,13 +150,6 @@ def _ldm_vae_params(bundle: ModelBundle) -> dict:
     }
 
 
-def _ldm_cond_stage(bundle: ModelBundle) -> dict:
-    if bundle.family == "sd2":
-        return {"target": "ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder",
-                "params": {"arch": "ViT-H-14", "freeze": True, "layer": "penultimate"}}
-    return {"target": "ldm.modules.encoders.modules.FrozenCLIPEmbedder"}
-
-
 def ldm_yaml(bundle: ModelBundle) -> str:
     """An ldm LatentDiffusion config describing this bundle's model (v-parameterization when it is one)."""
     import yaml
@@ -173,7 +159,7 @@ def ldm_yaml(bundle: ModelBundle) -> str:
         "timesteps": 1000, "first_stage_key": "jpg", "cond_stage_key": "txt",
         "image_size": bundle.native_resolution // 8, "channels": bundle.vae_config["latent_channels"],
         "cond_stage_trainable": False, "conditioning_key": "crossattn", "monitor": "val/loss_simple_ema",
-        "scale_factor": VAE_SCALING_FACTOR, "use_ema": False,
+        "scale_factor": bundle.family.vae_scaling_factor, "use_ema": False,
     }
     if bundle.prediction_type == "v_prediction":
         params["parameterization"] = "v"
@@ -181,7 +167,7 @@ def ldm_yaml(bundle: ModelBundle) -> str:
                              "params": _ldm_unet_params(bundle)}
     params["first_stage_config"] = {"target": "ldm.models.autoencoder.AutoencoderKL",
                                     "params": _ldm_vae_params(bundle)}
-    params["cond_stage_config"] = _ldm_cond_stage(bundle)
+    params["cond_stage_config"] = bundle.family.ldm_cond_stage()
     document = {"model": {"base_learning_rate": 1.0e-4, "target": "ldm.models.diffusion.ddpm.LatentDiffusion",
                           "params": params}}
     return yaml.safe_dump(document, sort_keys=False)

@@ -1,8 +1,16 @@
-"""Which Stable Diffusion generation a state dict is, from its keys."""
+"""Model families: one home each for what differs between Stable Diffusion generations.
+
+A family knows how to recognise its checkpoints, its text encoders (how they are stored in the WebUI's layout,
+built, tokenized, and turned into the UNet's conditioning), its UNet's attention convention, its latent scale,
+native resolution, prediction type, and how a result is described (modelspec architecture, ldm yaml). The
+loop, the data pipeline, sampling and the hosts ask the family; nothing else compares family names.
+"""
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -13,12 +21,178 @@ logger = logging.getLogger(__name__)
 UNET_PREFIX = "model.diffusion_model."
 SD1_TEXT_PREFIX = "cond_stage_model.transformer."
 SD2_TEXT_PREFIX = "cond_stage_model.model."
-FAMILIES = ("sd1", "sd2")
 
 # The WebUI's loaded model wraps its text encoder (FrozenCLIPEmbedderWithCustomWords), so a state dict taken
 # from the live model has one extra level that files on disk do not.
 _WRAPPED = "cond_stage_model.wrapped."
 _TOKEN_EMBEDDING_WRAPPED = ".token_embedding.wrapped."
+
+
+@dataclass
+class Conditioning:
+    """What the UNet is conditioned on for a batch of prompts: the cross-attention context (and, for families
+    that have them, extra inputs passed as `added_cond_kwargs`)."""
+
+    context: torch.Tensor
+    added: dict[str, torch.Tensor] | None = None
+
+    def unet_kwargs(self, dtype: torch.dtype | None = None) -> dict[str, Any]:
+        """The keyword arguments of a diffusers UNet call."""
+        moved = self.to(dtype=dtype) if dtype is not None else self
+        kwargs: dict[str, Any] = {"encoder_hidden_states": moved.context}
+        if moved.added:
+            kwargs["added_cond_kwargs"] = moved.added
+        return kwargs
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Conditioning:
+        added = {k: v.to(device=device, dtype=dtype) for k, v in self.added.items()} if self.added else None
+        return Conditioning(self.context.to(device=device, dtype=dtype), added)
+
+    def rows(self) -> list[Conditioning]:
+        """One Conditioning per prompt of the batch."""
+        return [Conditioning(self.context[i], {k: v[i] for k, v in self.added.items()} if self.added else None)
+                for i in range(self.context.shape[0])]
+
+    @staticmethod
+    def stack(rows: list[Conditioning]) -> Conditioning:
+        """The inverse of `rows`."""
+        added = {k: torch.stack([r.added[k] for r in rows]) for k in rows[0].added} if rows[0].added else None
+        return Conditioning(torch.stack([r.context for r in rows]), added)
+
+    @staticmethod
+    def cat(parts: list[Conditioning]) -> Conditioning:
+        """Batches one after the other (e.g. unconditional, then conditional)."""
+        added = {k: torch.cat([p.added[k] for p in parts]) for k in parts[0].added} if parts[0].added else None
+        return Conditioning(torch.cat([p.context for p in parts]), added)
+
+
+def tokenize(tokenizer: Any, prompts: list[str]) -> torch.Tensor:
+    return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                     return_tensors="pt").input_ids
+
+
+class Family:
+    """The SD 1.x family; the others override what differs."""
+
+    name = "sd1"
+    title = "Stable Diffusion 1.x"
+    text_prefixes: tuple[str, ...] = (SD1_TEXT_PREFIX,)
+    vae_scaling_factor = 0.18215
+    # Dropped from the base when a result is written: training state some checkpoints carry.
+    dropped_prefixes = ("model_ema.", "optimizer", "lr_scheduler")
+
+    def __repr__(self) -> str:
+        return self.name
+
+    def __str__(self) -> str:
+        return self.name
+
+    # -- recognising a checkpoint -----------------------------------------------------------------------
+
+    def matches(self, keys: set[str]) -> bool:
+        return any(k.startswith(SD1_TEXT_PREFIX + "text_model.") for k in keys)
+
+    # -- the UNet -------------------------------------------------------------------------------------
+
+    def unet_attention(self, block_out_channels: tuple[int, ...]) -> dict:
+        """The attention settings of its UNet that tensor shapes do not show (diffusers' naming: heads)."""
+        return {"attention_head_dim": 8, "use_linear_projection": False}
+
+    # -- text encoders --------------------------------------------------------------------------------
+
+    def text_encoders_from_ldm(self, sd: dict[str, torch.Tensor]) -> tuple[Any, ...]:
+        from .convert import clip_from_ldm
+
+        return (clip_from_ldm(sd, SD1_TEXT_PREFIX, hidden_act="quick_gelu"),)
+
+    def text_encoders_to_ldm(self, state_dicts: tuple[dict[str, torch.Tensor], ...]) -> dict[str, torch.Tensor]:
+        from .convert import clip_to_ldm
+
+        return clip_to_ldm(state_dicts[0], SD1_TEXT_PREFIX)
+
+    def tokenizers(self) -> tuple[Any, ...]:
+        from .tokenizer import END_TOKEN, load_tokenizer
+
+        return (load_tokenizer(pad=END_TOKEN),)  # OpenAI CLIP pads with <|endoftext|>
+
+    def encode(self, tokenizers: tuple[Any, ...], encoders: tuple[Any, ...], prompts: list[str]) -> Conditioning:
+        """The last hidden states (final layer norm applied), as the WebUI conditions SD1 and SD2."""
+        encoder = encoders[0]
+        device = next(encoder.parameters()).device
+        return Conditioning(encoder(tokenize(tokenizers[0], prompts).to(device))[0])
+
+    # -- prediction, resolution, description of a result ----------------------------------------------
+
+    def resolve_prediction(self, requested: str, **evidence: Any) -> str | None:
+        """What this family says about the prediction type on its own (None: look at the evidence)."""
+        if requested == "auto":
+            logger.info("Prediction type: epsilon (every SD 1.x model predicts noise)")
+            return "epsilon"
+        return None
+
+    def native_resolution(self, prediction_type: str) -> int:
+        return 512
+
+    def architecture(self, prediction_type: str) -> str:
+        return "stable-diffusion-v1"
+
+    def ldm_cond_stage(self) -> dict:
+        return {"target": "ldm.modules.encoders.modules.FrozenCLIPEmbedder"}
+
+
+class SD2(Family):
+    name = "sd2"
+    title = "Stable Diffusion 2.x"
+    text_prefixes = (SD2_TEXT_PREFIX,)
+
+    def matches(self, keys: set[str]) -> bool:
+        return any(k.startswith(SD2_TEXT_PREFIX + "transformer.resblocks.") for k in keys)
+
+    def unet_attention(self, block_out_channels: tuple[int, ...]) -> dict:
+        # A fixed head size of 64 channels; its attention needs fp32 softmax to be stable.
+        return {"attention_head_dim": tuple(max(1, c // 64) for c in block_out_channels),
+                "upcast_attention": True, "use_linear_projection": True}
+
+    def text_encoders_from_ldm(self, sd: dict[str, torch.Tensor]) -> tuple[Any, ...]:
+        from .convert import open_clip_from_ldm
+
+        # The WebUI (and diffusers' SD2) take the penultimate layer's output, then ln_final: the last block and
+        # the projection are unused.
+        return (open_clip_from_ldm(sd, SD2_TEXT_PREFIX, skip_last_layer=True),)
+
+    def text_encoders_to_ldm(self, state_dicts: tuple[dict[str, torch.Tensor], ...]) -> dict[str, torch.Tensor]:
+        from .convert import open_clip_to_ldm
+
+        return open_clip_to_ldm(state_dicts[0], SD2_TEXT_PREFIX)
+
+    def tokenizers(self) -> tuple[Any, ...]:
+        from .tokenizer import load_tokenizer
+
+        return (load_tokenizer(pad="!"),)  # the WebUI's OpenCLIP path pads with id 0, the token "!"
+
+    def resolve_prediction(self, requested: str, **evidence: Any) -> str | None:
+        return None
+
+    def native_resolution(self, prediction_type: str) -> int:
+        return 768 if prediction_type == "v_prediction" else 512
+
+    def architecture(self, prediction_type: str) -> str:
+        return "stable-diffusion-v2-768-v" if prediction_type == "v_prediction" else "stable-diffusion-v2-512"
+
+    def ldm_cond_stage(self) -> dict:
+        return {"target": "ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder",
+                "params": {"arch": "ViT-H-14", "freeze": True, "layer": "penultimate"}}
+
+
+SD1 = Family()
+FAMILIES: tuple[Family, ...] = (SD1, SD2())
+BY_NAME = {family.name: family for family in FAMILIES}
+
+
+def family_named(name: str) -> Family:
+    if name not in BY_NAME:
+        raise DreamboothError(f"family = {name!r}: use one of {', '.join(BY_NAME)}")
+    return BY_NAME[name]
 
 
 def normalize_keys(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -35,23 +209,22 @@ def normalize_keys(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def detect_family(sd: dict[str, torch.Tensor]) -> str:
-    """"sd1" (CLIP ViT-L text encoder) or "sd2" (OpenCLIP ViT-H); anything else is refused with the reason."""
-    keys = sd.keys()
+def detect_family(sd: dict[str, Any]) -> Family:
+    """The family of a WebUI-layout state dict (only its keys are read); anything else is refused with why."""
+    keys = set(sd.keys())
     if any(k.startswith("conditioner.embedders.") for k in keys):
         raise DreamboothError("This is an SDXL checkpoint (it has conditioner.embedders.* keys). SDXL is not "
                               "supported yet; pick a Stable Diffusion 1.x or 2.x checkpoint")
     has_unet = any(k.startswith(UNET_PREFIX) for k in keys)
-    if has_unet and any(k.startswith(SD1_TEXT_PREFIX + "text_model.") for k in keys):
-        return "sd1"
-    if has_unet and any(k.startswith(SD2_TEXT_PREFIX + "transformer.resblocks.") for k in keys):
-        return "sd2"
+    for family in FAMILIES:
+        if has_unet and family.matches(keys):
+            return family
     raise DreamboothError(f"This file is not a full Stable Diffusion 1.x/2.x checkpoint: it contains "
                           f"{_describe(sd)}. Pick a full SD 1.x or 2.x checkpoint (UNet, VAE and text encoder "
                           "in one file), not a LoRA, embedding or VAE file")
 
 
-def _describe(sd: dict[str, torch.Tensor]) -> str:
+def _describe(sd: dict[str, Any]) -> str:
     if any("lora_" in k for k in sd):
         return f"LoRA weights ({len(sd)} tensors)"
     if any(k.startswith(("encoder.", "decoder.", "first_stage_model.")) for k in sd) and not any(

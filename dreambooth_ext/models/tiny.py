@@ -13,17 +13,8 @@ from pathlib import Path
 
 import torch
 
-from ..errors import DreamboothError
-from .convert import (
-    SD2_TEXT_PREFIX,
-    make_text_encoder_config,
-    make_unet_config,
-    make_vae_config,
-    text_encoder_to_ldm,
-    unet_to_ldm,
-    vae_to_ldm,
-)
-from .family import FAMILIES
+from .convert import make_text_encoder_config, make_unet_config, make_vae_config, unet_to_ldm, vae_to_ldm
+from .family import SD2_TEXT_PREFIX, family_named
 
 logger = logging.getLogger(__name__)
 
@@ -48,20 +39,22 @@ def _perturb(module: torch.nn.Module) -> None:
             param.add_(torch.randn_like(param) * 0.02)
 
 
-def tiny_modules(family: str = "sd1") -> tuple:
+def tiny_modules(name: str = "sd1") -> tuple:
     """Fresh tiny (unet, vae, text_encoder) modules of the family, from the current torch RNG state."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel
 
+    family = family_named(name)
     unet = UNet2DConditionModel(**make_unet_config(
         family=family, block_out_channels=(TINY_WIDTH, 2 * TINY_WIDTH), layers_per_block=1,
         attention_levels=(True, True), cross_attention_dim=TINY_WIDTH))
-    vae = AutoencoderKL(**make_vae_config(block_out_channels=(TINY_WIDTH,) * 4, layers_per_block=1,
+    vae = AutoencoderKL(**make_vae_config(family=family, block_out_channels=(TINY_WIDTH,) * 4, layers_per_block=1,
                                           latent_channels=4))
     # SD2 checkpoints carry one OpenCLIP block more than the text encoder uses (the penultimate-layer rule).
+    open_clip = name == "sd2"
     text_encoder = CLIPTextModel(make_text_encoder_config(
-        family=family, vocab_size=49408, hidden_size=TINY_WIDTH, max_position_embeddings=77,
-        intermediate_size=2 * TINY_WIDTH, num_hidden_layers=3 if family == "sd2" else 2))
+        vocab_size=49408, hidden_size=TINY_WIDTH, max_position_embeddings=77, intermediate_size=2 * TINY_WIDTH,
+        num_hidden_layers=3 if open_clip else 2, hidden_act="gelu" if open_clip else "quick_gelu"))
     for module in (unet, vae, text_encoder):
         _perturb(module)
     _calibrate_vae(vae)
@@ -91,8 +84,7 @@ def _calibrate_vae(vae: torch.nn.Module, posterior_std: float = 0.05) -> None:
 
 def tiny_checkpoint(family: str = "sd1", seed: int = 0) -> dict[str, torch.Tensor]:
     """A small random model in the WebUI layout; the same seed always gives the same tensors."""
-    if family not in FAMILIES:
-        raise DreamboothError(f"family = {family!r}: the tiny model exists for {', '.join(FAMILIES)}")
+    home = family_named(family)
     with torch.random.fork_rng(devices=[]):  # leave the caller's RNG stream untouched
         torch.manual_seed(seed)
         unet, vae, text_encoder = tiny_modules(family)
@@ -103,7 +95,7 @@ def tiny_checkpoint(family: str = "sd1", seed: int = 0) -> dict[str, torch.Tenso
     sd: dict[str, torch.Tensor] = {}
     sd.update(unet_to_ldm(unet.state_dict(), dict(unet.config)))
     sd.update(vae_to_ldm(vae.state_dict(), dict(vae.config)))
-    sd.update(text_encoder_to_ldm(text_encoder.state_dict(), family))
+    sd.update(home.text_encoders_to_ldm((text_encoder.state_dict(),)))
     sd.update(extra)
     sd.update(schedule_buffers())
     # Own, contiguous storage: the modules are dropped and the dict may be saved with safetensors.

@@ -88,17 +88,10 @@ def _tokenizer_files(bpe_path: Path, folder: Path | None = None) -> tuple[Path, 
     return vocab_file, merges_file
 
 
-def _pad_token(family: str) -> str:
-    # SD1 pads with <|endoftext|>; the WebUI's OpenCLIP path for SD2 pads with id 0, which is the token "!".
-    return END_TOKEN if family == "sd1" else "!"
-
-
-def load_tokenizer(family: str) -> Any:
-    """The CLIPTokenizer for "sd1" or "sd2", built offline; 77 tokens, family-specific padding."""
+def load_tokenizer(pad: str = END_TOKEN) -> Any:
+    """A CLIPTokenizer of CLIP's vocabulary, built offline: 77 tokens, padded with `pad` (OpenAI CLIP pads with
+    <|endoftext|>, the WebUI's OpenCLIP path with id 0, the token "!")."""
     from transformers import CLIPTokenizer
 
-    if family not in ("sd1", "sd2"):
-        raise DreamboothError(f"family = {family!r}: the tokenizer exists for sd1 and sd2")
-    pad = _pad_token(family)
     vocab_file, merges_file = _tokenizer_files(BPE_PATH)
     return CLIPTokenizer(str(vocab_file), str(merges_file), pad_token=pad, model_max_length=MAX_LENGTH)

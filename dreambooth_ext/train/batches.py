@@ -14,7 +14,7 @@ import torch
 
 from ..data.dataset import Example, flip_decision
 from ..data.images import prepare_image
-from .sampling import encode_prompts
+from ..models.family import Conditioning
 
 
 def derive_seed(*parts: object) -> int:
@@ -91,26 +91,25 @@ class Feeder:
 
 
 class TextConditioning:
-    """Encoder hidden states of captions: precomputed once when the text encoder is frozen."""
+    """The UNet's conditioning for captions: precomputed once when the text encoders are frozen."""
 
-    def __init__(self, tokenizer, text_encoder, precomputed: dict[str, torch.Tensor] | None = None):
-        self.tokenizer = tokenizer
-        self.text_encoder = text_encoder
+    def __init__(self, bundle, precomputed: dict[str, Conditioning] | None = None):
+        self.bundle = bundle
         self.precomputed = precomputed
 
     @classmethod
     @torch.no_grad()
-    def precompute(cls, tokenizer, text_encoder, captions: list[str], batch_size: int = 16) -> TextConditioning:
+    def precompute(cls, bundle, captions: list[str], batch_size: int = 16) -> TextConditioning:
         unique = sorted(set(captions))
-        table = {}
+        table: dict[str, Conditioning] = {}
         for start in range(0, len(unique), batch_size):
             chunk = unique[start:start + batch_size]
-            states = encode_prompts(tokenizer, text_encoder, chunk).float().cpu()
-            table.update(zip(chunk, states, strict=True))
-        return cls(tokenizer, text_encoder, table)
+            rows = bundle.encode(chunk).to("cpu", torch.float32).rows()
+            table.update(zip(chunk, rows, strict=True))
+        return cls(bundle, table)
 
-    def encode(self, captions: list[str], device: torch.device, *, grad: bool) -> torch.Tensor:
+    def encode(self, captions: list[str], device: torch.device, *, grad: bool) -> Conditioning:
         if self.precomputed is not None:
-            return torch.stack([self.precomputed[c] for c in captions]).to(device)
+            return Conditioning.stack([self.precomputed[c] for c in captions]).to(device)
         with torch.set_grad_enabled(grad):
-            return encode_prompts(self.tokenizer, self.text_encoder, captions)
+            return self.bundle.encode(captions)

@@ -11,12 +11,14 @@ from ..config import Config
 from .devices import require_8bit_adam
 
 
-def param_groups(config: Config, unet: torch.nn.Module, text_encoder: torch.nn.Module | None) -> list[dict]:
-    """The UNet's weights, and the text encoder's with its own learning rate and weight decay."""
+def param_groups(config: Config, unet: torch.nn.Module,
+                 text_encoders: tuple[torch.nn.Module, ...] = ()) -> list[dict]:
+    """The UNet's weights, and the trained text encoders' (all of them) with their own learning rate and weight
+    decay."""
     groups = [{"params": [p for p in unet.parameters() if p.requires_grad],
                "lr": config.learning_rate, "weight_decay": config.weight_decay, "name": "unet"}]
-    if text_encoder is not None:
-        groups.append({"params": [p for p in text_encoder.parameters() if p.requires_grad],
+    if text_encoders:
+        groups.append({"params": [p for e in text_encoders for p in e.parameters() if p.requires_grad],
                        "lr": config.text_encoder_lr, "weight_decay": config.text_encoder_weight_decay,
                        "name": "text_encoder"})
     return groups

@@ -193,7 +193,7 @@ class TrainingRun:
                                 message=f"Generated class image {done}/{total}"))
 
         # The UNet and text encoder may be trained next: move them without a lossy dtype round trip.
-        with placed([bundle.unet, bundle.text_encoder], device), placed([bundle.vae], device, precision.frozen_dtype):
+        with placed([bundle.unet, *bundle.text_encoders], device), placed([bundle.vae], device, precision.frozen_dtype):
             generate_class_images(jobs, render, on_image=on_image, should_stop=lambda: self.cancelled)
         return folders
 
@@ -262,28 +262,29 @@ class _Loop:
         if config.gradient_checkpointing:
             bundle.unet.enable_gradient_checkpointing()
         bundle.vae.requires_grad_(False).eval()
-        text_encoder = bundle.text_encoder
-        if config.train_text_encoder:
-            text_encoder.to(device, torch.float32).requires_grad_(True).train()
-            if config.gradient_checkpointing:
-                text_encoder.gradient_checkpointing_enable()
-        else:
-            text_encoder.requires_grad_(False).eval()
         self.trained = {"unet": bundle.unet}
-        if config.train_text_encoder:
-            self.trained["text_encoder"] = text_encoder
+        for index, text_encoder in enumerate(bundle.text_encoders):
+            if config.train_text_encoder:
+                text_encoder.to(device, torch.float32).requires_grad_(True).train()
+                if config.gradient_checkpointing:
+                    text_encoder.gradient_checkpointing_enable()
+                # State keys: text_encoder.<name> for the first encoder (as before), text_encoder_2.<name> ...
+                self.trained["text_encoder" + (f"_{index + 1}" if index else "")] = text_encoder
+            else:
+                text_encoder.requires_grad_(False).eval()
 
     def _setup_data(self) -> None:
         config, bundle, device, dtype = self.config, self.bundle, self.device, self.precision.frozen_dtype
         captions = [e.caption for e in self.instances + self.classes]
         if not config.train_text_encoder and config.precompute_text_embeddings:
             self.run._emit(Progress("caching", message=f"Encoding {len(set(captions))} captions"))
-            with placed([bundle.text_encoder], device, dtype):
-                self.text = TextConditioning.precompute(bundle.tokenizer, bundle.text_encoder, captions)
+            with placed(list(bundle.text_encoders), device, dtype):
+                self.text = TextConditioning.precompute(bundle, captions)
         else:
             if not config.train_text_encoder:
-                bundle.text_encoder.to(device, dtype)
-            self.text = TextConditioning(bundle.tokenizer, bundle.text_encoder)
+                for text_encoder in bundle.text_encoders:
+                    text_encoder.to(device, dtype)
+            self.text = TextConditioning(bundle)
         cache = None
         if config.cache_latents and config.crop == "random":
             log.info("Not caching latents: crop = random needs a new crop every step.")
@@ -313,7 +314,8 @@ class _Loop:
 
     def _setup_optimization(self, state: TrainingState | None) -> int:
         config = self.config
-        groups = param_groups(config, self.bundle.unet, self.trained.get("text_encoder"))
+        text_encoders = self.bundle.text_encoders if config.train_text_encoder else ()
+        groups = param_groups(config, self.bundle.unet, text_encoders)
         self.optimizer = make_optimizer(config, groups, self.device)
         self.lr_scheduler = make_lr_scheduler(config, self.optimizer, self.total_steps)
         self.scaler = torch.amp.GradScaler("cuda") if self.precision.use_grad_scaler else None
@@ -353,8 +355,9 @@ class _Loop:
             if self.run.cancelled:
                 return self._cancel(step)
             train_text = step < te_stop
-            if not train_text and self.bundle.text_encoder.training:
-                self.bundle.text_encoder.eval()  # its training stopped: no dropout, no checkpointed frozen pass
+            for text_encoder in self.bundle.text_encoders if not train_text else ():
+                if text_encoder.training:  # its training stopped: no dropout, no checkpointed frozen pass
+                    text_encoder.eval()
             loss = self._optimizer_step(step, train_text=train_text)
             step += 1
             smoothed = loss if smoothed is None else 0.9 * smoothed + 0.1 * loss
@@ -434,8 +437,8 @@ class _Loop:
         noise, timesteps = self._noise(latents.shape, kinds, micro)
         noisy = scheduler.add_noise(latents, noise, timesteps)
         with self._autocast():
-            context = self.text.encode(captions, self.device, grad=train_text)
-            prediction = self.bundle.unet(noisy, timesteps, encoder_hidden_states=context).sample
+            conditioning = self.text.encode(captions, self.device, grad=train_text)
+            prediction = self.bundle.unet(noisy, timesteps, **conditioning.unet_kwargs()).sample
         error = per_sample_mse(prediction, training_target(scheduler, latents, noise, timesteps))
         if self.config.min_snr_gamma:
             error = error * min_snr_weights(scheduler, timesteps, self.config.min_snr_gamma)
@@ -494,8 +497,8 @@ class _Loop:
         path = self.run.host.checkpoint_path(config.project_name, step)
         self.run._emit(Progress("saving", step=step, total_steps=self.total_steps, message=f"Saving {path.name}"))
         unet_weights = self.ema.weights_for_export(bundle.unet) if self.ema else None
-        text_encoder = bundle.text_encoder if config.train_text_encoder else None
-        state_dict = build_checkpoint(bundle, bundle.unet, text_encoder=text_encoder,
+        text_encoders = bundle.text_encoders if config.train_text_encoder else None
+        state_dict = build_checkpoint(bundle, bundle.unet, text_encoders=text_encoders,
                                       precision=config.save_precision, unet_state=unet_weights)
         concept = config.concepts[0]
         concepts = [{"token": c.token, "class_word": c.class_word, "instance_prompt": fill_prompt(c.instance_prompt, c),
@@ -528,7 +531,7 @@ class _Loop:
         folder = self.work_dir / "samples"
         folder.mkdir(parents=True, exist_ok=True)
         paths = []
-        frozen = [bundle.vae] + ([] if config.train_text_encoder else [bundle.text_encoder])
+        frozen = [bundle.vae] + ([] if config.train_text_encoder else list(bundle.text_encoders))
         # With EMA on, the samples show the averaged weights: those are what gets exported.
         averaged = self.ema.applied_to(bundle.unet) if self.ema else contextlib.nullcontext()
         with placed(frozen, self.device, self.precision.frozen_dtype), averaged:

@@ -11,17 +11,7 @@ from diffusers import DDIMScheduler
 from PIL import Image
 
 from ..data.images import tensor_to_image
-
-
-def tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
-    return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                     return_tensors="pt").input_ids
-
-
-def encode_prompts(tokenizer, text_encoder: torch.nn.Module, prompts: list[str]) -> torch.Tensor:
-    """Last hidden states of the text encoder (final layer norm applied), as the WebUI conditions."""
-    device = next(text_encoder.parameters()).device
-    return text_encoder(tokenize(tokenizer, prompts).to(device))[0]
+from ..models.family import Conditioning
 
 
 @contextlib.contextmanager
@@ -56,15 +46,14 @@ def generate_images(bundle, prompts: list[str], *, negative_prompt: str = "", st
     unet.eval()
     try:
         with autocast:
-            cond = encode_prompts(bundle.tokenizer, bundle.text_encoder, prompts)
-            uncond = encode_prompts(bundle.tokenizer, bundle.text_encoder, [negative_prompt] * len(prompts))
-            context = torch.cat([uncond, cond]).to(device)
+            conditioning = Conditioning.cat([bundle.encode([negative_prompt] * len(prompts)),
+                                             bundle.encode(prompts)]).to(device)
             generator = torch.Generator("cpu").manual_seed(seed)
             shape = (len(prompts), unet.config.in_channels, height // 8, width // 8)
             latents = torch.randn(shape, generator=generator).to(device) * scheduler.init_noise_sigma
             for i, t in enumerate(scheduler.timesteps):
                 model_input = scheduler.scale_model_input(torch.cat([latents, latents]), t)
-                pred = unet(model_input, t, encoder_hidden_states=context.to(unet.dtype)).sample
+                pred = unet(model_input, t, **conditioning.unet_kwargs(unet.dtype)).sample
                 pred_uncond, pred_cond = pred.float().chunk(2)
                 pred = pred_uncond + guidance * (pred_cond - pred_uncond)
                 latents = scheduler.step(pred, t, latents).prev_sample
