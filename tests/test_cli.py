@@ -277,24 +277,29 @@ def test_joepennas_flags_caption_like_his_json(tmp_path, photos, caplog):
 
 def test_pip_install_of_the_project_gives_a_working_engine(tmp_path):
     """`pip install .`: the package carries what the tokenizer needs (no open-clip-torch, no model hub)."""
+    import shutil
     import site
     import subprocess
     import sys
 
     root = Path(__file__).resolve().parents[1]
+    source = tmp_path / "src"  # a copy: building writes build/ and *.egg-info beside the sources
+    shutil.copytree(root / "dreambooth_ext", source / "dreambooth_ext", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(root / name, source / name)
     venv_dir = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv_dir)], check=True, timeout=300)
     python = venv_dir / "bin" / "python"
     own_site = subprocess.run([str(python), "-c", "import site; print(site.getsitepackages()[0])"],
                               capture_output=True, text=True, check=True).stdout.strip()
     Path(own_site, "engine_deps.pth").write_text(site.getsitepackages()[0] + "\n")  # torch & co., not this repo
-    done = subprocess.run([str(python), "-m", "pip", "install", "--no-deps", "-q", str(root)],
+    done = subprocess.run([str(python), "-m", "pip", "install", "--no-deps", "-q", str(source)],
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     check = ("import dreambooth_ext, sys\nfrom dreambooth_ext.models.tokenizer import load_tokenizer\n"
              "assert 'site-packages' in dreambooth_ext.__file__, dreambooth_ext.__file__\n"
              "sys.modules['open_clip'] = None  # whatever the environment has, the package's own file is used\n"
-             "t = load_tokenizer('sd1')\nprint(len(t), t('photo of ohwx toy').input_ids)")
+             "t = load_tokenizer()\nprint(len(t), t('photo of ohwx toy').input_ids)")
     run = subprocess.run([str(python), "-c", check], capture_output=True, text=True, cwd=tmp_path, timeout=300,
                          env={"HOME": str(tmp_path), "PATH": "/usr/bin:/bin", "XDG_CACHE_HOME": str(tmp_path / "c")})
     assert run.returncode == 0, run.stderr

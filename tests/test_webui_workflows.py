@@ -175,6 +175,23 @@ def test_api_load_selects_a_checkpoint_by_path_or_title(extension):
     assert webui.generate().checkpoint_title.startswith("tiny_sd1.safetensors")
 
 
+def test_a_webui_started_with_ckpt_keeps_the_selected_result(make_webui, tmp_path):
+    """The host's list_models() selects the --ckpt file again on every re-scan: publishing a result or redrawing
+    the dropdown must not undo the user's choice (seen in a real v1.10.1 started with --ckpt)."""
+    webui = make_webui(ckpt=True)
+    ext = Extension(webui, tmp_path)
+    ext.start("first")
+    ext.tab.load_model()
+    title = webui.shared.sd_model.sd_checkpoint_info.title
+    assert title.startswith("first/first_2.safetensors [") and webui.shared.opts.sd_model_checkpoint == title
+    assert ext.tab.checkpoint_dropdown_update()["value"] == title  # the redraw after Load keeps it
+    ext.start("second")  # trains the selected model; its result is published (the list re-scanned)
+    assert webui.shared.opts.sd_model_checkpoint == title
+    assert webui.generate().checkpoint_title == title  # the next txt2img keeps the user's model
+    loaded = ext.api.post("/dreambooth/v1/load", json={"checkpoint": ext.status()["checkpoints"][-1]}).json()
+    assert webui.generate().checkpoint_title == loaded["loaded"] == webui.shared.opts.sd_model_checkpoint
+
+
 def test_api_load_needs_the_api_credentials(make_webui, tmp_path):
     webui = make_webui("--api-auth", "me:secret")
     ext = Extension(webui, tmp_path)

@@ -98,11 +98,25 @@ def checkpoint_titles() -> list[str]:
     return list(sd_models.checkpoint_tiles())
 
 
+def rescan_checkpoints() -> None:
+    """Re-scan the checkpoint folders (new files appear in the list) without changing the selected checkpoint.
+
+    The host's `list_models()` also sets `opts.sd_model_checkpoint` to the --ckpt file whenever the WebUI was
+    started with --ckpt: called bare, every rescan would quietly select that file again, and the next generation
+    would swap the user's model for it."""
+    from modules import sd_models, shared
+
+    selected = shared.opts.data.get("sd_model_checkpoint")
+    sd_models.list_models()
+    if selected is not None:
+        shared.opts.data["sd_model_checkpoint"] = selected
+
+
 def checkpoint_selection() -> tuple[list[str], str | None]:
     """The checkpoint dropdown's fresh choices (folders re-scanned) and the selected title: what it should show."""
     from modules import sd_models, shared
 
-    sd_models.list_models()
+    rescan_checkpoints()
     return list(sd_models.checkpoint_tiles()), shared.opts.sd_model_checkpoint
 
 
@@ -126,7 +140,7 @@ def load_checkpoint_now(path_or_title: str | os.PathLike) -> str:
     """
     from modules import sd_models, shared
 
-    sd_models.list_models()
+    rescan_checkpoints()
     info = _checkpoint_info(path_or_title)
     if info is None:
         raise DreamboothError(f"{str(path_or_title)!r} is not in the WebUI's checkpoint list: give a file inside "
@@ -389,7 +403,7 @@ class WebUIHost(Host):
             return Path(wanted)
         info = sd_models.get_closet_checkpoint_match(wanted)
         if info is None:
-            sd_models.list_models()
+            rescan_checkpoints()
             info = sd_models.get_closet_checkpoint_match(wanted)
         if info is None:
             raise DreamboothError(f"base model {wanted!r} is neither a file nor a checkpoint in the WebUI's list. "
@@ -411,9 +425,7 @@ class WebUIHost(Host):
 
     def publish(self, path: Path) -> None:
         """Re-scan the checkpoint folders so the file is in the list at once (title without hash until hashed)."""
-        from modules import sd_models
-
-        sd_models.list_models()
+        rescan_checkpoints()
         log.info("Published %s to the checkpoint list", path)
 
     # -- the device -------------------------------------------------------------------------------------

@@ -86,10 +86,12 @@ def _purge_modules() -> None:
     torch.load = TORCH_LOAD
 
 
-def _start(root: Path, args: Sequence[str], load: bool, device: str | None,
+def _start(root: Path, args: Sequence[str], load: bool, device: str | None, ckpt: bool,
            monkeypatch: pytest.MonkeyPatch) -> WebUIStub:
     data_dir = root / "webui"
     argv = ["--data-dir", str(data_dir), *args]
+    if ckpt:  # started with --ckpt naming the checkpoint it serves (as many users start the WebUI)
+        argv += ["--ckpt", str(data_dir / "models" / "Stable-diffusion" / CHECKPOINT_NAME)]
     monkeypatch.setenv("WEBUI_STUB_ARGS", shlex.join(argv))
     monkeypatch.setenv("WEBUI_STUB_SCRIPT_PATH", str(data_dir))
     monkeypatch.setenv("WEBUI_STUB_EXTENSIONS", str(REPO_DIR))
@@ -110,7 +112,8 @@ def _start(root: Path, args: Sequence[str], load: bool, device: str | None,
 
 @pytest.fixture
 def make_webui(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., WebUIStub]]:
-    """make_webui(*args, load=True, device=None): start the stand-in host with these command-line flags.
+    """make_webui(*args, load=True, device=None, ckpt=False): start the stand-in host with these command-line flags
+    (ckpt: also --ckpt naming its tiny checkpoint).
 
     device: what `devices.device` is (default: cuda when there is one, else cpu). A device this machine lacks
     (e.g. "cuda" on a CPU box) is only recorded by the fake model's moves, so release/restore can be observed.
@@ -119,9 +122,9 @@ def make_webui(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Call
     sys.path[:0] = [str(STUB_DIR), str(TESTS_DIR)]
     started = []
 
-    def start(*args: str, load: bool = True, device: str | None = None) -> WebUIStub:
+    def start(*args: str, load: bool = True, device: str | None = None, ckpt: bool = False) -> WebUIStub:
         started.append(len(started))
-        return _start(tmp_path / f"host{len(started)}", args, load, device, monkeypatch)
+        return _start(tmp_path / f"host{len(started)}", args, load, device, ckpt, monkeypatch)
 
     try:
         yield start
