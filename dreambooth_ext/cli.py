@@ -257,9 +257,19 @@ def serve_ui(args: argparse.Namespace) -> int:
         raise DreamboothError(f"cannot serve on {args.host}:{args.port} ({exc}); pick another --port, or stop "
                               "what is using it") from exc
     print(f"Dreambooth at {app.url} (Ctrl+C stops it)", flush=True)
+    # Not gradio's block_thread(): on Ctrl+C it closes its server itself, waiting for ever on connections an open
+    # browser tab keeps; app.close() stops within seconds whatever the browser does.
+    stop = threading.Event()
+    previous = signal.signal(signal.SIGTERM, lambda *_: stop.set()) if hasattr(signal, "SIGTERM") else None
     try:
-        app.blocks.block_thread()
+        while not stop.wait(0.5):
+            pass
+    except KeyboardInterrupt:
+        pass
     finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+        print("Stopping...", flush=True)
         app.close()
     return 0
 

@@ -102,6 +102,7 @@ def test_ui_serves_the_tab_and_the_api_until_ctrl_c(tmp_path):
     import socket
     import subprocess
     import sys
+    import time
     import urllib.request
 
     with socket.socket() as probe:
@@ -125,8 +126,13 @@ def test_ui_serves_the_tab_and_the_api_until_ctrl_c(tmp_path):
             assert "Dreambooth" in page.read().decode()
         with urllib.request.urlopen(url.rstrip("/") + "/dreambooth/v1/status", timeout=30) as status:
             assert json.load(status)["state"] == "idle"
+        # A client in the middle of a request (a browser tab keeps such connections): shutdown must not wait on it.
+        stuck = socket.create_connection(("127.0.0.1", port))
+        stuck.sendall(b"POST /dreambooth/v1/start HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+        time.sleep(0.5)
         server.send_signal(signal.SIGINT)
         assert server.wait(timeout=60) == 0
+        stuck.close()
     finally:
         if server.poll() is None:
             server.kill()
