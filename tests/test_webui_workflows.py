@@ -119,6 +119,35 @@ def test_interrupt_then_resume_in_the_host_equals_an_uninterrupted_run(extension
     assert max_difference(unet_of(status["checkpoints"][-1]), unet_of(straight)) < 1e-5
 
 
+def wait_settled(api, timeout: float = 120) -> dict:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        status = api.get("/dreambooth/v1/status").json()
+        if not status["active"]:
+            return status
+        time.sleep(0.05)
+    raise AssertionError("the run did not end")
+
+
+def test_api_cancel_then_resume_equals_an_uninterrupted_run(extension):
+    api, steps = extension.api, 30
+    data = quick_run_data("", extension.images, project="viaapi", max_train_steps=steps)
+    assert api.post("/dreambooth/v1/start", json=data).status_code == 200
+    deadline = time.time() + 120
+    while api.get("/dreambooth/v1/status").json()["step"] < 2 and time.time() < deadline:
+        time.sleep(0.01)
+    assert api.post("/dreambooth/v1/cancel").json()["cancelling"] is True
+    status = wait_settled(api)
+    assert status["state"] == "cancelled" and 2 <= status["step"] < steps, status
+    assert api.post("/dreambooth/v1/start", json=data, params={"resume": "true"}).status_code == 200
+    resumed = wait_settled(api)
+    assert resumed["state"] == "finished" and resumed["step"] == steps, resumed
+    straight = dict(data, project_name="viaapi_straight")
+    assert api.post("/dreambooth/v1/start", json=straight).status_code == 200
+    reference = wait_settled(api)["checkpoints"][-1]
+    assert max_difference(unet_of(resumed["checkpoints"][-1]), unet_of(reference)) < 1e-5
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Item 3: "Load this model now" (and the setting, and the API) make the result the selected checkpoint
 

@@ -139,8 +139,8 @@ class DreamboothTab:
         self.dataset_report = gr.HTML(elem_id="dreambooth_dataset_report")
         self.task_id = gr.Textbox(visible=False, elem_id="dreambooth_task_id")
         gr.HTML("<div id='dreambooth_progressbar'></div>", elem_id="dreambooth_progress_container")
-        self.status = gr.HTML(render.status_html(self.jobs.status()), elem_id="dreambooth_status")
         status = self.jobs.status()
+        self.status = gr.HTML(render.status_html(status), elem_id="dreambooth_status")
         self.chart = gr.LinePlot(render.loss_frame(status), x="step", y="loss", title="Loss (smoothed)", height=220,
                                  visible=bool(status.get("losses")), elem_id="dreambooth_loss_chart")
         self.gallery = gr.Gallery(label="Sample images", columns=4, elem_id="dreambooth_gallery")
