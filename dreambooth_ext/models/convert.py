@@ -76,10 +76,14 @@ def _need(sd: dict[str, torch.Tensor], key: str, what: str) -> torch.Tensor:
 def make_unet_config(*, family: Family, block_out_channels: tuple[int, ...], layers_per_block: int,
                      attention_levels: tuple[bool, ...], cross_attention_dim: int, in_channels: int = 4,
                      out_channels: int = 4, use_linear_projection: bool | None = None,
-                     transformer_layers_per_block: int = 1, sample_size: int = 64) -> dict:
+                     transformer_layers_per_block: int | tuple[int, ...] = 1, sample_size: int = 64,
+                     added_input_dim: int | None = None) -> dict:
     """A UNet2DConditionModel config in diffusers' naming (`attention_head_dim` there means heads per level);
-    the family adds what shapes do not show."""
+    the family adds what shapes do not show. `added_input_dim`: the width of the extra conditioning vector
+    (SDXL's pooled text embedding and size/crop embeddings), None for UNets without one."""
     attention = family.unet_attention(tuple(block_out_channels))
+    if added_input_dim is not None:
+        attention.update(family.unet_added_conditioning(added_input_dim))
     if use_linear_projection is None:
         use_linear_projection = attention["use_linear_projection"]
     config = {
@@ -92,7 +96,8 @@ def make_unet_config(*, family: Family, block_out_channels: tuple[int, ...], lay
         "layers_per_block": layers_per_block,
         "cross_attention_dim": cross_attention_dim,
         "use_linear_projection": use_linear_projection,
-        "transformer_layers_per_block": transformer_layers_per_block,
+        "transformer_layers_per_block": (transformer_layers_per_block if isinstance(transformer_layers_per_block, int)
+                                         else tuple(transformer_layers_per_block)),
         "norm_num_groups": 32,
     }
     config.update({k: v for k, v in attention.items() if k != "use_linear_projection"})
@@ -159,13 +164,17 @@ def unet_config_from_ldm(sd: dict[str, torch.Tensor], family: Family) -> dict:
     if not to_k or not proj_in:
         raise DreamboothError("The checkpoint's UNet has no cross-attention, so it cannot follow prompts; pick a "
                               "text-to-image SD 1.x/2.x checkpoint")
-    first_attn = 1 + attention.index(True) * (per_level + 1)
-    depth = len(_indices(unet, rf"input_blocks\.{first_attn}\.1\.transformer_blocks\.(\d+)\."))
+    depths = tuple(max(1, len(_indices(unet, rf"input_blocks\.{1 + level * (per_level + 1)}\.1\."
+                                                r"transformer_blocks\.(\d+)\."))) for level in range(levels))
+    added = unet.get("label_emb.0.0.weight")
     return make_unet_config(
         family=family, block_out_channels=tuple(block_out), layers_per_block=per_level,
         attention_levels=tuple(attention), cross_attention_dim=int(to_k[0].shape[1]),
         in_channels=int(conv_in.shape[1]), out_channels=int(_need(unet, "out.2.weight", what).shape[0]),
-        use_linear_projection=proj_in[0].ndim == 2, transformer_layers_per_block=max(1, depth))
+        use_linear_projection=proj_in[0].ndim == 2,
+        # One depth for all levels when they agree (SD1/SD2), else each level's (SDXL: 0/2/10 blocks).
+        transformer_layers_per_block=depths[0] if len(set(depths)) == 1 else depths,
+        added_input_dim=int(added.shape[1]) if added is not None else None)
 
 
 def vae_config_from_ldm(sd: dict[str, torch.Tensor], family: Family) -> dict:
@@ -270,15 +279,20 @@ def clip_from_ldm(sd: dict[str, torch.Tensor], prefix: str, hidden_act: str) -> 
     return model.float().eval()
 
 
-def open_clip_from_ldm(sd: dict[str, torch.Tensor], prefix: str, *, skip_last_layer: bool) -> Any:
+def open_clip_from_ldm(sd: dict[str, torch.Tensor], prefix: str, *, skip_last_layer: bool,
+                       projection: bool = False) -> Any:
     """An OpenCLIP text encoder stored under `prefix`, as a fp32 CPU CLIPTextModel (without its last layer when
-    the family conditions on the penultimate one)."""
-    from transformers import CLIPTextModel
+    the family conditions on the penultimate one), or a CLIPTextModelWithProjection with its `text_projection`
+    when the family uses the pooled, projected embedding too (SDXL)."""
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     config = open_clip_config_from_ldm(sd, prefix, skip_last_layer)
-    model = CLIPTextModel(config)
-    converted = _helpers().convert_open_clip_checkpoint(model, _open_clip_used(sd, prefix, config.num_hidden_layers),
-                                                        prefix=prefix)
+    used = _open_clip_used(sd, prefix, config.num_hidden_layers)
+    if projection:
+        config.projection_dim = int(_need(sd, prefix + "text_projection", "text encoder").shape[1])
+        used[prefix + "text_projection"] = sd[prefix + "text_projection"]
+    model = (CLIPTextModelWithProjection if projection else CLIPTextModel)(config)
+    converted = _helpers().convert_open_clip_checkpoint(model, used, prefix=prefix)
     _load_exact(model, converted, "text encoder", optional=(_POSITION_IDS,))
     return model.float().eval()
 
@@ -351,6 +365,7 @@ def _unet_table(config: dict) -> dict[str, tuple[str, Any]]:
     down_attn = [t.startswith("CrossAttn") for t in config["down_block_types"]]
     up_attn = [t.startswith("CrossAttn") for t in config["up_block_types"]]
     table = {"time_embedding.linear_1": ("time_embed.0", same), "time_embedding.linear_2": ("time_embed.2", same),
+             "add_embedding.linear_1": ("label_emb.0.0", same), "add_embedding.linear_2": ("label_emb.0.2", same),
              "conv_in": ("input_blocks.0.0", same), "conv_norm_out": ("out.0", same), "conv_out": ("out.2", same),
              "mid_block.resnets.0": ("middle_block.0", resnet), "mid_block.attentions.0": ("middle_block.1", same),
              "mid_block.resnets.1": ("middle_block.2", resnet)}
@@ -417,9 +432,12 @@ def clip_to_ldm(state_dict: dict[str, torch.Tensor], prefix: str) -> dict[str, t
 
 
 def open_clip_to_ldm(state_dict: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    """A CLIPTextModel state dict -> OpenCLIP's layout under `prefix` (SD2's cond_stage_model.model.)."""
+    """A CLIPTextModel(WithProjection) state dict -> OpenCLIP's layout under `prefix` (SD2's cond_stage_model.model.,
+    SDXL's conditioner.embedders.1.model.)."""
     params = {k: v for k, v in state_dict.items() if not k.endswith("position_ids")}
     out: dict[str, torch.Tensor] = {}
+    if "text_projection.weight" in params:  # OpenCLIP multiplies by the matrix, transformers' Linear by its transpose
+        out[prefix + "text_projection"] = params.pop("text_projection.weight").T.contiguous()
     qkv: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     layer = re.compile(r"text_model\.encoder\.layers\.(\d+)\.(.+)\.(weight|bias)$")
     for key, value in params.items():

@@ -21,6 +21,8 @@ logger = logging.getLogger(__name__)
 UNET_PREFIX = "model.diffusion_model."
 SD1_TEXT_PREFIX = "cond_stage_model.transformer."
 SD2_TEXT_PREFIX = "cond_stage_model.model."
+SDXL_CLIP_PREFIX = "conditioner.embedders.0.transformer."
+SDXL_OPEN_CLIP_PREFIX = "conditioner.embedders.1.model."
 
 # The WebUI's loaded model wraps its text encoder (FrozenCLIPEmbedderWithCustomWords), so a state dict taken
 # from the live model has one extra level that files on disk do not.
@@ -97,6 +99,11 @@ class Family:
     def unet_attention(self, block_out_channels: tuple[int, ...]) -> dict:
         """The attention settings of its UNet that tensor shapes do not show (diffusers' naming: heads)."""
         return {"attention_head_dim": 8, "use_linear_projection": False}
+
+    def unet_added_conditioning(self, input_dim: int) -> dict:
+        """The UNet config of an added conditioning vector of `input_dim` (families whose UNet has one)."""
+        raise DreamboothError(f"{self.title} UNets have no added conditioning (label_emb); this checkpoint is "
+                              "not a standard one of its family")
 
     # -- text encoders --------------------------------------------------------------------------------
 
@@ -184,9 +191,62 @@ class SD2(Family):
                 "params": {"arch": "ViT-H-14", "freeze": True, "layer": "penultimate"}}
 
 
+class SDXL(Family):
+    """SDXL: two text encoders (CLIP ViT-L in Hugging Face's layout, OpenCLIP ViT-bigG with its projection), a UNet
+    with per-level transformer depths and an added conditioning vector (pooled text embedding + size/crop
+    embeddings), a VAE with its own latent scale.
+
+    Its layout is read and written here; training it (conditioning with time_ids, its data pipeline) is not wired
+    yet, so detect_family still refuses SDXL checkpoints."""
+
+    name = "sdxl"
+    title = "Stable Diffusion XL"
+    text_prefixes = (SDXL_CLIP_PREFIX, SDXL_OPEN_CLIP_PREFIX)
+    vae_scaling_factor = 0.13025
+    size_embedding_dim = 256  # each of the six size/crop numbers becomes a 256-wide sinusoidal embedding
+
+    def matches(self, keys: set[str]) -> bool:
+        return any(k.startswith(SDXL_OPEN_CLIP_PREFIX + "transformer.resblocks.") for k in keys) and any(
+            k.startswith(SDXL_CLIP_PREFIX + "text_model.") for k in keys)
+
+    def unet_attention(self, block_out_channels: tuple[int, ...]) -> dict:
+        return {"attention_head_dim": tuple(max(1, c // 64) for c in block_out_channels),
+                "use_linear_projection": True}
+
+    def unet_added_conditioning(self, input_dim: int) -> dict:
+        return {"addition_embed_type": "text_time", "addition_time_embed_dim": self.size_embedding_dim,
+                "projection_class_embeddings_input_dim": input_dim}
+
+    def text_encoders_from_ldm(self, sd: dict[str, torch.Tensor]) -> tuple[Any, ...]:
+        from .convert import clip_from_ldm, open_clip_from_ldm
+
+        return (clip_from_ldm(sd, SDXL_CLIP_PREFIX, hidden_act="quick_gelu"),
+                open_clip_from_ldm(sd, SDXL_OPEN_CLIP_PREFIX, skip_last_layer=False, projection=True))
+
+    def text_encoders_to_ldm(self, state_dicts: tuple[dict[str, torch.Tensor], ...]) -> dict[str, torch.Tensor]:
+        from .convert import clip_to_ldm, open_clip_to_ldm
+
+        return {**clip_to_ldm(state_dicts[0], SDXL_CLIP_PREFIX), **open_clip_to_ldm(state_dicts[1],
+                                                                                       SDXL_OPEN_CLIP_PREFIX)}
+
+    def tokenizers(self) -> tuple[Any, ...]:
+        from .tokenizer import END_TOKEN, load_tokenizer
+
+        return (load_tokenizer(pad=END_TOKEN), load_tokenizer(pad="!"))
+
+    def encode(self, tokenizers: tuple[Any, ...], encoders: tuple[Any, ...], prompts: list[str]) -> Conditioning:
+        raise DreamboothError("SDXL is not supported yet; pick a Stable Diffusion 1.x or 2.x checkpoint")
+
+    def native_resolution(self, prediction_type: str) -> int:
+        return 1024
+
+    def architecture(self, prediction_type: str) -> str:
+        return "stable-diffusion-xl-v1-base"
+
+
 SD1 = Family()
-FAMILIES: tuple[Family, ...] = (SD1, SD2())
-BY_NAME = {family.name: family for family in FAMILIES}
+FAMILIES: tuple[Family, ...] = (SD1, SD2())  # the ones a checkpoint is detected as (and trained)
+BY_NAME = {family.name: family for family in (*FAMILIES, SDXL())}
 
 
 def family_named(name: str) -> Family:

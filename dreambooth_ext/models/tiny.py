@@ -10,6 +10,7 @@ import logging
 import math
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -85,6 +86,8 @@ def _calibrate_vae(vae: torch.nn.Module, posterior_std: float = 0.05) -> None:
 def tiny_checkpoint(family: str = "sd1", seed: int = 0) -> dict[str, torch.Tensor]:
     """A small random model in the WebUI layout; the same seed always gives the same tensors."""
     home = family_named(family)
+    if family == "sdxl":
+        return _own_storage(_tiny_sdxl(home, seed))
     with torch.random.fork_rng(devices=[]):  # leave the caller's RNG stream untouched
         torch.manual_seed(seed)
         unet, vae, text_encoder = tiny_modules(family)
@@ -98,8 +101,49 @@ def tiny_checkpoint(family: str = "sd1", seed: int = 0) -> dict[str, torch.Tenso
     sd.update(home.text_encoders_to_ldm((text_encoder.state_dict(),)))
     sd.update(extra)
     sd.update(schedule_buffers())
+    return _own_storage(sd)
+
+
+def _own_storage(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     # Own, contiguous storage: the modules are dropped and the dict may be saved with safetensors.
     return {k: v.detach().clone().contiguous() for k, v in sd.items()}
+
+
+def _tiny_sdxl(family: Any, seed: int) -> dict[str, torch.Tensor]:
+    """A small SDXL in the WebUI's layout, of the sizes of the small SDXL the WebUI's own sgm classes write
+    (tests/host_layouts/tiny-sdxl.json): UNet levels of 32/64/128 channels with 0/2/3 transformer blocks, a
+    64-wide CLIP ViT-L and a 128-wide OpenCLIP with its projection (context 64 + 128 = 192), a 4-level VAE."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    from .family import SDXL_CLIP_PREFIX, SDXL_OPEN_CLIP_PREFIX
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(**make_unet_config(
+            family=family, block_out_channels=(32, 64, 128), layers_per_block=2, attention_levels=(False, True, True),
+            cross_attention_dim=192, transformer_layers_per_block=(1, 2, 3),
+            added_input_dim=128 + 6 * family.size_embedding_dim))
+        vae = AutoencoderKL(**make_vae_config(family=family, block_out_channels=(32, 64, 128, 128), layers_per_block=2,
+                                              latent_channels=4))
+        clip = CLIPTextModel(make_text_encoder_config(vocab_size=49408, hidden_size=64, max_position_embeddings=77,
+                                                      intermediate_size=128, num_hidden_layers=2,
+                                                      hidden_act="quick_gelu"))
+        big_config = make_text_encoder_config(vocab_size=49408, hidden_size=128, max_position_embeddings=77,
+                                              intermediate_size=512, num_hidden_layers=2, hidden_act="gelu")
+        big_config.projection_dim = 128
+        big = CLIPTextModelWithProjection(big_config)
+        for module in (unet, vae, clip, big):
+            _perturb(module)
+        sd: dict[str, torch.Tensor] = {}
+        sd.update(unet_to_ldm(unet.state_dict(), dict(unet.config)))
+        sd.update(vae_to_ldm(vae.state_dict(), dict(vae.config)))
+        sd.update(family.text_encoders_to_ldm((clip.state_dict(), big.state_dict())))
+        sd[SDXL_CLIP_PREFIX + "text_model.embeddings.position_ids"] = torch.arange(77)[None]
+        sd[SDXL_OPEN_CLIP_PREFIX + "logit_scale"] = torch.tensor(4.6052)
+        alphas_cumprod = schedule_buffers()["alphas_cumprod"].double()
+        sd["denoiser.sigmas"] = ((1 - alphas_cumprod) / alphas_cumprod).sqrt().float()
+    return sd
 
 
 def save_tiny_checkpoint(path: str | os.PathLike, family: str = "sd1", seed: int = 0) -> Path:
