@@ -458,3 +458,13 @@ def test_every_concept_reaches_the_metadata_and_the_samples(tiny_sd1, instance_d
     assert [(c["token"], c["class_word"], c["instance_prompt"]) for c in concepts] == [
         ("zwx", "toy", "photo of zwx toy"), ("ukj", "toy", "photo of ukj toy")]
     assert len(result.samples) == 2  # "photo of {token} {class}" for each concept
+
+
+def test_the_small_model_declares_its_size_so_the_demo_does_not_warn_about_itself(tiny_sd1, instance_dir,
+                                                                                   tmp_path, caplog):
+    with caplog.at_level("WARNING", logger="dreambooth_ext"):
+        train(make_config(tiny_sd1, instance_dir, max_train_steps=1), tmp_path)
+    assert "a model made for" not in caplog.text
+    with caplog.at_level("WARNING", logger="dreambooth_ext"):
+        train(make_config(tiny_sd1, instance_dir, max_train_steps=1, resolution=128), tmp_path / "b")
+    assert "Training at 128px a model made for 64px" in caplog.text  # a real mismatch is still said
