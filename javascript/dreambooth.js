@@ -75,16 +75,10 @@ setInterval(function() {
     if (status && status.offsetParent !== null) dreamboothRefresh();
 }, 5000);
 
-// After a (re)load: the form of the last run, a run that is already going (e.g. started through the API), and
-// what the host has loaded by now.
-function dreamboothPageLoaded() {
-    var restore = dreamboothApp().querySelector('#dreambooth_restore');
-    if (restore) restore.click();
-    dreamboothWatch();
-}
-
+// After a (re)load: a run that is already going (e.g. started through the API), and what the host has loaded by
+// now (the form of the last run comes back through the tab's own load event).
 if (typeof onUiLoaded === 'function') {
-    onUiLoaded(dreamboothPageLoaded);
+    onUiLoaded(dreamboothWatch);
 } else {
-    setTimeout(dreamboothPageLoaded, 500);
+    setTimeout(dreamboothWatch, 500);
 }

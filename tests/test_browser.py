@@ -113,5 +113,12 @@ def test_train_a_tiny_model_from_the_browser(served, page):
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "dreambooth_tab.png"), full_page=True)
     assert "step" in progress_text
+
+    # A reload brings the last run's form back (the page would otherwise show the defaults).
+    page.reload()
+    page.wait_for_selector("#dreambooth_start", timeout=60_000)
+    page.wait_for_function("() => { const f = document.querySelector('#dreambooth_project_name textarea, "
+                           "#dreambooth_project_name input'); return f && f.value === 'browser run'; }",
+                           timeout=30_000)
     assert not errors, errors
     assert not [m for m in console if "Infinite extent" in m], console  # no empty chart drawn at page load

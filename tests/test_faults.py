@@ -53,6 +53,7 @@ def test_a_second_run_of_the_project_is_refused_naming_the_first(tiny_sd1, insta
     # Its process is gone (killed, not cleaned up): the lock went with it.
     result = TrainingRun(make_config(tiny_sd1, instance_dir, max_train_steps=1), FolderHost(tmp_path / "models")).run()
     assert result.status == "finished"
+    assert not (work / ".run.lock").exists()  # a finished run leaves no lock file behind
 
 
 def test_an_unwritable_class_folder_is_refused_before_the_model_loads(tiny_sd1, instance_dir, tmp_path):  # noqa: F811

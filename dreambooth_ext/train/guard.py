@@ -65,7 +65,12 @@ def project_lock(work_dir: Path, project: str) -> Iterator[None]:
         handle.truncate()
         handle.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}))
         handle.flush()
-        yield
+        try:
+            yield
+        finally:
+            # Gone before the lock is let go: another run never takes a lock on a file about to disappear (and
+            # one that opens the path afterwards makes a new file and locks that).
+            path.unlink(missing_ok=True)
     finally:
         handle.close()  # releases the lock
 

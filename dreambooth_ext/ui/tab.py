@@ -93,6 +93,9 @@ class DreamboothTab:
                 with gr.Column(scale=2):
                     self._run_panel()
             self._wire()
+            # When the page loads (also after a reload), the form of the last run comes back. A load event, not a
+            # click from the page's JS: in the WebUI that click came before gradio had wired the button.
+            blocks.load(self.restore_form, [], self.form)
         self.blocks = blocks
         return blocks
 
@@ -150,8 +153,6 @@ class DreamboothTab:
         self.selection_token = gr.Textbox("", elem_id="dreambooth_selection_token", elem_classes=HIDDEN)
         self.seen = gr.State(None)  # what the page already shows, so polling sends the chart/gallery only on change
         self.refresh_button = gr.Button("refresh", elem_id="dreambooth_refresh", elem_classes=HIDDEN)
-        # Clicked once by the page's JS when it loads: the form comes back as the last run had it.
-        self.restore_button = gr.Button("restore", elem_id="dreambooth_restore", elem_classes=HIDDEN)
 
     def _wire(self) -> None:
         form = self.form
@@ -174,7 +175,6 @@ class DreamboothTab:
                                 [self.project_pick, self.existing_projects, self.project_message],
                                 **js_kwarg("dreambooth_confirm_save"))
         self.project_load.click(self.load, [self.project_pick], form + [self.project_message])
-        self.restore_button.click(self.restore_form, [], form, show_progress="hidden")
 
     def attach_checkpoint_dropdown(self, dropdown: gr.components.Component) -> None:
         """Keep the host's checkpoint dropdown in step with what Start, Resume and "Load this model now" did.
