@@ -74,3 +74,28 @@ def test_sdxl_modules_read_off_the_shapes(sdxl, family):
     assert (tok_l.pad_token_id, tok_g.pad_token_id) == (49407, 0)
     assert family.native_resolution("epsilon") == 1024
     assert family.architecture("epsilon") == "stable-diffusion-xl-v1-base"
+
+
+def test_sdxl_conditioning_context_pooled_and_time_ids(sdxl, family):
+    from dreambooth_ext.data.images import fit_geometry
+
+    encoders = family.text_encoders_from_ldm(sdxl)
+    with torch.no_grad():
+        conditioning = family.encode(family.tokenizers(), encoders, ["photo of ohwx toy", "a toy"])
+    assert conditioning.context.shape == (2, 77, 64 + 128)  # real SDXL: 768 + 1280 = 2048
+    clip, big = encoders
+    ids = family.tokenizers()[1](["a toy"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = big.text_model(ids, output_hidden_states=True)
+        end = int((ids[0] == 49407).nonzero()[0])
+        pooled = out.last_hidden_state[0, end] @ sdxl[SDXL_OPEN_CLIP_PREFIX + "text_projection"]
+        assert torch.allclose(conditioning.added["text_embeds"][1], pooled, atol=1e-5)
+        assert torch.equal(conditioning.context[1, :, 64:], out.hidden_states[-2][0])  # penultimate, no ln_final
+    # time_ids from what the pipeline did to the picture: a 100x80 photo center-cropped to 64x64 ...
+    cropped = fit_geometry((100, 80), 64, 64, "center")
+    assert (cropped.resized, cropped.left, cropped.top) == ((80, 64), 8, 0)
+    assert family.time_ids(cropped.original, (cropped.left, cropped.top), (64, 64)).tolist() == [80, 100, 0, 8, 64, 64]
+    # ... and a photo trained at its aspect ratio (a 1152x896 bucket): resized, not cut.
+    bucketed = fit_geometry((1440, 1120), 1152, 896, "center")
+    assert (bucketed.left, bucketed.top) == (0, 0)
+    assert family.time_ids(bucketed.original, (0, 0), (1152, 896)).tolist() == [1120, 1440, 0, 0, 896, 1152]

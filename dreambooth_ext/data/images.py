@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -70,26 +71,44 @@ def _wide_to_rgb(image: Image.Image) -> Image.Image:
     return Image.fromarray(gray, "L").convert("RGB")
 
 
-def fit_image(image: Image.Image, width: int, height: int, crop: str = "center",
-              generator: torch.Generator | None = None) -> Image.Image:
-    """Resize to cover width x height keeping the aspect ratio, then crop (center or random) to exactly that."""
+@dataclass(frozen=True)
+class Fit:
+    """How a picture of `original` (width, height) becomes the training size: resized to `resized`, then the
+    window at (`left`, `top`) cut out. SDXL conditions on exactly these numbers."""
+
+    original: tuple[int, int]
+    resized: tuple[int, int]
+    left: int
+    top: int
+
+
+def fit_geometry(original: tuple[int, int], width: int, height: int, crop: str = "center",
+                 generator: torch.Generator | None = None) -> Fit:
+    """Cover width x height keeping the aspect ratio, then a center or random window of exactly that size."""
     if crop not in _CROPS:
         raise ValueError(f"crop = {crop!r}: must be one of {', '.join(_CROPS)}")
     if width < 1 or height < 1:
         raise ValueError(f"size {width}x{height}: both sides must be at least 1 pixel")
-    src_w, src_h = image.size
+    src_w, src_h = original
     scale = max(width / src_w, height / src_h)
     # max() guards against rounding leaving the covering side one pixel short.
     new_w, new_h = max(width, round(src_w * scale)), max(height, round(src_h * scale))
-    if (new_w, new_h) != (src_w, src_h):
-        # Lanczos is sharpest for shrinking; bicubic rings less when enlarging small images.
-        resample = Image.LANCZOS if scale < 1 else Image.BICUBIC
-        image = image.resize((new_w, new_h), resample=resample)
     left = _offset(new_w - width, crop, generator)
     top = _offset(new_h - height, crop, generator)
-    if (left, top, new_w, new_h) == (0, 0, width, height):
+    return Fit(original=(src_w, src_h), resized=(new_w, new_h), left=left, top=top)
+
+
+def fit_image(image: Image.Image, width: int, height: int, crop: str = "center",
+              generator: torch.Generator | None = None) -> Image.Image:
+    """Resize to cover width x height keeping the aspect ratio, then crop (center or random) to exactly that."""
+    fit = fit_geometry(image.size, width, height, crop, generator)
+    if fit.resized != fit.original:
+        # Lanczos is sharpest for shrinking; bicubic rings less when enlarging small images.
+        resample = Image.LANCZOS if fit.resized[0] < fit.original[0] else Image.BICUBIC
+        image = image.resize(fit.resized, resample=resample)
+    if (fit.left, fit.top, *fit.resized) == (0, 0, width, height):
         return image
-    return image.crop((left, top, left + width, top + height))
+    return image.crop((fit.left, fit.top, fit.left + width, fit.top + height))
 
 
 def _offset(slack: int, crop: str, generator: torch.Generator | None) -> int:

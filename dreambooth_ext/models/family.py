@@ -196,8 +196,8 @@ class SDXL(Family):
     with per-level transformer depths and an added conditioning vector (pooled text embedding + size/crop
     embeddings), a VAE with its own latent scale.
 
-    Its layout is read and written here; training it (conditioning with time_ids, its data pipeline) is not wired
-    yet, so detect_family still refuses SDXL checkpoints."""
+    Its layout and conditioning are here; the training path (time_ids from the data pipeline, the live model,
+    sampling) is not wired yet, so detect_family still refuses SDXL checkpoints."""
 
     name = "sdxl"
     title = "Stable Diffusion XL"
@@ -235,7 +235,22 @@ class SDXL(Family):
         return (load_tokenizer(pad=END_TOKEN), load_tokenizer(pad="!"))
 
     def encode(self, tokenizers: tuple[Any, ...], encoders: tuple[Any, ...], prompts: list[str]) -> Conditioning:
-        raise DreamboothError("SDXL is not supported yet; pick a Stable Diffusion 1.x or 2.x checkpoint")
+        """As the WebUI conditions SDXL: both encoders' penultimate hidden states side by side (768 + 1280 = 2048
+        wide in the real model), and the pooled vector (OpenCLIP's final-layer-normed end token through its
+        projection) as `text_embeds`. The size/crop numbers (`time_ids`) come from each picture, see time_ids."""
+        clip, big = encoders
+        device = next(clip.parameters()).device
+        first = clip(tokenize(tokenizers[0], prompts).to(device), output_hidden_states=True)
+        second = big(tokenize(tokenizers[1], prompts).to(device), output_hidden_states=True)
+        context = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1)
+        return Conditioning(context, {"text_embeds": second.text_embeds})
+
+    @staticmethod
+    def time_ids(original: tuple[int, int], crop_left_top: tuple[int, int], target: tuple[int, int]) -> torch.Tensor:
+        """SDXL's size conditioning of one picture: (original height, width, crop top, crop left, target height,
+        width); sizes are given as (width, height) like PIL's, the crop as (left, top)."""
+        (orig_w, orig_h), (left, top), (target_w, target_h) = original, crop_left_top, target
+        return torch.tensor([orig_h, orig_w, top, left, target_h, target_w], dtype=torch.float32)
 
     def native_resolution(self, prediction_type: str) -> int:
         return 1024
