@@ -12,7 +12,6 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from ..config import Config
@@ -272,7 +271,3 @@ def _guard(target: Callable[[], Any], job: Job, manager: JobManager) -> Callable
             manager._release(job)
 
     return guarded
-
-
-def checkpoint_names(status: dict[str, Any]) -> list[str]:
-    return [Path(p).name for p in status.get("checkpoints", [])]

@@ -73,11 +73,6 @@ def dataset_report_html(warnings: list[str], errors: list[str] | None = None) ->
     return f"<div class='dreambooth-warning dreambooth-dataset'><b>Dataset check</b><ul>{items}</ul></div>"
 
 
-def error_html(message: str) -> str:
-    return (f"<div class='dreambooth-status' data-state='failed'><div class='dreambooth-error'><b>Error</b>"
-            f"<pre>{html.escape(message)}</pre></div></div>")
-
-
 def message_html(message: str, *, error: bool = False) -> str:
     css = "dreambooth-error" if error else "dreambooth-note"
     return f"<div class='{css}'><pre>{html.escape(message)}</pre></div>"
