@@ -468,3 +468,19 @@ def test_the_small_model_declares_its_size_so_the_demo_does_not_warn_about_itsel
     with caplog.at_level("WARNING", logger="dreambooth_ext"):
         train(make_config(tiny_sd1, instance_dir, max_train_steps=1, resolution=128), tmp_path / "b")
     assert "Training at 128px a model made for 64px" in caplog.text  # a real mismatch is still said
+
+
+@pytest.mark.parametrize("cache_latents", [True, False])
+def test_nan_latents_stop_the_run_naming_the_picture(tiny_sd1, instance_dir, tmp_path, monkeypatch, cache_latents):
+    from diffusers import AutoencoderKL
+
+    real_encode = AutoencoderKL.encode
+
+    def overflowing(self, pixels, *args, **kwargs):
+        out = real_encode(self, pixels, *args, **kwargs)
+        out.latent_dist.mean[:] = float("nan")  # what an fp16 overflow of the VAE looks like
+        return out
+
+    monkeypatch.setattr(AutoencoderKL, "encode", overflowing)
+    with pytest.raises(DreamboothError, match=r"img\d\.png into NaN/inf latents.*mixed_precision"):
+        train(make_config(tiny_sd1, instance_dir, max_train_steps=1, cache_latents=cache_latents), tmp_path)

@@ -14,6 +14,7 @@ import torch
 
 from ..data.dataset import Example, flip_decision
 from ..data.images import prepare_image
+from ..errors import DreamboothError
 from ..models.family import Conditioning
 
 
@@ -32,6 +33,18 @@ class LatentStats:
     std: torch.Tensor
 
 
+def posterior(vae, pixels: torch.Tensor, example: Example) -> LatentStats:
+    """The VAE posterior of one picture on the CPU in fp32; a non-finite one stops the run, naming the picture
+    (a VAE that overflows in half precision would otherwise train on NaNs without a word)."""
+    dist = vae.encode(pixels).latent_dist
+    stats = LatentStats(dist.mean[0].float().cpu(), dist.std[0].float().cpu())
+    if not (torch.isfinite(stats.mean).all() and torch.isfinite(stats.std).all()):
+        raise DreamboothError(
+            f"The VAE turned {example.path.name} into NaN/inf latents, usually an overflow of a VAE run in half "
+            "precision. Set mixed_precision to no (or bf16), or use a VAE that is safe in fp16.")
+    return stats
+
+
 class LatentCache:
     """VAE posterior (mean, std) of every example, once per flip state used. Kept on the CPU."""
 
@@ -46,8 +59,7 @@ class LatentCache:
         for index, example in enumerate(examples):
             for flip in flips:
                 pixels = prepare_image(example.path, example.size, crop, flip)[None].to(device, dtype)
-                dist = vae.encode(pixels).latent_dist
-                self.stats[(is_class, index, flip)] = LatentStats(dist.mean[0].float().cpu(), dist.std[0].float().cpu())
+                self.stats[(is_class, index, flip)] = posterior(vae, pixels, example)
             if on_item:
                 on_item()
 
@@ -86,8 +98,7 @@ class Feeder:
         vae_param = next(self.vae.parameters())
         pixels = prepare_image(example.path, example.size, self.crop, flip, generator)[None]
         with torch.no_grad():
-            dist = self.vae.encode(pixels.to(vae_param.device, vae_param.dtype)).latent_dist
-        return LatentStats(dist.mean[0].float().cpu(), dist.std[0].float().cpu())
+            return posterior(self.vae, pixels.to(vae_param.device, vae_param.dtype), example)
 
 
 class TextConditioning:
