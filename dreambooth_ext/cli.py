@@ -10,6 +10,7 @@ import re
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -271,7 +272,24 @@ def serve_ui(args: argparse.Namespace) -> int:
             signal.signal(signal.SIGTERM, previous)
         print("Stopping...", flush=True)
         app.close()
+    _end_lingering_threads()
     return 0
+
+
+def _end_lingering_threads(grace: float = 5.0) -> None:
+    """The server's own threads (gradio's queue, a connection uvicorn could not drop) may outlive its close; the
+    interpreter would wait for them at exit for ever. Give them a few seconds, then end the process."""
+    deadline = time.monotonic() + grace
+    for thread in threading.enumerate():
+        if thread is not threading.current_thread() and not thread.daemon:
+            thread.join(max(0.0, deadline - time.monotonic()))
+    lingering = [t.name for t in threading.enumerate() if t is not threading.current_thread() and not t.daemon
+                 and t.is_alive()]
+    if lingering:
+        log.warning("Ending with threads that did not stop (%s).", ", ".join(lingering))
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def join_negative_values(argv: list[str]) -> list[str]:

@@ -131,7 +131,12 @@ def test_ui_serves_the_tab_and_the_api_until_ctrl_c(tmp_path):
         stuck.sendall(b"POST /dreambooth/v1/start HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
         time.sleep(0.5)
         server.send_signal(signal.SIGINT)
-        assert server.wait(timeout=60) == 0
+        try:
+            code = server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            pytest.fail("the server did not stop within 60 s of Ctrl+C; its output:\n" + server.stdout.read())
+        assert code == 0
         stuck.close()
     finally:
         if server.poll() is None:
