@@ -259,17 +259,18 @@ def serve_ui(args: argparse.Namespace) -> int:
                               "what is using it") from exc
     print(f"Dreambooth at {app.url} (Ctrl+C stops it)", flush=True)
     # Not gradio's block_thread(): on Ctrl+C it closes its server itself, waiting for ever on connections an open
-    # browser tab keeps; app.close() stops within seconds whatever the browser does.
+    # browser tab keeps; app.close() stops within seconds whatever the browser does. Ctrl+C and SIGTERM are
+    # handled here explicitly: a process started in the background inherits SIGINT as ignored, and Python then
+    # never raises KeyboardInterrupt.
     stop = threading.Event()
-    previous = signal.signal(signal.SIGTERM, lambda *_: stop.set()) if hasattr(signal, "SIGTERM") else None
+    wanted = [signal.SIGINT] + ([signal.SIGTERM] if hasattr(signal, "SIGTERM") else [])
+    previous = {number: signal.signal(number, lambda *_: stop.set()) for number in wanted}
     try:
         while not stop.wait(0.5):
             pass
-    except KeyboardInterrupt:
-        pass
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for number, handler in previous.items():
+            signal.signal(number, handler)
         print("Stopping...", flush=True)
         app.close()
     _end_lingering_threads()

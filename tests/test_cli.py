@@ -112,7 +112,10 @@ def test_ui_serves_the_tab_and_the_api_until_ctrl_c(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     server = subprocess.Popen([sys.executable, "-m", "dreambooth_ext", "ui", "--models-dir", str(tmp_path),
                                "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              env=env, cwd=tmp_path)
+                              env=env, cwd=tmp_path,
+                              # Started the way a background job is (SIGINT inherited as ignored): Ctrl+C must
+                              # still stop it.
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     try:
         lines = []
         for line in server.stdout:
