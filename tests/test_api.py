@@ -59,7 +59,7 @@ def test_start_runs_in_the_background_and_status_reports_the_result(api, ui_mode
 def test_second_start_is_409_and_cancel_stops_the_active_run(api, tmp_path, ui_images):
     blocking = BlockingHost(tmp_path / "b")
     config = schema.from_dict(quick_run_data(tmp_path / "x.safetensors", ui_images, project="busy"))
-    api.jobs.start_background(config, lambda: blocking)
+    api.jobs.start_background(config, blocking)
     assert blocking.entered.wait(30)
     response = api.post(f"{PREFIX}/start", json=quick_run_data(tmp_path / "y.safetensors", ui_images))
     assert response.status_code == 409 and "already active" in response.json()["detail"]["message"]

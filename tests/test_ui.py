@@ -181,7 +181,7 @@ def test_a_second_start_while_one_is_active_is_refused(tab_factory, ui_images, t
     tab = tab_factory(jobs=jobs)
     blocking = BlockingHost(tmp_path / "other")
     config = schema.from_dict(quick_run_data(tmp_path / "x.safetensors", ui_images, project="first"))
-    jobs.start_background(config, lambda: blocking)
+    jobs.start_background(config, blocking)
     assert blocking.entered.wait(30)
     try:
         values = form_for(tab, quick_run_data(tmp_path / "y.safetensors", ui_images, project="second"))

@@ -84,7 +84,7 @@ def register_api(app: FastAPI, jobs: JobManager, host_adapter: HostAdapter, auth
         except DreamboothError as exc:
             raise _unprocessable([error_message(exc)], "The run cannot start") from None
         try:
-            jobs.start_background(prepared_config, lambda: host, resume=resume, wrap=host_adapter.background)
+            jobs.start_background(prepared_config, host, resume=resume, wrap=host_adapter.background)
         except DreamboothError as exc:
             raise HTTPException(status_code=409, detail={"message": error_message(exc)}) from None
         return {"started": True, "status": jobs.status()}

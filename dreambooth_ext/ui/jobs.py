@@ -191,21 +191,13 @@ class JobManager:
         """Claim and train in the caller's thread; returns the final status (errors are in `status.error`)."""
         return self.claim(config, resume=resume).run(host)
 
-    def start_background(self, config: Config, make_host: Callable[[], Host], *, resume: bool = False,
+    def start_background(self, config: Config, host: Host, *, resume: bool = False,
                          wrap: Callable[[Callable[[], Any]], Callable[[], Any]] | None = None) -> Job:
         """Claim, then train in a daemon thread. `wrap` adds host work around the whole thread body (the WebUI's
-        queue lock and job state); `make_host` runs inside it, so building the host waits for the lock too."""
+        queue lock and job state)."""
         job = self.claim(config, resume=resume)
 
         def body() -> None:
-            try:
-                host = make_host()
-            except Exception as exc:  # noqa: BLE001 - reported in the status, like any failure
-                log_failure(exc, f"Preparing the host for project {config.project_name!r}")
-                job.status.state, job.status.error = FAILED, error_message(exc)
-                job.status.finished_at = time.time()
-                self._release(job)
-                return
             job.run(host)
 
         target = wrap(body) if wrap is not None else body
