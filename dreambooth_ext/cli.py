@@ -57,8 +57,8 @@ def _add_option(parser: argparse.ArgumentParser, name: str, kind: str, help_text
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG,
-                                     description="Dreambooth training for Stable Diffusion 1.x/2.x checkpoints.")
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="Dreambooth training for Stable Diffusion 1.x, 2.x and SDXL checkpoints.")
     parser.add_argument("--version", action="version", version=__version__)
     commands = parser.add_subparsers(dest="command", required=True)
 

@@ -33,6 +33,7 @@ class Option:
     min: float | None = None
     max: float | None = None
     choices: tuple[str, ...] = ()
+    auto: Any = None  # a value outside min..max that means "decided from the base model"
 
     @property
     def label(self) -> str:
@@ -79,9 +80,9 @@ OPTIONS: tuple[Option, ...] = (
     _opt("prediction_type", "choice", "auto", "model",
          "What the model predicts. 'auto' reads it from the checkpoint's .yaml, metadata or the model itself.",
          choices=("auto", "epsilon", "v_prediction")),
-    _opt("resolution", "int", 512, "model",
-         "Training image size in pixels (a multiple of 64): 512 for SD1.x and SD2 base, 768 for SD2 768-v.",
-         min=64, max=2048),
+    _opt("resolution", "int", 0, "model",
+         "Training image size in pixels (a multiple of 64). 0: the base model's own size (512 for SD1.x and SD2 "
+         "base, 768 for SD2 768-v, 1024 for SDXL). Memory grows with its square.", min=64, max=2048, auto=0),
     # training
     _opt("max_train_steps", "int", 1000, "training",
          "Stop after this many optimizer steps (about 100 per training image works well). 0: use epochs.",
@@ -242,14 +243,17 @@ def check(option: Option, value: Any) -> str | None:
     if option.kind in ("int", "float"):
         if value != value:  # NaN
             return "must be a number"
+        if option.auto is not None and value == option.auto:
+            return None
         low = option.min is not None and value < option.min
         high = option.max is not None and value > option.max
+        auto = "" if option.auto is None else f" (or {option.auto:g}: the base model's own)"
         if (low or high) and option.min is not None and option.max is not None:
-            return f"must be between {option.min:g} and {option.max:g}"
+            return f"must be between {option.min:g} and {option.max:g}{auto}"
         if low:
-            return f"must be at least {option.min:g}"
+            return f"must be at least {option.min:g}{auto}"
         if high:
-            return f"must be at most {option.max:g}"
+            return f"must be at most {option.max:g}{auto}"
     return None
 
 

@@ -107,7 +107,7 @@ def test_the_tab_and_a_run_show_the_report(tmp_path):
     data.update(project_name="checked", base_model=str(tmp_path / "models" / "Stable-diffusion" / "tiny.safetensors"),
                 max_train_steps=1, prior_preservation=False, device="cpu", save_precision="fp32")
     values = tab.form_values(from_dict(data))
-    report = tab.check_dataset(*values)
+    report = tab.check_dataset(DEFAULT_PICK, *values)
     assert "Dataset check" in report and "common word" in report and "only 2 training image" in report
     status = tab.start("task(c)", DEFAULT_PICK, None, *values)[-1]
     assert "data-state='finished'" in status and "common word" in status

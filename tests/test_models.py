@@ -193,17 +193,48 @@ def test_live_wrapped_keys_normalize(tiny):
         assert detect_family(normal).name == family
 
 
-def test_sdxl_is_refused():
-    sd = {"conditioner.embedders.0.transformer.text_model.x": torch.zeros(1), "model.diffusion_model.x": torch.zeros(1)}
-    with pytest.raises(DreamboothError, match="SDXL is not supported yet"):
-        detect_family(sd)
+def test_sdxl_is_detected_and_its_refiner_and_inpainting_models_are_refused_by_name(tiny):
+    from dreambooth_ext.models.tiny import tiny_checkpoint
+
+    sdxl = tiny_checkpoint("sdxl")
+    assert detect_family(sdxl).name == "sdxl"
+    assert detect_family({k: tuple(v.shape) for k, v in sdxl.items()}).name == "sdxl"  # a header's shapes do
+    refiner = {k.replace("conditioner.embedders.1.", "conditioner.embedders.0."): v for k, v in sdxl.items()
+               if not k.startswith("conditioner.embedders.0.")}
+    with pytest.raises(DreamboothError, match="SDXL refiner") as info:
+        detect_family(refiner)
+    assert "pick an SDXL base checkpoint" in str(info.value)
+    for base in (sdxl, tiny("sd1")):
+        inpainting = dict(base)
+        first = inpainting["model.diffusion_model.input_blocks.0.0.weight"]
+        inpainting["model.diffusion_model.input_blocks.0.0.weight"] = torch.zeros(first.shape[0], 9, 3, 3)
+        with pytest.raises(DreamboothError, match="inpainting model"):
+            detect_family(inpainting)
+        with pytest.raises(DreamboothError, match="inpainting model"):
+            detect_family({k: tuple(v.shape) for k, v in inpainting.items()})
+
+
+def test_sdxl_live_layout_normalizes_to_the_file_layout():
+    """sd_hijack wraps each SDXL embedder (`conditioner.embedders.N.wrapped.`) and its token embedding, and points
+    cond_stage_model at the conditioner, so the live state dict lists the text encoders twice."""
+    from webui_stub.fake_model import FakeSDModel
+
+    from dreambooth_ext.models.tiny import tiny_checkpoint
+
+    sdxl = tiny_checkpoint("sdxl")
+    live = FakeSDModel(sdxl).state_dict()
+    assert "conditioner.embedders.1.wrapped.model.token_embedding.wrapped.weight" in live
+    assert "cond_stage_model.embedders.0.wrapped.transformer.text_model.final_layer_norm.weight" in live
+    normal = normalize_keys(live)
+    assert normal.keys() == sdxl.keys()
+    assert all(torch.equal(normal[k], sdxl[k]) for k in sdxl)
 
 
 def test_vae_only_and_lora_are_refused_with_help(tiny):
     vae_only = {k[len("first_stage_model."):]: v for k, v in tiny("sd1").items() if k.startswith("first_stage_model.")}
     with pytest.raises(DreamboothError, match="VAE") as info:
         detect_family(vae_only)
-    assert "full SD 1.x or 2.x checkpoint" in str(info.value)
+    assert "full SD 1.x, 2.x or SDXL checkpoint" in str(info.value)
     with pytest.raises(DreamboothError, match="LoRA"):
         detect_family({"lora_unet_down.lora_up.weight": torch.zeros(1)})
 

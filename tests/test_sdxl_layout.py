@@ -94,8 +94,8 @@ def test_sdxl_conditioning_context_pooled_and_time_ids(sdxl, family):
     # time_ids from what the pipeline did to the picture: a 100x80 photo center-cropped to 64x64 ...
     cropped = fit_geometry((100, 80), 64, 64, "center")
     assert (cropped.resized, cropped.left, cropped.top) == ((80, 64), 8, 0)
-    assert family.time_ids(cropped.original, (cropped.left, cropped.top), (64, 64)).tolist() == [80, 100, 0, 8, 64, 64]
+    assert family.time_ids(cropped).tolist() == [80, 100, 0, 8, 64, 64]
     # ... and a photo trained at its aspect ratio (a 1152x896 bucket): resized, not cut.
     bucketed = fit_geometry((1440, 1120), 1152, 896, "center")
     assert (bucketed.left, bucketed.top) == (0, 0)
-    assert family.time_ids(bucketed.original, (0, 0), (1152, 896)).tolist() == [1120, 1440, 0, 0, 896, 1152]
+    assert family.time_ids(bucketed).tolist() == [1120, 1440, 0, 0, 896, 1152]

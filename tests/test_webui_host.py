@@ -168,17 +168,19 @@ def test_external_vae_in_use_is_trained_with(webui):
     assert_fp16_of(WebUIHost().load_base(config()).base, tiny_state_dict(), vae_keys)
 
 
-def test_no_loaded_model_and_sdxl_are_refused(webui):
+def test_no_loaded_model_and_an_sdxl_refiner_are_refused(webui):
     webui.shared.sd_model = None  # a failed load leaves it None
     assert webui_host.loaded_model_summary()["problem"] == webui_host.NO_MODEL
     with pytest.raises(DreamboothError, match="No checkpoint is loaded: pick one in the"):
         WebUIHost().load_base(config())
 
     sd = tiny_state_dict()
-    sd["conditioner.embedders.0.transformer.text_model.final_layer_norm.weight"] = torch.ones(4)
+    sd["conditioner.embedders.0.model.ln_final.weight"] = torch.ones(4)
+    sd["denoiser.sigmas"] = torch.ones(1000)
     webui.shared.sd_model = FakeSDModel(sd, checkpoint_info=webui.sd_models.select_checkpoint())
     assert webui_host.loaded_model_summary()["family"] == "sdxl"
-    with pytest.raises(DreamboothError, match="SDXL"):
+    assert "SDXL refiner" in webui_host.loaded_model_summary()["problem"]
+    with pytest.raises(DreamboothError, match="SDXL refiner"):
         WebUIHost().load_base(config())
 
 

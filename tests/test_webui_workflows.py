@@ -304,9 +304,9 @@ def test_a_generated_yaml_follows_the_base_it_describes(extension, tmp_path):
 # Item 6: expected refusals are refusals, not crashes
 
 
-def write_sdxl_header(folder: Path) -> Path:
-    path = folder / "sdxl_base.safetensors"
-    safetensors.torch.save_file({"conditioner.embedders.0.transformer.text_model.final_layer_norm.weight":
+def write_refiner_header(folder: Path) -> Path:
+    path = folder / "sdxl_refiner.safetensors"
+    safetensors.torch.save_file({"conditioner.embedders.0.model.ln_final.weight":
                                  torch.zeros(2), UNET + "input_blocks.0.0.weight": torch.zeros(2)}, str(path))
     return path
 
@@ -317,11 +317,12 @@ def no_tracebacks(caplog, webui) -> bool:
 
 def test_refusals_come_before_the_run_without_tracebacks(extension, caplog):
     webui, api = extension.webui, extension.api
-    write_sdxl_header(Path(webui.sd_models.model_path))
+    write_refiner_header(Path(webui.sd_models.model_path))
     webui.sd_models.list_models()
     data = quick_run_data("", extension.images, project="refused")
     with caplog.at_level(logging.INFO):
-        for checkpoint, words in (("sdxl_base.safetensors", "SDXL"), ("no such title", "neither a file nor")):
+        for checkpoint, words in (("sdxl_refiner.safetensors", "SDXL refiner"),
+                                  ("no such title", "neither a file nor")):
             response = api.post("/dreambooth/v1/start", json=data, params={"checkpoint": checkpoint})
             assert response.status_code == 422 and words in str(response.json()), response.text
             outputs = extension.start("refused", pick=checkpoint)

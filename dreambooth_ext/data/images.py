@@ -73,13 +73,25 @@ def _wide_to_rgb(image: Image.Image) -> Image.Image:
 
 @dataclass(frozen=True)
 class Fit:
-    """How a picture of `original` (width, height) becomes the training size: resized to `resized`, then the
-    window at (`left`, `top`) cut out. SDXL conditions on exactly these numbers."""
+    """How a picture of `original` (width, height) becomes `target` (width, height): resized to `resized`, then
+    the window at (`left`, `top`) cut out. SDXL conditions on exactly these numbers."""
 
     original: tuple[int, int]
     resized: tuple[int, int]
     left: int
     top: int
+    target: tuple[int, int]
+
+    @staticmethod
+    def whole(width: int, height: int) -> Fit:
+        """A picture made at its final size (a generated image): nothing resized, nothing cut."""
+        return Fit(original=(width, height), resized=(width, height), left=0, top=0, target=(width, height))
+
+    def mirrored(self) -> Fit:
+        """The same fit after a left-right flip: the window now starts as far from the left edge as it ended
+        from the right one."""
+        left = self.resized[0] - self.left - self.target[0]
+        return Fit(original=self.original, resized=self.resized, left=left, top=self.top, target=self.target)
 
 
 def fit_geometry(original: tuple[int, int], width: int, height: int, crop: str = "center",
@@ -95,13 +107,18 @@ def fit_geometry(original: tuple[int, int], width: int, height: int, crop: str =
     new_w, new_h = max(width, round(src_w * scale)), max(height, round(src_h * scale))
     left = _offset(new_w - width, crop, generator)
     top = _offset(new_h - height, crop, generator)
-    return Fit(original=(src_w, src_h), resized=(new_w, new_h), left=left, top=top)
+    return Fit(original=(src_w, src_h), resized=(new_w, new_h), left=left, top=top, target=(width, height))
 
 
 def fit_image(image: Image.Image, width: int, height: int, crop: str = "center",
               generator: torch.Generator | None = None) -> Image.Image:
     """Resize to cover width x height keeping the aspect ratio, then crop (center or random) to exactly that."""
-    fit = fit_geometry(image.size, width, height, crop, generator)
+    return apply_fit(image, fit_geometry(image.size, width, height, crop, generator))
+
+
+def apply_fit(image: Image.Image, fit: Fit) -> Image.Image:
+    """Resize and crop a picture as `fit` says."""
+    width, height = fit.target
     if fit.resized != fit.original:
         # Lanczos is sharpest for shrinking; bicubic rings less when enlarging small images.
         resample = Image.LANCZOS if fit.resized[0] < fit.original[0] else Image.BICUBIC
@@ -139,8 +156,15 @@ def tensor_to_image(tensor: torch.Tensor) -> Image.Image:
 def prepare_image(path: str | os.PathLike, size: tuple[int, int], crop: str = "center", flip: bool = False,
                   generator: torch.Generator | None = None) -> torch.Tensor:
     """Load, fit to size (width, height), optionally mirror, and return the [3, H, W] tensor in [-1, 1]."""
-    width, height = size
-    image = fit_image(load_image(path), width, height, crop=crop, generator=generator)
+    return prepare_picture(path, size, crop, flip, generator)[0]
+
+
+def prepare_picture(path: str | os.PathLike, size: tuple[int, int], crop: str = "center", flip: bool = False,
+                    generator: torch.Generator | None = None) -> tuple[torch.Tensor, Fit]:
+    """`prepare_image`, and the fit it made (after the flip, if any)."""
+    image = load_image(path)
+    fit = fit_geometry(image.size, *size, crop=crop, generator=generator)
+    image = apply_fit(image, fit)
     if flip:
-        image = image.transpose(Image.FLIP_LEFT_RIGHT)
-    return image_to_tensor(image)
+        image, fit = image.transpose(Image.FLIP_LEFT_RIGHT), fit.mirrored()
+    return image_to_tensor(image), fit

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import Config
-from ..models.bundle import ModelBundle, check_checkpoint_file
+from ..models.bundle import BaseFacts, ModelBundle, check_checkpoint_file
 
 
 class Host(ABC):
@@ -17,13 +17,13 @@ class Host(ABC):
     def load_base(self, config: Config) -> ModelBundle:
         """The model to train, with clean base weights."""
 
-    def check(self, config: Config) -> None:
-        """Refuse, before a run starts, what would make it fail at once (cheap: no weights are read).
+    def check(self, config: Config) -> BaseFacts | None:
+        """Refuse, before a run starts, what would make it fail at once (cheap: no weights are read), and say what
+        the base model is when that is known without loading it (None otherwise).
 
         Raises DreamboothError with the user's fix; the tab shows it in its error box, the API answers 422.
         """
-        if config.base_model:
-            check_checkpoint_file(config.base_model)
+        return check_checkpoint_file(config.base_model) if config.base_model else None
 
     @abstractmethod
     def checkpoint_path(self, project: str, step: int) -> Path:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..config import Config
 from ..errors import DreamboothError
-from ..models.bundle import ModelBundle, load_bundle_from_file
+from ..models.bundle import BaseFacts, ModelBundle, load_bundle_from_file
 from .base import Host
 
 log = logging.getLogger(__name__)
@@ -18,11 +18,11 @@ class FolderHost(Host):
         self.models_dir = Path(models_dir)
         self.work_root = Path(work_root) if work_root else self.models_dir / "dreambooth"
 
-    def check(self, config: Config) -> None:
+    def check(self, config: Config) -> BaseFacts | None:
         if not config.base_model:
             raise DreamboothError("base_model is empty: give the checkpoint to train (base_model in the config, "
                                   "--training_model or --model on the command line).")
-        super().check(config)
+        return super().check(config)
 
     def load_base(self, config: Config) -> ModelBundle:
         return load_bundle_from_file(config.base_model, vae_path=config.vae or None,

@@ -26,9 +26,17 @@ import torch
 
 from ..config import Config
 from ..errors import DreamboothError
-from ..models.bundle import ModelBundle, SourceInfo, check_checkpoint_file, load_bundle, load_bundle_from_file
-from ..models.checkpoint import read_vae
-from ..models.family import detect_family, normalize_keys
+from ..models.bundle import (
+    BaseFacts,
+    ModelBundle,
+    SourceInfo,
+    check_checkpoint_file,
+    declared_resolution,
+    load_bundle,
+    load_bundle_from_file,
+)
+from ..models.checkpoint import read_named_tensors, read_vae
+from ..models.family import FAMILIES, Family, detect_family, normalize_keys
 from .base import Host
 
 log = logging.getLogger(__name__)
@@ -39,6 +47,7 @@ _SCHEDULE_KEYS = ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas
                   "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
                   "sqrt_recipm1_alphas_cumprod", "posterior_variance", "posterior_log_variance_clipped",
                   "posterior_mean_coef1", "posterior_mean_coef2")
+_SIGMAS = "denoiser.sigmas"  # SDXL (sgm) keeps its schedule as sigmas
 
 NO_MODEL = ("No checkpoint is loaded: pick one in the Stable Diffusion checkpoint dropdown at the top of the page, "
             "wait until it has loaded, then start training again.")
@@ -182,9 +191,10 @@ def _forge_checkpoint_info() -> Any:
 # Reading the live model
 
 
-def _refuse_unusable(model: Any, live: dict[str, torch.Tensor]) -> None:
-    """SDXL and other families get the engine's own message; fp8 storage and unrecoverable LoRA deltas are refused."""
-    detect_family(normalize_keys(live))
+def _refuse_unusable(model: Any, live: dict[str, torch.Tensor]) -> Family:
+    """Its family; other models get the engine's own message, fp8 storage and unrecoverable LoRA deltas are
+    refused."""
+    family = detect_family(normalize_keys(live))
     if any(v.dtype in FP8_DTYPES for v in live.values()):
         raise DreamboothError(_fp8_message(model))
     unrecoverable = [name for name, module in model.named_modules()
@@ -196,6 +206,7 @@ def _refuse_unusable(model: Any, live: dict[str, torch.Tensor]) -> None:
             "and the WebUI kept no clean copy of them, so its base weights cannot be recovered. Fix: remove every "
             "<lora:...> from the prompt and generate one image (that restores the weights), or reload the "
             "checkpoint, then start training again.")
+    return family
 
 
 def _fp8_message(model: Any) -> str:
@@ -206,6 +217,14 @@ def _fp8_message(model: Any) -> str:
             f"Settings > Optimizations > FP8 weight is '{setting}'; training from those would bake their rounding "
             "into your model. Fix: set FP8 weight to 'Disable', click Apply settings and reload the checkpoint (or "
             "pick the checkpoint file as the base model so it is read from disk).")
+
+
+def live_model_facts(model: Any) -> BaseFacts:
+    """What the loaded model is (refusing what cannot be trained); cheap: no weights are copied."""
+    family = _refuse_unusable(model, model.state_dict())
+    metadata = getattr(model.sd_checkpoint_info, "metadata", None) or {}
+    prediction = "v_prediction" if getattr(model, "parameterization", "eps") == "v" else None
+    return BaseFacts(family, prediction, declared_resolution(metadata))
 
 
 def live_model_problem(model: Any = None) -> str | None:
@@ -266,14 +285,15 @@ def _schedule_from_alphas_cumprod(alphas_cumprod: torch.Tensor) -> dict[str, tor
         "posterior_log_variance_clipped": posterior_variance.clamp(min=1e-20).log(),
         "posterior_mean_coef1": betas * ac_prev.sqrt() / (1.0 - ac),
         "posterior_mean_coef2": (1.0 - ac_prev) * (1.0 - betas).sqrt() / (1.0 - ac),
+        _SIGMAS: ((1.0 - ac) / ac).sqrt(),
     }
     return {k: v.float() for k, v in values.items()}
 
 
 def _restore_schedule(sd: dict[str, torch.Tensor], live: dict[str, torch.Tensor], model: Any) -> None:
-    """The host halves the schedule buffers but keeps `alphas_cumprod` (before any schedule override) in fp32:
-    rebuild the halved ones from it instead of training with fp16-rounded betas."""
-    halved = [k for k in _SCHEDULE_KEYS if k in live and live[k].dtype != torch.float32]
+    """The host halves the schedule buffers (SDXL's `denoiser.sigmas` too) but keeps `alphas_cumprod` (before any
+    schedule override) in fp32: rebuild the halved ones from it instead of training with fp16-rounded values."""
+    halved = [k for k in (*_SCHEDULE_KEYS, _SIGMAS) if k in live and live[k].dtype != torch.float32]
     original = getattr(model, "alphas_cumprod_original", None)
     if original is None:
         original = live.get("alphas_cumprod")
@@ -300,10 +320,20 @@ def live_state_dict(model: Any) -> dict[str, torch.Tensor]:
     return normalize_keys(sd)
 
 
-def _prediction_type(config: Config, model: Any) -> str:
+def _prediction_type(config: Config, model: Any, markers: dict[str, torch.Tensor]) -> str:
     if config.prediction_type != "auto":
         return config.prediction_type
-    return "v_prediction" if getattr(model, "parameterization", "eps") == "v" else "epsilon"
+    if getattr(model, "parameterization", "eps") == "v":
+        return "v_prediction"
+    return "auto" if "v_pred" in markers else "epsilon"  # the family reads the marker
+
+
+def _file_markers(model: Any) -> dict[str, torch.Tensor]:
+    """Flag tensors of the loaded checkpoint's file (SDXL's v_pred, ztsnr) that the host does not keep in its
+    model: read from the file, so that the run trains as marked and the result keeps them."""
+    names = tuple(dict.fromkeys(key for family in FAMILIES for key in family.marker_keys))
+    path = getattr(model.sd_checkpoint_info, "filename", "")
+    return read_named_tensors(path, names) if path and os.path.isfile(path) else {}
 
 
 def _source_info(model: Any, config: Config) -> SourceInfo:
@@ -319,10 +349,12 @@ def _source_info(model: Any, config: Config) -> SourceInfo:
 
 def bundle_from_live_model(model: Any, config: Config) -> ModelBundle:
     """The bundle of the model in memory: its weights, the VAE in use (external or own), its prediction type."""
-    state_dict = live_state_dict(model)
+    markers = _file_markers(model)
+    state_dict = {**live_state_dict(model), **markers}
     vae_state_dict = read_vae(config.vae) if config.vae else None
     metadata = getattr(model.sd_checkpoint_info, "metadata", None) or {}
-    return load_bundle(state_dict, vae_state_dict=vae_state_dict, prediction_type=_prediction_type(config, model),
+    return load_bundle(state_dict, vae_state_dict=vae_state_dict,
+                       prediction_type=_prediction_type(config, model, markers),
                        source=_source_info(model, config), yaml_text=_used_config_text(model),
                        metadata={k: v for k, v in metadata.items() if isinstance(v, str)})
 
@@ -379,18 +411,18 @@ class WebUIHost(Host):
             return self._from_file(Path(info.filename), config)
         return bundle_from_live_model(_loaded_model(), config)
 
-    def check(self, config: Config) -> None:
+    def check(self, config: Config) -> BaseFacts | None:
         """An unknown checkpoint title, a file of another family, an fp8-held or LoRA-patched live model: refused
         before the run starts, without reading any weights."""
         path = self._source_file(config)
         if path is None and is_forge():
             path = Path(_forge_checkpoint_info().filename)
         if path is not None:
-            check_checkpoint_file(path)
-            return
+            return check_checkpoint_file(path)
         problem = live_model_problem()
         if problem:
             raise DreamboothError(problem)
+        return live_model_facts(_current_model())
 
     def _source_file(self, config: Config) -> Path | None:
         """The file named by checkpoint_title or config.base_model (a path or a title); None = the live model."""

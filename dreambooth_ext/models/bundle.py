@@ -16,7 +16,7 @@ from ..errors import DreamboothError
 from .checkpoint import (
     file_sha256,
     read_checkpoint,
-    read_checkpoint_keys,
+    read_checkpoint_shapes,
     read_safetensors_metadata,
     read_vae,
     short_hash,
@@ -66,7 +66,7 @@ class ModelBundle:
     @property
     def native_resolution(self) -> int:
         """The image size the base model was trained at: what it declares, else 768 for SD2 768-v, 512 otherwise."""
-        return self.declared_resolution or self.family.native_resolution(self.prediction_type)
+        return BaseFacts(self.family, self.prediction_type, self.declared_resolution).native_resolution
 
     def encode(self, prompts: list[str]) -> Conditioning:
         """The UNet's conditioning for prompts, through the family's text encoders (placed already)."""
@@ -78,19 +78,24 @@ class ModelBundle:
 
 
 def _from_yaml(yaml_text: str) -> str | None:
-    """"v_prediction"/"epsilon" from an ldm config, None when the text is not one."""
+    """"v_prediction"/"epsilon" from an ldm config (`parameterization`) or an sgm one (SDXL: its denoiser's
+    scaling, VScaling or EpsScaling); None when the text is not one."""
     try:
         import yaml
 
         data = yaml.safe_load(yaml_text)
         params = data["model"]["params"]
+        scaling = str(params.get("denoiser_config", {})["params"]["scaling_config"]["target"]) if isinstance(
+            params.get("denoiser_config"), dict) else ""
     except Exception:
-        # Unparsable or unusual files: fall back to looking for the one line that matters.
-        if re.search(r"^\s*parameterization:\s*[\"']?v[\"']?\s*$", yaml_text, re.MULTILINE):
+        # Unparsable or unusual files: fall back to looking for the lines that matter.
+        if re.search(r"^\s*parameterization:\s*[\"']?v[\"']?\s*$|\.VScaling\s*$", yaml_text, re.MULTILINE):
             return "v_prediction"
         return None
     if not isinstance(params, dict):
         return None
+    if scaling:
+        return "v_prediction" if scaling.endswith(".VScaling") else "epsilon"
     return "v_prediction" if str(params.get("parameterization", "eps")).strip() == "v" else "epsilon"
 
 
@@ -118,22 +123,34 @@ def probe_v_prediction(unet: Any) -> float:
     return float((out - x).float().mean())
 
 
+def prediction_evidence(family: Family, *, keys: set[str], yaml_text: str | None = None,
+                        metadata: dict[str, str] | None = None) -> tuple[str, str] | None:
+    """The prediction type a checkpoint states (its family and keys, the yaml beside it, its metadata) and where
+    that was read; None when nothing says."""
+    if found := family.resolve_prediction(keys):
+        return found
+    if yaml_text and (found := _from_yaml(yaml_text)):
+        return found, "from the .yaml beside the checkpoint"
+    if found := _from_metadata(metadata):
+        return found, "from the checkpoint's modelspec metadata"
+    return None
+
+
 def resolve_prediction_type(family: Family, requested: str, *, yaml_text: str | None = None,
-                            metadata: dict[str, str] | None = None, unet: Any = None) -> str:
-    """What the model predicts: an explicit choice wins; "auto" asks the family, then reads the yaml, the
-    metadata, and probes the UNet."""
+                            metadata: dict[str, str] | None = None, unet: Any = None,
+                            keys: set[str] | None = None) -> str:
+    """What the model predicts: an explicit choice wins; "auto" takes what the checkpoint states (see
+    prediction_evidence), else probes the UNet where the family's checkpoints come unmarked, else epsilon."""
     if requested in PREDICTION_TYPES:
         return requested
     if requested != "auto":
         raise DreamboothError(f"prediction_type = {requested!r}: use auto, epsilon or v_prediction")
-    if found := family.resolve_prediction(requested):
-        return found
-    if yaml_text and (found := _from_yaml(yaml_text)):
-        logger.info("Prediction type: %s (from the .yaml beside the checkpoint)", found)
-        return found
-    if found := _from_metadata(metadata):
-        logger.info("Prediction type: %s (from the checkpoint's modelspec metadata)", found)
-        return found
+    if evidence := prediction_evidence(family, keys=keys or set(), yaml_text=yaml_text, metadata=metadata):
+        logger.info("Prediction type: %s (%s)", *evidence)
+        return evidence[0]
+    if not family.probes_prediction:
+        logger.info("Prediction type: epsilon (nothing in the checkpoint says otherwise)")
+        return "epsilon"
     if unet is None:
         logger.warning("Prediction type: epsilon (nothing says otherwise; set prediction_type for a 768-v model)")
         return "epsilon"
@@ -141,6 +158,19 @@ def resolve_prediction_type(family: Family, requested: str, *, yaml_text: str | 
     found = "v_prediction" if score < V_PROBE_THRESHOLD else "epsilon"
     logger.info("Prediction type: %s (probed the UNet: mean(out - x) = %.3f at t=999)", found, score)
     return found
+
+
+@dataclass(frozen=True)
+class BaseFacts:
+    """What a base model is, known before its weights are read: its family and what decides its native size."""
+
+    family: Family
+    prediction_type: str | None = None  # None: not stated; known once the model has loaded
+    declared_resolution: int | None = None
+
+    @property
+    def native_resolution(self) -> int:
+        return self.declared_resolution or self.family.native_resolution(self.prediction_type or "epsilon")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -157,8 +187,10 @@ def _apply_vae(base: dict[str, torch.Tensor], vae_state_dict: dict[str, torch.Te
     return merged
 
 
-def make_noise_scheduler(prediction_type: str, betas: torch.Tensor | None = None) -> Any:
-    """SD's DDPM training schedule; a checkpoint's own `betas` buffer is used as is when present."""
+def make_noise_scheduler(prediction_type: str, betas: torch.Tensor | None = None, *,
+                         zero_terminal_snr: bool = False) -> Any:
+    """SD's DDPM training schedule; a checkpoint's own betas are used as they are when it has them. Zero terminal
+    SNR rescales the schedule so the last step is pure noise (models marked `ztsnr` were trained that way)."""
     from diffusers import DDPMScheduler
 
     kwargs: dict[str, Any] = {}
@@ -167,7 +199,21 @@ def make_noise_scheduler(prediction_type: str, betas: torch.Tensor | None = None
         kwargs["trained_betas"] = betas.detach().double().cpu().numpy()
         steps = int(betas.numel())
     return DDPMScheduler(num_train_timesteps=steps, beta_start=0.00085, beta_end=0.012,
-                         beta_schedule="scaled_linear", clip_sample=False, prediction_type=prediction_type, **kwargs)
+                         beta_schedule="scaled_linear", clip_sample=False, prediction_type=prediction_type,
+                         rescale_betas_zero_snr=zero_terminal_snr, **kwargs)
+
+
+def schedule_betas(base: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """The checkpoint's noise schedule: its ldm `betas`, or the betas of an sgm file's `denoiser.sigmas`
+    (sigma^2 = (1 - alphas_cumprod) / alphas_cumprod); None when it carries neither."""
+    if "betas" in base:
+        return base["betas"]
+    sigmas = base.get("denoiser.sigmas")
+    if sigmas is None or sigmas.dtype != torch.float32 or sigmas.numel() < 2:
+        return None  # a half-precision copy would only add rounding to the standard schedule it holds
+    alphas_cumprod = 1.0 / (1.0 + sigmas.double() ** 2)
+    previous = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
+    return 1.0 - alphas_cumprod / previous
 
 
 def load_bundle(state_dict: dict[str, torch.Tensor], *, vae_state_dict: dict[str, torch.Tensor] | None = None,
@@ -181,17 +227,21 @@ def load_bundle(state_dict: dict[str, torch.Tensor], *, vae_state_dict: dict[str
     unet = unet_from_ldm(base, family)
     vae = vae_from_ldm(base, family)
     text_encoders = family.text_encoders_from_ldm(base)
-    prediction = resolve_prediction_type(family, prediction_type, yaml_text=yaml_text, metadata=metadata, unet=unet)
-    logger.info("Loaded %s model %s (%s)", family, source.name if source else "(in memory)", prediction)
+    prediction = resolve_prediction_type(family, prediction_type, yaml_text=yaml_text, metadata=metadata, unet=unet,
+                                         keys=set(base))
+    zero_terminal_snr = family.zero_terminal_snr_key in base
+    logger.info("Loaded %s model %s (%s%s)", family, source.name if source else "(in memory)", prediction,
+                ", zero terminal SNR" if zero_terminal_snr else "")
     return ModelBundle(
         family=family, prediction_type=prediction, base=base, unet=unet, vae=vae, text_encoders=text_encoders,
-        tokenizers=family.tokenizers(), noise_scheduler=make_noise_scheduler(prediction, base.get("betas")),
+        tokenizers=family.tokenizers(),
+        noise_scheduler=make_noise_scheduler(prediction, schedule_betas(base), zero_terminal_snr=zero_terminal_snr),
         source=source or SourceInfo(name="(in memory)"), unet_config=unet_config_from_ldm(base, family),
         vae_config=vae_config_from_ldm(base, family), base_yaml=yaml_text,
-        declared_resolution=_declared_resolution(metadata))
+        declared_resolution=declared_resolution(metadata))
 
 
-def _declared_resolution(metadata: dict[str, str] | None) -> int | None:
+def declared_resolution(metadata: dict[str, str] | None) -> int | None:
     """modelspec.resolution "WxH" of a square model, e.g. "64x64" -> 64."""
     match = re.fullmatch(r"\s*(\d+)\s*x\s*(\d+)\s*", str((metadata or {}).get("modelspec.resolution", "")))
     if match and match.group(1) == match.group(2):
@@ -214,9 +264,15 @@ def load_bundle_from_file(path: str | os.PathLike, *, vae_path: str | os.PathLik
                        yaml_text=yaml_text, metadata=read_safetensors_metadata(path))
 
 
-def check_checkpoint_file(path: str | os.PathLike) -> None:
+def check_checkpoint_file(path: str | os.PathLike) -> BaseFacts | None:
     """Refuse a base model file that cannot be trained (missing, damaged, another family), reading only its
-    header; a pickled .ckpt is checked when it loads."""
-    keys = read_checkpoint_keys(path)
-    if keys is not None:
-        detect_family(dict.fromkeys(keys))
+    header, and say what it is; a pickled .ckpt is checked when it loads (None)."""
+    shapes = read_checkpoint_shapes(path)
+    if shapes is None:
+        return None
+    family = detect_family(shapes)
+    yaml_path = Path(path).with_suffix(".yaml")
+    yaml_text = yaml_path.read_text(encoding="utf-8", errors="replace") if yaml_path.is_file() else None
+    metadata = read_safetensors_metadata(path)
+    evidence = prediction_evidence(family, keys=set(shapes), yaml_text=yaml_text, metadata=metadata)
+    return BaseFacts(family, evidence[0] if evidence else None, declared_resolution(metadata))

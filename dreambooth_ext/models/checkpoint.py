@@ -154,8 +154,9 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return _unwrap(obj, path)
 
 
-def read_checkpoint_keys(path: str | os.PathLike) -> list[str] | None:
-    """The tensor names of a checkpoint from its header alone (None for pickled files, which must be read whole)."""
+def read_checkpoint_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]] | None:
+    """Each tensor's name and shape, from a checkpoint's header alone (None for pickled files, which must be read
+    whole)."""
     path = Path(path)
     if checkpoint_suffix(path) != SAFETENSORS_SUFFIX:
         return None
@@ -163,10 +164,25 @@ def read_checkpoint_keys(path: str | os.PathLike) -> list[str] | None:
         from safetensors import safe_open
 
         with safe_open(str(path), framework="pt", device="cpu") as handle:
-            return list(handle.keys())
+            return {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
     except Exception as exc:
         raise DreamboothError(f"Could not read checkpoint {str(path)!r} ({type(exc).__name__}: {exc}); the file "
                               "may be incomplete or damaged: download or copy it again") from exc
+
+
+def read_named_tensors(path: str | os.PathLike, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """The tensors of `names` a .safetensors file has, read alone ({} for other files or on any error)."""
+    if not names or checkpoint_suffix(Path(path)) != SAFETENSORS_SUFFIX:
+        return {}
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            present = set(handle.keys())
+            return {name: handle.get_tensor(name) for name in names if name in present}
+    except Exception as exc:
+        logger.warning("Could not read %s from %s: %s", ", ".join(names), path, exc)
+        return {}
 
 
 def read_safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:

@@ -65,7 +65,8 @@ def _indices(keys: Any, pattern: str) -> list[int]:
 def _need(sd: dict[str, torch.Tensor], key: str, what: str) -> torch.Tensor:
     if key not in sd:
         raise DreamboothError(f"The checkpoint's {what} is missing {key!r}, so its layout cannot be read; the file "
-                              "may be damaged or an unsupported variant: pick a standard SD 1.x/2.x checkpoint")
+                              "may be damaged or an unsupported variant: pick a standard SD 1.x, 2.x or SDXL "
+                              "checkpoint")
     return sd[key]
 
 
@@ -147,13 +148,13 @@ def unet_config_from_ldm(sd: dict[str, torch.Tensor], family: Family) -> dict:
     conv_in = _need(unet, "input_blocks.0.0.weight", what)
     inputs = _indices(unet, r"input_blocks\.(\d+)\.")
     if not inputs:
-        raise DreamboothError("The checkpoint has no UNet input blocks; pick a full SD 1.x/2.x checkpoint")
+        raise DreamboothError("The checkpoint has no UNet input blocks; pick a full SD 1.x, 2.x or SDXL checkpoint")
     num_inputs = inputs[-1] + 1
     levels = len([i for i in inputs if f"input_blocks.{i}.0.op.weight" in unet]) + 1
     per_level, rest = divmod(num_inputs - 1 - (levels - 1), levels)
     if rest or per_level < 1:
         raise DreamboothError(f"The checkpoint's UNet has {num_inputs} input blocks over {levels} levels, which is "
-                              "not a Stable Diffusion UNet; pick a standard SD 1.x/2.x checkpoint")
+                              "not a Stable Diffusion UNet; pick a standard SD 1.x, 2.x or SDXL checkpoint")
     block_out, attention = [], []
     for level in range(levels):
         first = 1 + level * (per_level + 1)
@@ -163,7 +164,7 @@ def unet_config_from_ldm(sd: dict[str, torch.Tensor], family: Family) -> dict:
     proj_in = [v for k, v in unet.items() if k.endswith(".proj_in.weight")]
     if not to_k or not proj_in:
         raise DreamboothError("The checkpoint's UNet has no cross-attention, so it cannot follow prompts; pick a "
-                              "text-to-image SD 1.x/2.x checkpoint")
+                              "text-to-image SD 1.x, 2.x or SDXL checkpoint")
     depths = tuple(max(1, len(_indices(unet, rf"input_blocks\.{1 + level * (per_level + 1)}\.1\."
                                                 r"transformer_blocks\.(\d+)\."))) for level in range(levels))
     added = unet.get("label_emb.0.0.weight")
@@ -237,12 +238,12 @@ def _load_exact(module: torch.nn.Module, state_dict: dict[str, torch.Tensor], wh
     if none or missing or unexpected:
         raise DreamboothError(f"The checkpoint's {what} does not match the layout read from it (missing: "
                               f"{(missing + none)[:5]}, unexpected: {unexpected[:5]}); the file may be damaged or an "
-                              "unsupported variant: pick a standard SD 1.x/2.x checkpoint")
+                              "unsupported variant: pick a standard SD 1.x, 2.x or SDXL checkpoint")
     try:
         module.load_state_dict(state_dict, strict=False)
     except RuntimeError as exc:  # size mismatches
         raise DreamboothError(f"The checkpoint's {what} weights have unexpected shapes ({exc}); pick a standard "
-                              "SD 1.x/2.x checkpoint") from exc
+                              "SD 1.x, 2.x or SDXL checkpoint") from exc
 
 
 def unet_from_ldm(sd: dict[str, torch.Tensor], family: Family) -> Any:

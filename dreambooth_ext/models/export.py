@@ -18,7 +18,7 @@ from .convert import unet_to_ldm, vae_to_ldm
 
 logger = logging.getLogger(__name__)
 
-MODEL_PARTS = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.")
+MODEL_PARTS = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "conditioner.")
 PRECISIONS = {"fp16": torch.float16, "fp32": torch.float32}
 PARTIAL_SUFFIX = ".partial"  # the WebUI lists only .safetensors/.ckpt, so half-written files stay invisible
 
@@ -179,7 +179,13 @@ def yaml_for_bundle(bundle: ModelBundle) -> str | None:
     None (the WebUI's guess is right for standard models)."""
     if bundle.base_yaml:
         return with_parameterization(bundle.base_yaml, bundle.prediction_type)
-    return ldm_yaml(bundle) if bundle.prediction_type == "v_prediction" else None
+    if bundle.prediction_type != "v_prediction":
+        return None
+    if bundle.family.ldm_cond_stage() is None:
+        logger.warning("No .yaml is written beside this v-prediction %s model (its base had none): load it in the "
+                       "WebUI with the same config you used for the base model.", bundle.family.title)
+        return None
+    return ldm_yaml(bundle)
 
 
 def with_parameterization(yaml_text: str, prediction_type: str) -> str:
@@ -192,10 +198,18 @@ def with_parameterization(yaml_text: str, prediction_type: str) -> str:
     except Exception as exc:
         logger.warning("The base model's config cannot be read as an ldm config (%s); it is copied as it is.", exc)
         return yaml_text
-    says_v = str(params.get("parameterization", "eps")).strip() == "v"
+    scaling = (params.get("denoiser_config") or {}).get("params", {}).get("scaling_config")
+    if isinstance(scaling, dict) and "target" in scaling:  # an sgm (SDXL) config: its denoiser's scaling says it
+        says_v = str(scaling["target"]).endswith(".VScaling")
+    else:
+        scaling = None
+        says_v = str(params.get("parameterization", "eps")).strip() == "v"
     if says_v == (prediction_type == "v_prediction"):
         return yaml_text  # already right: keep the file as the user wrote it
-    if prediction_type == "v_prediction":
+    if scaling is not None:
+        module = str(scaling["target"]).rsplit(".", 1)[0]
+        scaling["target"] = f"{module}.{'VScaling' if prediction_type == 'v_prediction' else 'EpsScaling'}"
+    elif prediction_type == "v_prediction":
         params["parameterization"] = "v"
     else:
         params.pop("parameterization", None)

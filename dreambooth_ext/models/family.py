@@ -9,12 +9,16 @@ loop, the data pipeline, sampling and the hosts ask the family; nothing else com
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..errors import DreamboothError
+
+if TYPE_CHECKING:
+    from ..data.images import Fit
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +32,10 @@ SDXL_OPEN_CLIP_PREFIX = "conditioner.embedders.1.model."
 # from the live model has one extra level that files on disk do not.
 _WRAPPED = "cond_stage_model.wrapped."
 _TOKEN_EMBEDDING_WRAPPED = ".token_embedding.wrapped."
+_CONDITIONER = "conditioner.embedders."
+_EMBEDDER_WRAPPED = re.compile(r"^(conditioner\.embedders\.\d+\.)wrapped\.")
+# The WebUI's own test for an SDXL refiner (sd_models.sdxl_refiner_clip_weight).
+SDXL_REFINER_KEY = "conditioner.embedders.0.model.ln_final.weight"
 
 
 @dataclass
@@ -45,6 +53,16 @@ class Conditioning:
         if moved.added:
             kwargs["added_cond_kwargs"] = moved.added
         return kwargs
+
+    def with_added(self, extra: dict[str, torch.Tensor] | None) -> Conditioning:
+        """The same conditioning with more added inputs (e.g. each picture's size numbers)."""
+        if not extra:
+            return self
+        return Conditioning(self.context, {**(self.added or {}), **extra})
+
+    def zeros_like(self) -> Conditioning:
+        added = {k: torch.zeros_like(v) for k, v in self.added.items()} if self.added else None
+        return Conditioning(torch.zeros_like(self.context), added)
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Conditioning:
         added = {k: v.to(device=device, dtype=dtype) for k, v in self.added.items()} if self.added else None
@@ -80,6 +98,10 @@ class Family:
     title = "Stable Diffusion 1.x"
     text_prefixes: tuple[str, ...] = (SD1_TEXT_PREFIX,)
     vae_scaling_factor = 0.18215
+    # Its VAE encodes and decodes in fp16 without overflowing (SDXL's does not: it runs in fp32 or bf16).
+    vae_fp16_safe = True
+    # An empty negative prompt conditions on zeros rather than on the encoded empty text (the WebUI's SDXL).
+    zero_empty_negative = False
     # Dropped from the base when a result is written: training state some checkpoints carry.
     dropped_prefixes = ("model_ema.", "optimizer", "lr_scheduler")
 
@@ -128,14 +150,23 @@ class Family:
         device = next(encoder.parameters()).device
         return Conditioning(encoder(tokenize(tokenizers[0], prompts).to(device))[0])
 
+    def size_conditioning(self, fits: list[Fit]) -> dict[str, torch.Tensor] | None:
+        """Added conditioning taken from how each picture was fitted to its size (None: the family has none)."""
+        return None
+
     # -- prediction, resolution, description of a result ----------------------------------------------
 
-    def resolve_prediction(self, requested: str, **evidence: Any) -> str | None:
-        """What this family says about the prediction type on its own (None: look at the evidence)."""
-        if requested == "auto":
-            logger.info("Prediction type: epsilon (every SD 1.x model predicts noise)")
-            return "epsilon"
-        return None
+    # Whether a checkpoint that says nothing about its prediction type is probed (SD2 has both kinds, unmarked).
+    probes_prediction = False
+    # Flag tensors some checkpoints of the family carry (kept in the result; the WebUI drops them on load).
+    marker_keys: tuple[str, ...] = ()
+    # The marker of a zero-terminal-SNR noise schedule, which is then trained as such.
+    zero_terminal_snr_key: str | None = None
+
+    def resolve_prediction(self, keys: set[str]) -> tuple[str, str] | None:
+        """What this family says about the prediction type from the checkpoint's keys alone, and why (None: look
+        further)."""
+        return "epsilon", "every SD 1.x model predicts noise"
 
     def native_resolution(self, prediction_type: str) -> int:
         return 512
@@ -143,7 +174,8 @@ class Family:
     def architecture(self, prediction_type: str) -> str:
         return "stable-diffusion-v1"
 
-    def ldm_cond_stage(self) -> dict:
+    def ldm_cond_stage(self) -> dict | None:
+        """The text encoder of an ldm config describing the family's models (None: not an ldm model)."""
         return {"target": "ldm.modules.encoders.modules.FrozenCLIPEmbedder"}
 
 
@@ -177,7 +209,9 @@ class SD2(Family):
 
         return (load_tokenizer(pad="!"),)  # the WebUI's OpenCLIP path pads with id 0, the token "!"
 
-    def resolve_prediction(self, requested: str, **evidence: Any) -> str | None:
+    probes_prediction = True
+
+    def resolve_prediction(self, keys: set[str]) -> tuple[str, str] | None:
         return None
 
     def native_resolution(self, prediction_type: str) -> int:
@@ -194,15 +228,14 @@ class SD2(Family):
 class SDXL(Family):
     """SDXL: two text encoders (CLIP ViT-L in Hugging Face's layout, OpenCLIP ViT-bigG with its projection), a UNet
     with per-level transformer depths and an added conditioning vector (pooled text embedding + size/crop
-    embeddings), a VAE with its own latent scale.
-
-    Its layout and conditioning are here; the training path (time_ids from the data pipeline, the live model,
-    sampling) is not wired yet, so detect_family still refuses SDXL checkpoints."""
+    embeddings), a VAE with its own latent scale that overflows in fp16."""
 
     name = "sdxl"
     title = "Stable Diffusion XL"
     text_prefixes = (SDXL_CLIP_PREFIX, SDXL_OPEN_CLIP_PREFIX)
     vae_scaling_factor = 0.13025
+    vae_fp16_safe = False
+    zero_empty_negative = True
     size_embedding_dim = 256  # each of the six size/crop numbers becomes a 256-wide sinusoidal embedding
 
     def matches(self, keys: set[str]) -> bool:
@@ -245,12 +278,22 @@ class SDXL(Family):
         context = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1)
         return Conditioning(context, {"text_embeds": second.text_embeds})
 
+    def size_conditioning(self, fits: list[Fit]) -> dict[str, torch.Tensor] | None:
+        return {"time_ids": torch.stack([self.time_ids(fit) for fit in fits])}
+
     @staticmethod
-    def time_ids(original: tuple[int, int], crop_left_top: tuple[int, int], target: tuple[int, int]) -> torch.Tensor:
+    def time_ids(fit: Fit) -> torch.Tensor:
         """SDXL's size conditioning of one picture: (original height, width, crop top, crop left, target height,
-        width); sizes are given as (width, height) like PIL's, the crop as (left, top)."""
-        (orig_w, orig_h), (left, top), (target_w, target_h) = original, crop_left_top, target
-        return torch.tensor([orig_h, orig_w, top, left, target_h, target_w], dtype=torch.float32)
+        width), from what the data pipeline did to it."""
+        (orig_w, orig_h), (target_w, target_h) = fit.original, fit.target
+        return torch.tensor([orig_h, orig_w, fit.top, fit.left, target_h, target_w], dtype=torch.float32)
+
+    marker_keys = ("v_pred", "ztsnr")
+    zero_terminal_snr_key = "ztsnr"
+
+    def resolve_prediction(self, keys: set[str]) -> tuple[str, str] | None:
+        """v-prediction SDXL fine-tunes (NoobAI-XL v-pred and the like) carry an empty `v_pred` tensor."""
+        return ("v_prediction", "the checkpoint has a v_pred key") if "v_pred" in keys else None
 
     def native_resolution(self, prediction_type: str) -> int:
         return 1024
@@ -258,10 +301,13 @@ class SDXL(Family):
     def architecture(self, prediction_type: str) -> str:
         return "stable-diffusion-xl-v1-base"
 
+    def ldm_cond_stage(self) -> dict | None:
+        return None  # an sgm model: the WebUI ships its configs (sd_xl_base.yaml and the like)
+
 
 SD1 = Family()
-FAMILIES: tuple[Family, ...] = (SD1, SD2())  # the ones a checkpoint is detected as (and trained)
-BY_NAME = {family.name: family for family in (*FAMILIES, SDXL())}
+FAMILIES: tuple[Family, ...] = (SD1, SD2(), SDXL())
+BY_NAME = {family.name: family for family in FAMILIES}
 
 
 def family_named(name: str) -> Family:
@@ -273,30 +319,50 @@ def family_named(name: str) -> Family:
 def normalize_keys(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Return a new dict in the on-disk layout (same tensor objects).
 
-    The WebUI's live model carries its prompt hijack's extra levels: `cond_stage_model.wrapped.` and the token
-    embedding's `token_embedding.wrapped.`; both lose `wrapped.`.
+    The WebUI's live model carries its prompt hijack's extra levels (sd_hijack.py): the text encoder wrapper's
+    `wrapped.` (`cond_stage_model.wrapped.` for SD1/SD2, `conditioner.embedders.N.wrapped.` for SDXL) and the token
+    embedding's `token_embedding.wrapped.`; all lose `wrapped.`. For SDXL the hijack also points
+    `cond_stage_model` at the conditioner, so its tensors appear twice; the `cond_stage_model.` copies are dropped.
     """
+    sdxl = any(k.startswith(_CONDITIONER) for k in sd)
     out = {}
     for key, value in sd.items():
+        if sdxl and key.startswith("cond_stage_model."):
+            continue
         if key.startswith(_WRAPPED):
             key = "cond_stage_model." + key[len(_WRAPPED):]
+        key = _EMBEDDER_WRAPPED.sub(r"\1", key)
         out[key.replace(_TOKEN_EMBEDDING_WRAPPED, ".token_embedding.")] = value
     return out
 
 
 def detect_family(sd: dict[str, Any]) -> Family:
-    """The family of a WebUI-layout state dict (only its keys are read); anything else is refused with why."""
+    """The family of a WebUI-layout state dict (its keys, and the shape of the UNet's first layer; values are
+    tensors or shapes); anything else is refused with why."""
     keys = set(sd.keys())
-    if any(k.startswith("conditioner.embedders.") for k in keys):
-        raise DreamboothError("This is an SDXL checkpoint (it has conditioner.embedders.* keys). SDXL is not "
-                              "supported yet; pick a Stable Diffusion 1.x or 2.x checkpoint")
+    _refuse_variants(sd, keys)
     has_unet = any(k.startswith(UNET_PREFIX) for k in keys)
     for family in FAMILIES:
         if has_unet and family.matches(keys):
             return family
-    raise DreamboothError(f"This file is not a full Stable Diffusion 1.x/2.x checkpoint: it contains "
-                          f"{_describe(sd)}. Pick a full SD 1.x or 2.x checkpoint (UNet, VAE and text encoder "
-                          "in one file), not a LoRA, embedding or VAE file")
+    raise DreamboothError(f"This file is not a full Stable Diffusion checkpoint: it contains {_describe(sd)}. "
+                          "Pick a full SD 1.x, 2.x or SDXL checkpoint (UNet, VAE and text encoders in one file), "
+                          "not a LoRA, embedding or VAE file")
+
+
+def _refuse_variants(sd: dict[str, Any], keys: set[str]) -> None:
+    """Models of a known family that Dreambooth does not train: the SDXL refiner and inpainting models."""
+    if SDXL_REFINER_KEY in keys:
+        raise DreamboothError("This is the SDXL refiner (its only text encoder is conditioner.embedders.0.model, "
+                              "OpenCLIP ViT-bigG). The refiner only polishes images another SDXL model made and is "
+                              "not trained with Dreambooth: pick an SDXL base checkpoint or a fine-tune of one")
+    first = sd.get(UNET_PREFIX + "input_blocks.0.0.weight")
+    shape = tuple(first.shape) if isinstance(first, torch.Tensor) else tuple(first or ())
+    if len(shape) == 4 and shape[1] == 9:
+        raise DreamboothError("This is an inpainting model (its UNet takes 9 input channels: the latents, the mask "
+                              "and the masked image). Dreambooth trains text-to-image models: pick the "
+                              "non-inpainting version of this checkpoint (train that, then merge it into an "
+                              "inpainting model with the WebUI's Checkpoint Merger if you need one)")
 
 
 def _describe(sd: dict[str, Any]) -> str:

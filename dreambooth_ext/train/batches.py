@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from ..data.dataset import Example, flip_decision
-from ..data.images import prepare_image
+from ..data.images import Fit, prepare_picture
 from ..errors import DreamboothError
 from ..models.family import Conditioning
 
@@ -29,15 +29,27 @@ def generator_for(*parts: object) -> torch.Generator:
 
 @dataclass
 class LatentStats:
+    """The VAE posterior of one picture, and how the picture was fitted to its training size."""
+
     mean: torch.Tensor
     std: torch.Tensor
+    fit: Fit
 
 
-def posterior(vae, pixels: torch.Tensor, example: Example) -> LatentStats:
+@dataclass
+class Samples:
+    """One group of a micro-batch: latents (scaled), and each sample's caption and fit."""
+
+    latents: torch.Tensor
+    captions: list[str]
+    fits: list[Fit]
+
+
+def posterior(vae, pixels: torch.Tensor, example: Example, fit: Fit) -> LatentStats:
     """The VAE posterior of one picture on the CPU in fp32; a non-finite one stops the run, naming the picture
     (a VAE that overflows in half precision would otherwise train on NaNs without a word)."""
     dist = vae.encode(pixels).latent_dist
-    stats = LatentStats(dist.mean[0].float().cpu(), dist.std[0].float().cpu())
+    stats = LatentStats(dist.mean[0].float().cpu(), dist.std[0].float().cpu(), fit)
     if not (torch.isfinite(stats.mean).all() and torch.isfinite(stats.std).all()):
         raise DreamboothError(
             f"The VAE turned {example.path.name} into NaN/inf latents, usually an overflow of a VAE run in half "
@@ -58,8 +70,8 @@ class LatentCache:
         flips = (False, True) if flip_p > 0 else (False,)
         for index, example in enumerate(examples):
             for flip in flips:
-                pixels = prepare_image(example.path, example.size, crop, flip)[None].to(device, dtype)
-                self.stats[(is_class, index, flip)] = posterior(vae, pixels, example)
+                pixels, fit = prepare_picture(example.path, example.size, crop, flip)
+                self.stats[(is_class, index, flip)] = posterior(vae, pixels[None].to(device, dtype), example, fit)
             if on_item:
                 on_item()
 
@@ -80,13 +92,13 @@ class Feeder:
         self.crop = crop
         self.cache = cache
 
-    def latents(self, indices: list[int], micro: int, device: torch.device) -> tuple[torch.Tensor, list[str]]:
+    def latents(self, indices: list[int], micro: int, device: torch.device) -> Samples:
         stats = [self._stats(i, micro) for i in indices]
         mean = torch.stack([s.mean for s in stats])
         std = torch.stack([s.std for s in stats])
         noise = torch.randn(mean.shape, generator=generator_for(self.seed, "latent", self.is_class, micro))
         latents = (mean + std * noise) * self.vae.config.scaling_factor
-        return latents.to(device), [self.examples[i].caption for i in indices]
+        return Samples(latents.to(device), [self.examples[i].caption for i in indices], [s.fit for s in stats])
 
     def _stats(self, index: int, micro: int) -> LatentStats:
         kind = "class" if self.is_class else "instance"
@@ -96,9 +108,9 @@ class Feeder:
         generator = generator_for(self.seed, "crop", kind, micro, index) if self.crop == "random" else None
         example = self.examples[index]
         vae_param = next(self.vae.parameters())
-        pixels = prepare_image(example.path, example.size, self.crop, flip, generator)[None]
+        pixels, fit = prepare_picture(example.path, example.size, self.crop, flip, generator)
         with torch.no_grad():
-            return posterior(self.vae, pixels.to(vae_param.device, vae_param.dtype), example)
+            return posterior(self.vae, pixels[None].to(vae_param.device, vae_param.dtype), example, fit)
 
 
 class TextConditioning:

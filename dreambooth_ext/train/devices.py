@@ -18,6 +18,10 @@ class Precision:
     frozen_dtype: torch.dtype
     use_grad_scaler: bool
 
+    def vae_dtype(self, fp16_safe: bool) -> torch.dtype:
+        """The frozen parts' dtype, but fp32 for a VAE that overflows in fp16 (SDXL's: NaNs, black images)."""
+        return torch.float32 if self.frozen_dtype == torch.float16 and not fp16_safe else self.frozen_dtype
+
     @property
     def name(self) -> str:
         return {None: "no", torch.float16: "fp16", torch.bfloat16: "bf16"}[self.autocast_dtype]

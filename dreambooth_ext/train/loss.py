@@ -28,7 +28,8 @@ def min_snr_weights(scheduler: DDPMScheduler, timesteps: torch.Tensor, gamma: fl
     clipped = torch.clamp(ratio, max=gamma)
     if scheduler.config.prediction_type == "v_prediction":
         return clipped / (ratio + 1.0)
-    return clipped / ratio
+    # A zero-terminal-SNR schedule has SNR 0 at its last step: weight 0 there, not 0/0.
+    return clipped / ratio.clamp(min=torch.finfo(ratio.dtype).tiny)
 
 
 def per_sample_mse(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

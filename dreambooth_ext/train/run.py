@@ -4,6 +4,7 @@ reports progress. Nothing about a run lives at module level, so two runs can exi
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -22,7 +23,7 @@ from ..data.class_images import generate_class_images, plan_class_images
 from ..data.dataset import BatchPlan, Example, collect_class_examples, collect_instance_examples
 from ..errors import DreamboothError
 from ..hosts.base import Host
-from ..models.bundle import ModelBundle
+from ..models.bundle import BaseFacts, ModelBundle
 from ..models.export import (
     build_checkpoint,
     checkpoint_metadata,
@@ -30,7 +31,7 @@ from ..models.export import (
     save_checkpoint,
     yaml_for_bundle,
 )
-from .batches import Feeder, LatentCache, TextConditioning, derive_seed, generator_for
+from .batches import Feeder, LatentCache, Samples, TextConditioning, derive_seed, generator_for
 from .devices import Precision, free_memory, require_8bit_adam, resolve_device, resolve_precision
 from .ema import EMA
 from .guard import check_writable, output_error, project_lock, write_errors
@@ -113,8 +114,7 @@ class TrainingRun:
 
     def run(self) -> RunResult:
         """Check everything that can be checked cheaply, take the project's lock, then load and train."""
-        config = validate(self.config)
-        self.host.check(config)
+        config = settled_config(validate(self.config), self.host)
         instances = collect_instance_examples(config)  # bad image folders fail here, before any model loads
         self._check_dataset(config, instances)
         device = resolve_device(config.device)
@@ -193,9 +193,31 @@ class TrainingRun:
                                 message=f"Generated class image {done}/{total}"))
 
         # The UNet and text encoder may be trained next: move them without a lossy dtype round trip.
-        with placed([bundle.unet, *bundle.text_encoders], device), placed([bundle.vae], device, precision.frozen_dtype):
+        vae_dtype = precision.vae_dtype(bundle.family.vae_fp16_safe)
+        with placed([bundle.unet, *bundle.text_encoders], device), placed([bundle.vae], device, vae_dtype):
             generate_class_images(jobs, render, on_image=on_image, should_stop=lambda: self.cancelled)
         return folders
+
+
+def settled_config(config: Config, host: Host) -> Config:
+    """The config a run trains with: checked by its host, resolution 0 replaced by the base model's own size."""
+    return _with_resolution(config, host.check(config))
+
+
+def _with_resolution(config: Config, facts: BaseFacts | None) -> Config:
+    """resolution 0 is the base model's own size, known from its header (512 when it cannot be known before the
+    model loads: a pickled .ckpt)."""
+    if config.resolution:
+        return config
+    size = facts.native_resolution if facts else 512
+    if facts is None:
+        why = "the size of SD 1.x models (a .ckpt's family is known only once it loads; set resolution otherwise)"
+    elif facts.declared_resolution:
+        why = "the size the checkpoint declares (modelspec.resolution)"
+    else:
+        why = f"the size {facts.family.title} models are made for"
+    log.info("Resolution: %dpx, %s", size, why)
+    return dataclasses.replace(config, resolution=size)
 
 
 def _warn_about_resolution(config: Config, bundle: ModelBundle) -> None:
@@ -240,6 +262,7 @@ class _Loop:
                  classes: list[Example], device: torch.device, precision: Precision, work_dir: Path):
         self.run, self.config, self.bundle = run, config, bundle
         self.device, self.precision, self.work_dir = device, precision, work_dir
+        self.vae_dtype = precision.vae_dtype(bundle.family.vae_fp16_safe)
         self.instances, self.classes = instances, classes
         self.instance_plan = BatchPlan([e.size for e in instances], config.train_batch_size,
                                        derive_seed(config.seed, "instance order"))
@@ -291,7 +314,7 @@ class _Loop:
         elif config.cache_latents:
             cache = self._cache_latents()
         else:
-            bundle.vae.to(device, dtype)
+            bundle.vae.to(device, self.vae_dtype)
         common = {"seed": config.seed, "flip_p": config.flip_p, "crop": config.crop, "cache": cache}
         self.instance_feed = Feeder(bundle.vae, self.instances, is_class=False, **common)
         self.class_feed = Feeder(bundle.vae, self.classes, is_class=True, **common) if self.classes else None
@@ -306,7 +329,7 @@ class _Loop:
             done += 1
             self.run._emit(Progress("caching", done=done, total=total, message=f"Caching latents {done}/{total}"))
 
-        with placed([self.bundle.vae], self.device, self.precision.frozen_dtype):
+        with placed([self.bundle.vae], self.device, self.vae_dtype):
             for examples, is_class in ((self.instances, False), (self.classes, True)):
                 cache.fill(self.bundle.vae, examples, is_class=is_class, flip_p=self.config.flip_p,
                            crop=self.config.crop, on_item=tick)
@@ -402,16 +425,16 @@ class _Loop:
 
     def _micro_batch_loss(self, micro: int, *, train_text: bool) -> torch.Tensor:
         """Instance and class samples of one micro-batch; one UNet pass when their sizes match."""
-        groups = [self.instance_feed.latents(self.instance_plan.batch(micro), micro, self.device) + (False,)]
+        groups = [(self.instance_feed.latents(self.instance_plan.batch(micro), micro, self.device), False)]
         if self.class_feed is not None and self.config.prior_preservation:
-            groups.append(self.class_feed.latents(self.class_plan.batch(micro), micro, self.device) + (True,))
+            groups.append((self.class_feed.latents(self.class_plan.batch(micro), micro, self.device), True))
         per_sample, is_class = [], []
-        shapes_match = len(groups) == 2 and groups[0][0].shape[1:] == groups[1][0].shape[1:]
+        shapes_match = len(groups) == 2 and groups[0][0].latents.shape[1:] == groups[1][0].latents.shape[1:]
         for members in ([groups] if shapes_match else [[g] for g in groups]):
-            latents = torch.cat([g[0] for g in members])
-            captions = [c for g in members for c in g[1]]
-            kinds = [g[2] for g in members for _ in g[1]]
-            per_sample.append(self._denoising_error(latents, captions, kinds, micro, train_text=train_text))
+            samples = Samples(torch.cat([g.latents for g, _ in members]),
+                              [c for g, _ in members for c in g.captions], [f for g, _ in members for f in g.fits])
+            kinds = [kind for g, kind in members for _ in g.captions]
+            per_sample.append(self._denoising_error(samples, kinds, micro, train_text=train_text))
             is_class.append(torch.tensor(kinds, device=self.device))
         loss, _, _ = dreambooth_loss(torch.cat(per_sample), torch.cat(is_class), self.config.prior_loss_weight)
         return loss
@@ -431,13 +454,14 @@ class _Loop:
                                            generator=generator))
         return torch.stack(noises).to(self.device), torch.cat(timesteps).to(self.device)
 
-    def _denoising_error(self, latents: torch.Tensor, captions: list[str], kinds: list[bool], micro: int, *,
-                         train_text: bool) -> torch.Tensor:
-        scheduler = self.bundle.noise_scheduler
+    def _denoising_error(self, samples: Samples, kinds: list[bool], micro: int, *, train_text: bool) -> torch.Tensor:
+        scheduler, latents = self.bundle.noise_scheduler, samples.latents
         noise, timesteps = self._noise(latents.shape, kinds, micro)
         noisy = scheduler.add_noise(latents, noise, timesteps)
+        sizes = self.bundle.family.size_conditioning(samples.fits)
         with self._autocast():
-            conditioning = self.text.encode(captions, self.device, grad=train_text)
+            conditioning = self.text.encode(samples.captions, self.device, grad=train_text)
+            conditioning = conditioning.with_added(sizes and {k: v.to(self.device) for k, v in sizes.items()})
             prediction = self.bundle.unet(noisy, timesteps, **conditioning.unet_kwargs()).sample
         error = per_sample_mse(prediction, training_target(scheduler, latents, noise, timesteps))
         if self.config.min_snr_gamma:
@@ -531,10 +555,11 @@ class _Loop:
         folder = self.work_dir / "samples"
         folder.mkdir(parents=True, exist_ok=True)
         paths = []
-        frozen = [bundle.vae] + ([] if config.train_text_encoder else list(bundle.text_encoders))
+        frozen = [] if config.train_text_encoder else list(bundle.text_encoders)
         # With EMA on, the samples show the averaged weights: those are what gets exported.
         averaged = self.ema.applied_to(bundle.unet) if self.ema else contextlib.nullcontext()
-        with placed(frozen, self.device, self.precision.frozen_dtype), averaged:
+        with placed(frozen, self.device, self.precision.frozen_dtype), placed([bundle.vae], self.device,
+                                                                               self.vae_dtype), averaged:
             for i, prompt in enumerate(prompts):
                 image = generate_images(bundle, [prompt], negative_prompt=config.sample_negative_prompt,
                                         steps=config.sample_steps, guidance=config.sample_guidance,

@@ -10,7 +10,7 @@ import torch
 from diffusers import DDIMScheduler
 from PIL import Image
 
-from ..data.images import tensor_to_image
+from ..data.images import Fit, tensor_to_image
 from ..models.family import Conditioning
 
 
@@ -37,8 +37,8 @@ def generate_images(bundle, prompts: list[str], *, negative_prompt: str = "", st
     """Render one image per prompt with DDIM and classifier-free guidance; modules must be placed already."""
     unet, vae = bundle.unet, bundle.vae
     device = next(unet.parameters()).device
-    scheduler = DDIMScheduler.from_config(bundle.noise_scheduler.config, clip_sample=False,
-                                          set_alpha_to_one=False, steps_offset=1)
+    scheduler = DDIMScheduler.from_config(bundle.noise_scheduler.config, clip_sample=False, set_alpha_to_one=False,
+                                          steps_offset=1, **_spacing(bundle.noise_scheduler))
     scheduler.set_timesteps(steps, device=device)
     autocast = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype
                 else contextlib.nullcontext())
@@ -46,8 +46,7 @@ def generate_images(bundle, prompts: list[str], *, negative_prompt: str = "", st
     unet.eval()
     try:
         with autocast:
-            conditioning = Conditioning.cat([bundle.encode([negative_prompt] * len(prompts)),
-                                             bundle.encode(prompts)]).to(device)
+            conditioning = _guided_conditioning(bundle, prompts, negative_prompt, width, height).to(device)
             generator = torch.Generator("cpu").manual_seed(seed)
             shape = (len(prompts), unet.config.in_channels, height // 8, width // 8)
             latents = torch.randn(shape, generator=generator).to(device) * scheduler.init_noise_sigma
@@ -59,8 +58,24 @@ def generate_images(bundle, prompts: list[str], *, negative_prompt: str = "", st
                 latents = scheduler.step(pred, t, latents).prev_sample
                 if on_step:
                     on_step(i + 1, len(scheduler.timesteps))
-            vae_dtype = next(vae.parameters()).dtype
-            decoded = vae.decode((latents / vae.config.scaling_factor).to(vae_dtype)).sample
     finally:
         unet.train(was_training)
+    # Outside autocast: the VAE decodes in the dtype it was placed in (fp32 for one that overflows in fp16).
+    vae_dtype = next(vae.parameters()).dtype
+    decoded = vae.decode((latents / vae.config.scaling_factor).to(vae_dtype)).sample
     return [tensor_to_image(image.float().cpu()) for image in decoded]
+
+
+def _spacing(noise_scheduler) -> dict:
+    """A zero-terminal-SNR schedule is sampled from its last step (pure noise): "trailing" timesteps."""
+    return {"timestep_spacing": "trailing"} if noise_scheduler.config.get("rescale_betas_zero_snr") else {}
+
+
+def _guided_conditioning(bundle, prompts: list[str], negative_prompt: str, width: int,
+                         height: int) -> Conditioning:
+    """Unconditional then conditional rows, with the size conditioning of a picture made at width x height."""
+    negative = bundle.encode([negative_prompt] * len(prompts))
+    if not negative_prompt and bundle.family.zero_empty_negative:
+        negative = negative.zeros_like()
+    both = Conditioning.cat([negative, bundle.encode(prompts)])
+    return both.with_added(bundle.family.size_conditioning([Fit.whole(width, height)] * (2 * len(prompts))))

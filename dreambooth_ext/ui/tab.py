@@ -166,7 +166,7 @@ class DreamboothTab:
         self.resume_button.click(self.resume, run_inputs, start_outputs, **quiet, **js_kwarg("dreambooth_start"))
         self.load_model_button.click(self.load_model, [], [self.project_message, self.selection_token])
         self.cancel_button.click(self.cancel, [self.seen], view + [self.status], **quiet)
-        self.check_button.click(self.check_dataset, form, [self.dataset_report])
+        self.check_button.click(self.check_dataset, [self.checkpoint_pick] + form, [self.dataset_report])
         self.refresh_button.click(self.refresh, [self.seen], view + [self.status, self.model_html], **quiet)
         self.model_refresh.click(self.refresh_model, [], [self.model_html, self.checkpoint_pick])
         self.project_refresh.click(self.refresh_projects, [], [self.project_pick, self.existing_projects])
@@ -263,10 +263,14 @@ class DreamboothTab:
         outputs[-1] = render.message_html(note) + outputs[-1]
         return outputs
 
-    def check_dataset(self, *values: Any) -> str:
+    def check_dataset(self, pick: str | None, *values: Any) -> str:
         """The dataset check a run starts with, on the form as it is (no model is loaded)."""
+        from ..train.run import settled_config
+
         try:
-            report = check_dataset(schema.validate(self.collect(values)))
+            config = schema.validate(self.collect(values))
+            config, host = self.adapter.prepare(config, None if pick in (None, "", DEFAULT_PICK) else pick)
+            report = check_dataset(settled_config(config, host))
         except DreamboothError as exc:
             return render.message_html(error_message(exc), error=True)
         return render.dataset_report_html(report.warnings, report.errors)

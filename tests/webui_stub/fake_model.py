@@ -1,20 +1,26 @@
 """A tiny stand-in for the WebUI's loaded model (`shared.sd_model`, an ldm LatentDiffusion).
 
 It holds a checkpoint's tensors in nested modules so that `state_dict()` gives the LIVE layout of a running host:
-the prompt hijack wraps the text encoder (`cond_stage_model.wrapped.…`) and its token embedding
-(`….token_embedding.wrapped.weight`, sd_hijack.EmbeddingsWithFixes). Like the host it halves everything but
-`alphas_cumprod` unless --no-half, can store Linear/Conv weights as fp8 (Settings > Optimizations > FP8 weight),
+the prompt hijack wraps the text encoder (`cond_stage_model.wrapped.…`; SDXL: each `conditioner.embedders.N.wrapped.…`)
+and its token embedding (`….token_embedding.wrapped.weight`, sd_hijack.EmbeddingsWithFixes); for SDXL it also points
+`cond_stage_model` at the conditioner (so its tensors are listed twice) and adds an empty `conditioner.wrapped`
+(sd_models_xl.extend_sdxl, which also keeps `alphas_cumprod` as a plain fp32 attribute). Like the host it halves
+everything but `alphas_cumprod` unless --no-half, can store Linear/Conv weights as fp8 (Settings > Optimizations >
+FP8 weight),
 and can carry in-place LoRA deltas with the attributes the built-in Lora extension leaves on patched layers
 (`network_weights_backup`, `network_bias_backup`, `network_current_names`).
 """
 
 from __future__ import annotations
 
+import re
+
 import torch
 
 COND = "cond_stage_model."
+_EMBEDDER = re.compile(r"^(conditioner\.embedders\.\d+\.)")
 FP8 = torch.float8_e4m3fn
-_BUFFERS = ("betas", "alphas_cumprod", "alphas_cumprod_prev")
+_BUFFERS = ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sigmas")
 _LORA_TARGETS = ("to_q", "to_k", "to_v", "q_proj", "v_proj", "attn")
 
 
@@ -22,6 +28,7 @@ def live_key(key: str) -> str:
     """File layout -> the key the hijacked live model reports."""
     if key.startswith(COND):
         key = COND + "wrapped." + key[len(COND):]
+    key = _EMBEDDER.sub(r"\1wrapped.", key)
     if key.endswith(".token_embedding.weight"):
         key = key[: -len("weight")] + "wrapped.weight"
     return key
@@ -40,11 +47,18 @@ class EmbeddingsWithFixes(torch.nn.Module):
 
 
 def _node_for(path: str) -> torch.nn.Module:
-    if path == "cond_stage_model":
+    if path == "cond_stage_model" or re.fullmatch(r"conditioner\.embedders\.\d+", path):
         return FrozenCLIPEmbedderWithCustomWords()
     if path.endswith(".token_embedding"):
         return EmbeddingsWithFixes()
     return _Node()
+
+
+def _standard_sigmas() -> torch.Tensor:
+    """sgm's LegacyDDPMDiscretization: SD's scaled-linear schedule as sigmas."""
+    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
+    alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
+    return ((1.0 - alphas_cumprod) / alphas_cumprod).sqrt().float()
 
 
 def _really_movable(device: torch.device) -> bool:
@@ -63,6 +77,13 @@ class FakeSDModel(torch.nn.Module):
         self.is_sd2 = not self.is_sdxl and any(k.startswith(COND + "model.") for k in keys)
         self.is_sd1 = not (self.is_sdxl or self.is_sd2)
         self.is_ssd = self.is_sd3 = False
+        if self.is_sdxl:
+            self.cond_stage_model = self.conditioner  # sd_hijack: the conditioner stands in as cond_stage_model
+            self.conditioner.wrapped = torch.nn.Module()  # extend_sdxl
+            if "denoiser.sigmas" not in state_dict:  # the host's DiscreteDenoiser always has them
+                self._add("denoiser.sigmas", _standard_sigmas())
+            sigmas = self.denoiser.sigmas.double()
+            self.alphas_cumprod = (1.0 / (1.0 + sigmas ** 2)).float()  # a plain attribute, never halved
         self.parameterization = parameterization
         self.cond_stage_key = "txt"
         self.latent_channels = 4
@@ -104,11 +125,14 @@ class FakeSDModel(torch.nn.Module):
     def half_like_host(self, *, keep_vae_fp32: bool = False) -> None:
         alphas_cumprod = self.alphas_cumprod
         vae = self.first_stage_model
-        self._buffers["alphas_cumprod"] = None
+        is_buffer = "alphas_cumprod" in self._buffers
+        if is_buffer:
+            self._buffers["alphas_cumprod"] = None
         if keep_vae_fp32:
             self._modules["first_stage_model"] = None
         self.half()
-        self._buffers["alphas_cumprod"] = alphas_cumprod
+        if is_buffer:
+            self._buffers["alphas_cumprod"] = alphas_cumprod
         self._modules["first_stage_model"] = vae
         self.alphas_cumprod_original = alphas_cumprod
 

@@ -9,6 +9,8 @@ from pathlib import Path
 import torch
 import yaml
 
+from webui_stub.configs import sgm_config
+
 WIDTH = 32  # dreambooth_ext.models.tiny.TINY_WIDTH
 
 
@@ -26,7 +28,18 @@ def tiny_state_dict(family: str = "sd1", seed: int = 0) -> dict[str, torch.Tenso
 
 def tiny_yaml(family: str = "sd1", parameterization: str = "eps") -> str:
     """The ldm config of the tiny model, written by hand from its sizes (two UNet levels of 32 and 64 channels,
-    attention on both, 32-wide text encoder; a four-level VAE of 32 channels)."""
+    attention on both, 32-wide text encoder; a four-level VAE of 32 channels). SDXL: an sgm config of the tiny
+    SDXL's sizes (dreambooth_ext.models.tiny)."""
+    if family == "sdxl":
+        unet = {"adm_in_channels": 128 + 6 * 256, "num_classes": "sequential", "in_channels": 4, "out_channels": 4,
+                "model_channels": 32, "attention_resolutions": [4, 2], "num_res_blocks": 2, "channel_mult": [1, 2, 4],
+                "num_head_channels": 64, "use_spatial_transformer": True, "use_linear_in_transformer": True,
+                "transformer_depth": [1, 2, 3], "context_dim": 192, "legacy": False}
+        vae = {"embed_dim": 4, "ddconfig": {"double_z": True, "z_channels": 4, "resolution": 64, "in_channels": 3,
+                                             "out_ch": 3, "ch": WIDTH, "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2,
+                                             "attn_resolutions": [], "dropout": 0.0}}
+        scaling = "VScaling" if parameterization == "v" else "EpsScaling"
+        return yaml.safe_dump(sgm_config(unet, vae, scaling), sort_keys=False)
     unet = {"image_size": 8, "in_channels": 4, "out_channels": 4, "model_channels": WIDTH,
             "attention_resolutions": [1, 2], "num_res_blocks": 1, "channel_mult": [1, 2],
             "use_spatial_transformer": True, "transformer_depth": 1, "context_dim": WIDTH, "legacy": False}

@@ -12,6 +12,8 @@ import os
 import yaml
 from modules import shared
 
+from webui_stub.configs import sgm_config
+
 sd_configs_path = shared.sd_configs_path
 config_default = shared.sd_default_config
 config_sd2 = os.path.join(sd_configs_path, "v2-inference.yaml")
@@ -32,6 +34,11 @@ DEFAULT_CONFIGS = {
     config_sd2v: {"unet": dict(_SD_UNET, num_head_channels=64, context_dim=1024, use_linear_in_transformer=True),
                   "cond": "FrozenOpenCLIPEmbedder", "parameterization": "v"},
 }
+_SDXL_UNET = {"adm_in_channels": 2816, "num_classes": "sequential", "in_channels": 4, "out_channels": 4,
+              "model_channels": 320, "attention_resolutions": [4, 2], "num_res_blocks": 2, "channel_mult": [1, 2, 4],
+              "num_head_channels": 64, "use_spatial_transformer": True, "use_linear_in_transformer": True,
+              "transformer_depth": [1, 2, 10], "context_dim": 2048, "legacy": False}
+_SDXL_VAE = {**_SD_VAE, "ddconfig": dict(_SD_VAE["ddconfig"])}
 
 
 def write_default_configs():
@@ -48,6 +55,8 @@ def write_default_configs():
         document = {"model": {"target": "ldm.models.diffusion.ddpm.LatentDiffusion", "params": params}}
         with open(path, "w", encoding="utf-8") as f:
             yaml.safe_dump(document, f, sort_keys=False)
+    with open(config_sdxl, "w", encoding="utf-8") as f:
+        yaml.safe_dump(sgm_config(_SDXL_UNET, _SDXL_VAE), f, sort_keys=False)
 
 
 def guess_model_config_from_state_dict(sd, filename):
@@ -77,8 +86,15 @@ def find_checkpoint_config(state_dict, info):
 
 
 def read_config(path):
+    """The model params of an ldm config, or of an sgm one (SDXL) in the same shape: `unet_config` and a
+    `parameterization` read off its denoiser's scaling (what sd_models_xl.extend_sdxl does)."""
     with open(path, encoding="utf-8") as f:
-        return yaml.safe_load(f)["model"]["params"]
+        params = yaml.safe_load(f)["model"]["params"]
+    if "network_config" in params:
+        scaling = params["denoiser_config"]["params"]["scaling_config"]["target"]
+        params = {**params, "unet_config": params["network_config"],
+                  "parameterization": "v" if scaling.endswith(".VScaling") else "eps"}
+    return params
 
 
 def _expected_unet(p):
@@ -88,6 +104,8 @@ def _expected_unet(p):
                 u + "time_embed.0.weight": (4 * mc, mc),
                 u + "out.2.weight": (p["out_channels"], mc, 3, 3),
                 u + f"input_blocks.{len(mult) * blocks + len(mult) - 1}.0.out_layers.3.weight": (mc * mult[-1],)}
+    if "adm_in_channels" in p:  # SDXL's added conditioning (pooled text + size embeddings)
+        expected[u + "label_emb.0.0.weight"] = (4 * mc, p["adm_in_channels"])
     if 1 in p["attention_resolutions"]:  # attention at the first level: its cross-attention reads the context
         width = mc * mult[0]
         expected[u + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"] = (width, p["context_dim"])
