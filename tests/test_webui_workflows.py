@@ -300,6 +300,49 @@ def test_a_generated_yaml_follows_the_base_it_describes(extension, tmp_path):
     assert host_loads(webui, path).parameterization == "v"
 
 
+def test_sdxl_loaded_in_the_host_trains_from_the_tab_and_its_result_is_listed_and_loads(extension):
+    """The live DiffusionEngine (hijack wrappers, cond_stage_model pointing at the conditioner, fp16 weights and
+    sigmas): read back to the file's layout, trained, written in the host's SDXL layout with the base's sgm yaml."""
+    import json
+
+    webui = extension.webui
+    base_path = webui.write_checkpoint("tiny_sdxl.safetensors", family="sdxl", seed=4)
+    webui.load("tiny_sdxl.safetensors")
+    assert webui.shared.sd_model.is_sdxl and next(webui.shared.sd_model.parameters()).dtype == torch.float16
+    assert "tiny_sdxl" in extension.tab._summary_html() and "(sdxl)" in extension.tab._summary_html()
+    assert "dreambooth-warning" not in extension.tab._summary_html()
+    outputs = extension.start("xl")
+    assert "data-state='finished'" in outputs[-1], outputs[-1]
+    path = Path(extension.status()["checkpoints"][-1])
+    webui.sd_models.list_models()
+    assert any(title.startswith("xl/xl_2.safetensors") for title in webui.sd_models.checkpoint_tiles())
+    trained, base = read_checkpoint(path), read_checkpoint(base_path)
+    layout = json.loads((REPO / "tests" / "host_layouts" / "tiny-sdxl.json").read_text())["tensors"]
+    assert {k: list(v.shape) for k, v in trained.items()} == {k: v["shape"] for k, v in layout.items()}
+    frozen = [k for k in base if k.startswith(("conditioner.", "first_stage_model."))]
+    assert all(torch.equal(trained[k], base[k].half().float()) for k in frozen if base[k].is_floating_point())
+    # The host halved its sigmas; the result has them rebuilt from its fp32 alphas_cumprod, not fp16-rounded.
+    assert torch.allclose(trained["denoiser.sigmas"], base["denoiser.sigmas"], rtol=1e-5)
+    assert not torch.equal(trained["denoiser.sigmas"], base["denoiser.sigmas"].half().float())
+    assert path.with_suffix(".yaml").read_text() == base_path.with_suffix(".yaml").read_text()
+    assert host_loads(webui, path).is_sdxl
+
+
+def test_a_v_pred_marker_the_host_drops_is_read_from_the_file(extension, tmp_path):
+    from webui_stub.tiny import tiny_state_dict, tiny_yaml
+
+    from dreambooth_ext.hosts.webui import WebUIHost
+
+    webui = extension.webui
+    path = Path(webui.sd_models.model_path) / "vpred_xl.safetensors"
+    safetensors.torch.save_file({**tiny_state_dict("sdxl", 5), "v_pred": torch.tensor([])}, str(path))
+    path.with_suffix(".yaml").write_text(tiny_yaml("sdxl"))  # EpsScaling: v1.10.1 knows no v_pred key
+    webui.load("vpred_xl.safetensors")
+    assert "v_pred" not in webui.shared.sd_model.state_dict()
+    bundle = WebUIHost().load_base(schema.from_dict(quick_run_data("", extension.images)))
+    assert bundle.prediction_type == "v_prediction" and "v_pred" in bundle.base
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Item 6: expected refusals are refusals, not crashes
 

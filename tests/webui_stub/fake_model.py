@@ -70,9 +70,12 @@ class FakeSDModel(torch.nn.Module):
 
     def __init__(self, state_dict: dict[str, torch.Tensor], *, checkpoint_info=None, parameterization: str = "eps"):
         super().__init__()
-        for key, value in state_dict.items():
-            self._add(live_key(key), value)
         keys = state_dict.keys()
+        sgm = any(k.startswith("conditioner.") for k in keys)
+        for key, value in state_dict.items():
+            if sgm and "." not in key:
+                continue  # sgm's DiffusionEngine has no top-level tensors: flags like v_pred are not loaded
+            self._add(live_key(key), value)
         self.is_sdxl = any(k.startswith("conditioner.") for k in keys)
         self.is_sd2 = not self.is_sdxl and any(k.startswith(COND + "model.") for k in keys)
         self.is_sd1 = not (self.is_sdxl or self.is_sd2)
