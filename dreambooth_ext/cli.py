@@ -334,4 +334,6 @@ def main(argv: list[str] | None = None) -> int:
         return 3
     for path in result.checkpoints:
         print(f"Saved {path}")
+    for path in result.loras:
+        print(f"Saved {path} (LoRA: add <lora:{path.stem}:1> to a prompt)")
     return 0

@@ -18,7 +18,7 @@ from .errors import ConfigError
 
 SCHEMA_VERSION = 1
 
-GROUPS = ("model", "concepts", "training", "memory", "saving", "samples")
+GROUPS = ("model", "concepts", "training", "lora", "memory", "saving", "samples")
 
 
 @dataclass(frozen=True)
@@ -80,6 +80,10 @@ OPTIONS: tuple[Option, ...] = (
     _opt("prediction_type", "choice", "auto", "model",
          "What the model predicts. 'auto' reads it from the checkpoint's .yaml, metadata or the model itself.",
          choices=("auto", "epsilon", "v_prediction")),
+    _opt("train_mode", "choice", "full", "model",
+         "What to train: full (a whole new checkpoint) or lora (a small file of adapters, a few to a few hundred "
+         "MB, used with <lora:name:1> on any checkpoint of the same family; far less memory).",
+         choices=("full", "lora")),
     _opt("resolution", "int", 0, "model",
          "Training image size in pixels (a multiple of 64). 0: the base model's own size (512 for SD1.x and SD2 "
          "base, 768 for SD2 768-v, 1024 for SDXL). Memory grows with its square.", min=64, max=2048, auto=0),
@@ -144,6 +148,22 @@ OPTIONS: tuple[Option, ...] = (
          min=1, max=1000),
     _opt("class_image_guidance", "float", 7.5, "training", "Guidance scale to generate class images.",
          min=1.0, max=50.0),
+    # lora
+    _opt("lora_rank", "int", 16, "lora",
+         "Rank of each adapter: its capacity and its file size (16 is about 36 MB for SD1.5 in fp16).",
+         min=1, max=1024),
+    _opt("lora_alpha", "float", 0.0, "lora",
+         "Adapters are scaled by alpha / rank. 0: alpha = rank (scale 1).", min=0.0, max=4096.0),
+    _opt("lora_dropout", "float", 0.0, "lora", "Dropout on each adapter's input while training.",
+         min=0.0, max=0.9),
+    _opt("lora_conv_rank", "int", 0, "lora",
+         "Also adapt the UNet's 3x3 convolutions at this rank (kohya's LoCon; alpha = rank). 0: off.",
+         min=0, max=1024),
+    _opt("lora_learning_rate", "float", 1e-4, "lora", "Learning rate of the UNet's adapters.", min=0.0, max=1.0),
+    _opt("lora_text_encoder_lr", "float", 5e-5, "lora",
+         "Learning rate of the text encoders' adapters (with train_text_encoder on).", min=0.0, max=1.0),
+    _opt("lora_save_merged", "bool", False, "lora",
+         "Also write the base checkpoint with the LoRA merged in, next to the other checkpoints."),
     # memory
     _opt("device", "str", "auto", "memory", "Device to train on: auto, cpu, cuda, cuda:1 ..."),
     _opt("mixed_precision", "choice", "auto", "memory",
@@ -314,12 +334,15 @@ def validate(config: Config) -> Config:
             problems.append(f"{option.name} = {getattr(config, option.name)!r}: {reason}")
     if config.resolution % 64:
         problems.append(f"resolution = {config.resolution}: must be a multiple of 64 (e.g. 512 or 768)")
-    if config.learning_rate == 0:
-        problems.append("learning_rate = 0: nothing would be learnt and the result would be a copy of the base "
-                        "model; use e.g. 2e-6 (SD 1.5, full fine-tune) or 1e-6 (SD 2.x)")
-    if config.train_text_encoder and config.text_encoder_lr == 0:
-        problems.append("text_encoder_lr = 0 with train_text_encoder on: the text encoder would not change; turn "
-                        "train_text_encoder off, or use e.g. 1e-6")
+    lora = config.train_mode == "lora"
+    unet_lr, text_lr = ("lora_learning_rate", "lora_text_encoder_lr") if lora else ("learning_rate", "text_encoder_lr")
+    if getattr(config, unet_lr) == 0:
+        example = "1e-4 (LoRA)" if lora else "2e-6 (SD 1.5 and SDXL, full fine-tune) or 1e-6 (SD 2.x)"
+        problems.append(f"{unet_lr} = 0: nothing would be learnt and the result would be a copy of the base model; "
+                        f"use e.g. {example}")
+    if config.train_text_encoder and getattr(config, text_lr) == 0:
+        problems.append(f"{text_lr} = 0 with train_text_encoder on: the text encoder would not change; turn "
+                        f"train_text_encoder off, or use e.g. {'5e-5' if lora else '1e-6'}")
     if config.max_train_steps == 0 and config.num_train_epochs == 0:
         problems.append("max_train_steps = 0 and num_train_epochs = 0: set one of them to say when to stop")
     if not config.project_name.strip() or not _is_plain_name(config.project_name):

@@ -62,5 +62,8 @@ class BlockingHost(Host):
     def checkpoint_path(self, project, step):
         return self.inner.checkpoint_path(project, step)
 
+    def lora_path(self, project, step):
+        return self.inner.lora_path(project, step)
+
     def work_dir(self, project):
         return self.inner.work_dir(project)

@@ -149,6 +149,17 @@ def collect_class_examples(config: Config, class_dirs: list[Path]) -> list[Examp
     return examples
 
 
+def tag_frequency(examples: list[Example]) -> dict[str, dict[str, int]]:
+    """How often each comma-separated caption tag occurs, per concept folder (kohya's ss_tag_frequency)."""
+    table: dict[str, dict[str, int]] = {}
+    for example in examples:
+        counts = table.setdefault(f"{example.concept + 1}_{example.path.parent.name}", {})
+        for tag in (t.strip() for t in example.caption.split(",")):
+            if tag:
+                counts[tag] = counts.get(tag, 0) + 1
+    return table
+
+
 def _uses_class_images(concept: Concept) -> bool:
     return not concept.token_only and concept.num_class_images > 0
 

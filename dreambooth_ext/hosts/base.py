@@ -33,8 +33,15 @@ class Host(ABC):
     def work_dir(self, project: str) -> Path:
         """The project's folder for training state, generated class images and samples."""
 
+    @abstractmethod
+    def lora_path(self, project: str, step: int) -> Path:
+        """Where the LoRA saved at `step` goes."""
+
     def publish(self, path: Path) -> None:  # noqa: B027 - optional hook
         """A finished model file exists at `path`: make it visible (e.g. refresh the checkpoint list)."""
+
+    def publish_lora(self, path: Path) -> None:  # noqa: B027 - optional hook
+        """A finished LoRA file exists at `path`: make it visible (e.g. refresh the Lora list)."""
 
     def release_device(self) -> None:  # noqa: B027 - optional hook
         """Free the accelerator for training (the WebUI moves its own model off the GPU)."""

@@ -31,6 +31,9 @@ class FolderHost(Host):
     def checkpoint_path(self, project: str, step: int) -> Path:
         return self.models_dir / "Stable-diffusion" / project / f"{project}_{step}.safetensors"
 
+    def lora_path(self, project: str, step: int) -> Path:
+        return self.models_dir / "Lora" / project / f"{project}_{step}.safetensors"
+
     def work_dir(self, project: str) -> Path:
         return self.work_root / project
 

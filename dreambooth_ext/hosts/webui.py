@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -92,6 +93,25 @@ def dreambooth_dir() -> Path:
 
     configured = getattr(shared.cmd_opts, "dreambooth_dir", None)
     return Path(configured) if configured else Path(paths.models_path) / "dreambooth"
+
+
+def lora_dir() -> Path:
+    """The host's Lora folder: --lora-dir (added by the built-in Lora extension), else models/Lora."""
+    from modules import paths, shared
+
+    configured = getattr(shared.cmd_opts, "lora_dir", None)
+    return Path(configured) if configured else Path(paths.models_path) / "Lora"
+
+
+def refresh_lora_list() -> bool:
+    """Re-scan the Lora folder the way the Lora tab's refresh does (the built-in extension's `networks` module:
+    the host puts each extension's folder on sys.path, so it is importable once that extension has loaded), so
+    <lora:name:1> works in prompts at once. False when the host has no such extension."""
+    networks = sys.modules.get("networks")
+    if networks is None or not callable(getattr(networks, "list_available_networks", None)):
+        return False
+    networks.list_available_networks()
+    return True
 
 
 def checkpoints_dir() -> Path:
@@ -459,6 +479,16 @@ class WebUIHost(Host):
         """Re-scan the checkpoint folders so the file is in the list at once (title without hash until hashed)."""
         rescan_checkpoints()
         log.info("Published %s to the checkpoint list", path)
+
+    def lora_path(self, project: str, step: int) -> Path:
+        return lora_dir() / project / f"{project}_{step}.safetensors"
+
+    def publish_lora(self, path: Path) -> None:
+        if refresh_lora_list():
+            log.info("Published %s to the Lora list: use it with <lora:%s:1>", path, path.stem)
+        else:
+            log.warning("The WebUI's Lora extension is not loaded, so %s is not listed yet; enable the built-in "
+                        "Lora extension, or restart the WebUI.", path)
 
     # -- the device -------------------------------------------------------------------------------------
 

@@ -1,9 +1,13 @@
-"""Writing a trained model back as a WebUI checkpoint: every base key kept, trained parts replaced, atomic save."""
+"""Writing a trained model back as a WebUI checkpoint (every base key kept, trained parts replaced) or as a LoRA
+file the WebUI's Lora tab lists; atomic saves."""
 
 from __future__ import annotations
 
+import base64
 import datetime
 import glob
+import hashlib
+import json
 import logging
 import os
 import tempfile
@@ -14,7 +18,7 @@ import torch
 
 from ..errors import DreamboothError
 from .bundle import ModelBundle
-from .convert import unet_to_ldm, vae_to_ldm
+from .convert import UNET_PREFIX, unet_to_ldm, vae_to_ldm
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +53,11 @@ def build_checkpoint(bundle: ModelBundle, unet: Any, text_encoders: tuple[Any, .
         out.update(bundle.family.text_encoders_to_ldm(tuple(_state_dict(e) for e in text_encoders)))
     if vae is not None:
         out.update(vae_to_ldm(_state_dict(vae), bundle.vae_config))
+    return _cast(out, precision)
+
+
+def _cast(out: dict[str, torch.Tensor], precision: str) -> dict[str, torch.Tensor]:
+    """The model parts in the saved precision (schedule buffers and flags stay as they are), contiguous."""
     dtype = PRECISIONS[precision]
     result = {}
     for key, value in out.items():
@@ -56,6 +65,74 @@ def build_checkpoint(bundle: ModelBundle, unet: Any, text_encoders: tuple[Any, .
             value = value.to(dtype)
         result[key] = value.contiguous()
     return result
+
+
+def build_merged_checkpoint(bundle: ModelBundle, unet: Any, text_encoders: tuple[Any, ...] | None,
+                            precision: str = "fp16", *,
+                            unet_state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The base checkpoint with the LoRA adapters of `unet` (and of `text_encoders`, when they were trained) added
+    into its weights: W + alpha / rank * up @ down, computed in fp32 from the base file's own tensors (the modules'
+    frozen weights may be held in half precision)."""
+    from .lora import adapters, delta_of, unet_module_name
+
+    if precision not in PRECISIONS:
+        raise DreamboothError(f"save precision = {precision!r}: use fp16 or fp32")
+    state = unet_state if unet_state is not None else unet.state_dict()
+    out = {k: v for k, v in bundle.base.items() if not k.startswith(bundle.family.dropped_prefixes)}
+    for name, layer in adapters(unet).items():
+        key = f"{UNET_PREFIX}{unet_module_name(name, bundle.unet_config)}.weight"
+        delta = delta_of(layer, state[f"{name}.down.weight"], state[f"{name}.up.weight"])
+        out[key] = out[key].float() + delta.reshape(out[key].shape)
+    if text_encoders is not None:
+        fresh = bundle.family.text_encoders_from_ldm(bundle.base)  # exact fp32 copies of the base encoders
+        states = []
+        for clean, trained in zip(fresh, text_encoders, strict=True):
+            weights = {k: v.detach().float() for k, v in clean.state_dict().items()}
+            for name, layer in adapters(trained).items():
+                weights[f"{name}.weight"] = weights[f"{name}.weight"] + layer.delta()
+            states.append(weights)
+        out.update(bundle.family.text_encoders_to_ldm(tuple(states)))
+    return _cast(out, precision)
+
+
+def lora_metadata(bundle: ModelBundle, *, title: str, steps: int, config_json: str, resolution: int, rank: int,
+                  alpha: float, num_images: int, tag_frequency: dict[str, dict[str, int]], started_at: float,
+                  cover_image: bytes | None = None, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """What the WebUI's Lora tab reads (kohya's ss_* keys: the name for <lora:name:1>, the family that decides
+    which checkpoints it is listed for, the card's preview) plus the modelspec and dreambooth.* keys."""
+    metadata = checkpoint_metadata(bundle, title=title, steps=steps, config_json=config_json,
+                                   resolution=resolution, extra=extra)
+    metadata["modelspec.architecture"] += "/lora"
+    family = bundle.family
+    metadata.update({
+        "ss_output_name": title,
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(rank),
+        "ss_network_alpha": f"{alpha:g}",
+        "ss_base_model_version": family.lora_base_version,
+        "ss_v2": str(family.lora_base_version == "sd_v2"),
+        "ss_v_parameterization": str(bundle.prediction_type == "v_prediction"),
+        "ss_resolution": f"({resolution}, {resolution})",
+        "ss_num_train_images": str(num_images),
+        "ss_tag_frequency": json.dumps(tag_frequency),
+        "ss_training_started_at": f"{started_at:.0f}",
+        "ss_sd_model_name": bundle.source.name,
+        "ss_new_sd_model_hash": bundle.source.sha256,
+        "ss_steps": str(steps),
+    })
+    if cover_image is not None:
+        metadata["ssmd_cover_images"] = json.dumps([base64.b64encode(cover_image).decode("ascii")])
+    return metadata
+
+
+def addnet_hash(tensors: dict[str, torch.Tensor]) -> str:
+    """kohya's (and the WebUI's) hash of a .safetensors file: sha256 of the tensor data after the header, which
+    metadata does not change, so it can be written into the file it describes."""
+    import safetensors.torch
+
+    data = safetensors.torch.save(tensors)
+    header = int.from_bytes(data[:8], "little")
+    return hashlib.sha256(data[8 + header:]).hexdigest()
 
 
 def checkpoint_metadata(bundle: ModelBundle, *, title: str, steps: int, config_json: str, resolution: int,

@@ -102,6 +102,10 @@ class Family:
     vae_fp16_safe = True
     # An empty negative prompt conditions on zeros rather than on the encoded empty text (the WebUI's SDXL).
     zero_empty_negative = False
+    # A LoRA file's names of its text encoders' modules, one prefix per encoder, and the family it says it is for
+    # (ss_base_model_version: the WebUI's Lora tab lists a LoRA only with checkpoints of its family).
+    lora_text_prefixes: tuple[str, ...] = ("lora_te",)
+    lora_base_version = "sd_v1"
     # Dropped from the base when a result is written: training state some checkpoints carry.
     dropped_prefixes = ("model_ema.", "optimizer", "lr_scheduler")
 
@@ -183,6 +187,7 @@ class SD2(Family):
     name = "sd2"
     title = "Stable Diffusion 2.x"
     text_prefixes = (SD2_TEXT_PREFIX,)
+    lora_base_version = "sd_v2"
 
     def matches(self, keys: set[str]) -> bool:
         return any(k.startswith(SD2_TEXT_PREFIX + "transformer.resblocks.") for k in keys)
@@ -236,6 +241,8 @@ class SDXL(Family):
     vae_scaling_factor = 0.13025
     vae_fp16_safe = False
     zero_empty_negative = True
+    lora_text_prefixes = ("lora_te1", "lora_te2")
+    lora_base_version = "sdxl_base_v1-0"
     size_embedding_dim = 256  # each of the six size/crop numbers becomes a 256-wide sinusoidal embedding
 
     def matches(self, keys: set[str]) -> bool:

@@ -13,14 +13,15 @@ from .devices import require_8bit_adam
 
 def param_groups(config: Config, unet: torch.nn.Module,
                  text_encoders: tuple[torch.nn.Module, ...] = ()) -> list[dict]:
-    """The UNet's weights, and the trained text encoders' (all of them) with their own learning rate and weight
-    decay."""
-    groups = [{"params": [p for p in unet.parameters() if p.requires_grad],
-               "lr": config.learning_rate, "weight_decay": config.weight_decay, "name": "unet"}]
+    """The UNet's trained weights, and the trained text encoders' (all of them) with their own learning rate and
+    weight decay."""
+    names = group_options(config)
+    groups = [{"params": [p for p in unet.parameters() if p.requires_grad], "name": "unet",
+               **{key: getattr(config, option) for key, option in names["unet"].items()}}]
     if text_encoders:
         groups.append({"params": [p for e in text_encoders for p in e.parameters() if p.requires_grad],
-                       "lr": config.text_encoder_lr, "weight_decay": config.text_encoder_weight_decay,
-                       "name": "text_encoder"})
+                       "name": "text_encoder",
+                       **{key: getattr(config, option) for key, option in names["text_encoder"].items()}})
     return groups
 
 
@@ -41,9 +42,12 @@ def make_lr_scheduler(config: Config, optimizer: torch.optim.Optimizer, total_st
                          num_training_steps=total_steps, num_cycles=config.lr_num_cycles, power=config.lr_power)
 
 
-# What each group's settings are called in the config: group name -> {optimizer key: config field}.
-_GROUP_OPTIONS = {"unet": {"lr": "learning_rate", "weight_decay": "weight_decay"},
-                  "text_encoder": {"lr": "text_encoder_lr", "weight_decay": "text_encoder_weight_decay"}}
+def group_options(config: Config) -> dict[str, dict[str, str]]:
+    """What each group's settings are called in the config: group name -> {optimizer key: config field}."""
+    lora = config.train_mode == "lora"
+    return {"unet": {"lr": "lora_learning_rate" if lora else "learning_rate", "weight_decay": "weight_decay"},
+            "text_encoder": {"lr": "lora_text_encoder_lr" if lora else "text_encoder_lr",
+                             "weight_decay": "text_encoder_weight_decay"}}
 
 
 def apply_changed_options(config: Config, optimizer: torch.optim.Optimizer, scheduler: Any) -> list[str]:
@@ -52,8 +56,9 @@ def apply_changed_options(config: Config, optimizer: torch.optim.Optimizer, sche
     The saved optimizer state brings its own learning rates, weight decay, betas and epsilon; a user who changed
     them for the resumed run means the new ones. Returns "name: old -> new" for each change."""
     changes: dict[str, str] = {}
+    options = group_options(config)
     for index, group in enumerate(optimizer.param_groups):
-        names = _GROUP_OPTIONS.get(group.get("name", "unet"), _GROUP_OPTIONS["unet"])
+        names = options.get(group.get("name", "unet"), options["unet"])
         wanted_lr = getattr(config, names["lr"])
         if scheduler.base_lrs[index] != wanted_lr:
             changes[names["lr"]] = f"{scheduler.base_lrs[index]:g} -> {wanted_lr:g}"

@@ -20,23 +20,19 @@ import torch
 from ..config import Config, fill_prompt, to_dict, validate
 from ..data.checks import check_dataset
 from ..data.class_images import generate_class_images, plan_class_images
-from ..data.dataset import BatchPlan, Example, collect_class_examples, collect_instance_examples
+from ..data.dataset import BatchPlan, Example, collect_class_examples, collect_instance_examples, tag_frequency
 from ..errors import DreamboothError
 from ..hosts.base import Host
 from ..models.bundle import BaseFacts, ModelBundle
 from ..models.export import (
-    build_checkpoint,
-    checkpoint_metadata,
     remove_partial_files,
-    save_checkpoint,
-    yaml_for_bundle,
 )
 from .batches import Feeder, LatentCache, Samples, TextConditioning, derive_seed, generator_for
 from .devices import Precision, free_memory, require_8bit_adam, resolve_device, resolve_precision
 from .ema import EMA
 from .guard import check_writable, output_error, project_lock, write_errors
 from .loss import dreambooth_loss, min_snr_weights, per_sample_mse, training_target
-from .optim import apply_changed_options, make_lr_scheduler, make_optimizer, param_groups
+from .optim import apply_changed_options, group_options, make_lr_scheduler, make_optimizer, param_groups
 from .sampling import generate_images, placed
 from .state import (
     TrainingState,
@@ -47,6 +43,7 @@ from .state import (
     save_state,
     trainable_weights,
 )
+from .trained import Saving, trained_kind
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +64,7 @@ class Progress:
     total: int = 0
     samples: tuple[Path, ...] = ()
     checkpoint: Path | None = None
+    lora: Path | None = None
     warnings: tuple[str, ...] = ()  # the dataset check's findings, reported once before loading
 
 
@@ -76,6 +74,7 @@ class RunResult:
     step: int
     total_steps: int
     checkpoints: list[Path] = field(default_factory=list)
+    loras: list[Path] = field(default_factory=list)
     samples: list[Path] = field(default_factory=list)
     losses: list[tuple[int, float]] = field(default_factory=list)
 
@@ -124,7 +123,7 @@ class TrainingRun:
         work_dir = self.host.work_dir(config.project_name)
         with project_lock(work_dir, config.project_name):
             self._check_outputs(config, work_dir)
-            self._remove_leftovers(config.project_name, work_dir)
+            self._remove_leftovers(config, work_dir)
             state = load_state(work_dir / "state") if self.resume else None
             return self._train(config, instances, device, precision, work_dir, state)
 
@@ -161,16 +160,18 @@ class TrainingRun:
         """Every folder the run will write to, tried now rather than after the model has loaded."""
         check_writable(work_dir, "training state", "Give a work folder you can write to (--work-dir on the command "
                        "line, --dreambooth-dir in the WebUI).")
-        check_writable(self.host.checkpoint_path(config.project_name, 0).parent, "the trained model",
-                       "Give a models folder you can write to (--models-dir / --ckpt-dir).")
+        for folder, what in trained_kind(config).folders(self.host, config):
+            check_writable(folder, what, "Give a models folder you can write to (--models-dir; in the WebUI "
+                           "--ckpt-dir, --lora-dir).")
         for job in plan_class_images(config, work_dir)[1]:
             if job.missing:
                 check_writable(job.folder, "generated class images", f"class_dir of concept {job.concept + 1} "
                                "must be a folder you can write to (or already hold num_class_images images).")
 
-    def _remove_leftovers(self, project: str, work_dir: Path) -> None:
+    def _remove_leftovers(self, config: Config, work_dir: Path) -> None:
         """What a killed save of this project left half-written: hidden model files and a partial state."""
-        remove_partial_files(self.host.checkpoint_path(project, 0).parent, f"{project}_")
+        for folder, _ in trained_kind(config).folders(self.host, config):
+            remove_partial_files(folder, f"{config.project_name}_")
         remove_partial_state(work_dir / "state")
 
     def _class_images(self, config: Config, bundle: ModelBundle, work_dir: Path, device: torch.device,
@@ -241,6 +242,13 @@ def sample_prompts(config: Config) -> list[str]:
 def _check_resumable(config: Config, state: TrainingState) -> None:
     """What a saved state cannot follow: a different set of trained modules."""
     saved = state.meta.get("config", {})
+    structure = ("train_mode",) + (("lora_rank", "lora_conv_rank") if config.train_mode == "lora" else ())
+    for name in structure:
+        was = saved.get(name, "full" if name == "train_mode" else None)
+        if was is not None and was != getattr(config, name):
+            raise DreamboothError(f"The saved training state was made with {name} = {was}; a resumed run must keep "
+                                  f"it (the saved weights and optimizer state have that shape). Set {name} back to "
+                                  f"{was}, or start again without resume.")
     if saved.get("train_text_encoder", config.train_text_encoder) != config.train_text_encoder:
         was = "on" if saved["train_text_encoder"] else "off"
         raise DreamboothError(f"The saved training state was made with train_text_encoder {was}; a resumed run must "
@@ -270,6 +278,8 @@ class _Loop:
                                      derive_seed(config.seed, "class order")) if classes else None)
         self.total_steps = self._total_steps()
         self.result = RunResult("finished", 0, self.total_steps)
+        self.kind = trained_kind(config)
+        self.started_at = time.time()
 
     def _total_steps(self) -> int:
         if self.config.max_train_steps:
@@ -280,21 +290,7 @@ class _Loop:
     # -- setup ------------------------------------------------------------------------------------------
 
     def _setup_modules(self) -> None:
-        config, bundle, device = self.config, self.bundle, self.device
-        bundle.unet.to(device, torch.float32).requires_grad_(True).train()
-        if config.gradient_checkpointing:
-            bundle.unet.enable_gradient_checkpointing()
-        bundle.vae.requires_grad_(False).eval()
-        self.trained = {"unet": bundle.unet}
-        for index, text_encoder in enumerate(bundle.text_encoders):
-            if config.train_text_encoder:
-                text_encoder.to(device, torch.float32).requires_grad_(True).train()
-                if config.gradient_checkpointing:
-                    text_encoder.gradient_checkpointing_enable()
-                # State keys: text_encoder.<name> for the first encoder (as before), text_encoder_2.<name> ...
-                self.trained["text_encoder" + (f"_{index + 1}" if index else "")] = text_encoder
-            else:
-                text_encoder.requires_grad_(False).eval()
+        self.trained = self.kind.prepare(self.bundle, self.config, self.device, self.precision)
 
     def _setup_data(self) -> None:
         config, bundle, device, dtype = self.config, self.bundle, self.device, self.precision.frozen_dtype
@@ -393,7 +389,9 @@ class _Loop:
         self._save_model(step)
         shutil.rmtree(self.work_dir / "state", ignore_errors=True)  # finished: the state is no longer needed
         self.run._emit(Progress("finished", step=step, total_steps=self.total_steps,
-                                checkpoint=self.result.checkpoints[-1], message="Training finished"))
+                                checkpoint=self.result.checkpoints[-1] if self.result.checkpoints else None,
+                                lora=self.result.loras[-1] if self.result.loras else None,
+                                message="Training finished"))
         return self.result
 
     def _optimizer_step(self, step: int, *, train_text: bool) -> float:
@@ -516,32 +514,24 @@ class _Loop:
             raise output_error(exc, f"the training state at step {step}", folder,
                                "the state saved earlier is kept." if kept else "no earlier state exists.") from exc
 
-    def _save_model(self, step: int) -> Path:
+    def _save_model(self, step: int) -> None:
         config, bundle = self.config, self.bundle
-        path = self.run.host.checkpoint_path(config.project_name, step)
-        self.run._emit(Progress("saving", step=step, total_steps=self.total_steps, message=f"Saving {path.name}"))
-        unet_weights = self.ema.weights_for_export(bundle.unet) if self.ema else None
-        text_encoders = bundle.text_encoders if config.train_text_encoder else None
-        state_dict = build_checkpoint(bundle, bundle.unet, text_encoders=text_encoders,
-                                      precision=config.save_precision, unet_state=unet_weights)
+        self.run._emit(Progress("saving", step=step, total_steps=self.total_steps, message="Saving the result"))
         concept = config.concepts[0]
         concepts = [{"token": c.token, "class_word": c.class_word, "instance_prompt": fill_prompt(c.instance_prompt, c),
                      "class_prompt": fill_prompt(c.class_prompt, c)} for c in config.concepts]
         extra = {"dreambooth.token": concept.token, "dreambooth.class_word": concept.class_word,
                  "dreambooth.concepts": json.dumps(concepts),
-                 "dreambooth.learning_rate": str(config.learning_rate),
-                 "dreambooth.resolution": str(config.resolution), "dreambooth.ema": str(bool(self.ema))}
-        metadata = checkpoint_metadata(bundle, title=f"{config.project_name}_{step}", steps=step,
-                                       config_json=json.dumps(to_dict(config)), resolution=config.resolution,
-                                       extra=extra)
-        try:
-            save_checkpoint(state_dict, path, metadata, yaml_text=yaml_for_bundle(bundle))
-        except write_errors() as exc:
-            raise output_error(exc, "the trained model", path,
-                               "models and training state saved earlier are kept.") from exc
-        self.result.checkpoints.append(path)
-        self.run.host.publish(path)
-        return path
+                 "dreambooth.learning_rate": str(getattr(config, group_options(config)["unet"]["lr"])),
+                 "dreambooth.resolution": str(config.resolution), "dreambooth.ema": str(bool(self.ema)),
+                 "dreambooth.train_mode": config.train_mode}
+        saving = Saving(step=step, config_json=json.dumps(to_dict(config)), extra=extra,
+                        unet_state=self.ema.weights_for_export(bundle.unet) if self.ema else None,
+                        num_images=len(self.instances), tag_frequency=tag_frequency(self.instances),
+                        started_at=self.started_at, cover=self.result.samples[-1] if self.result.samples else None)
+        saved = self.kind.save(bundle, config, self.run.host, saving)
+        self.result.checkpoints.extend(saved.checkpoints)
+        self.result.loras.extend(saved.loras)
 
     @torch.no_grad()
     def _sample(self, step: int) -> None:

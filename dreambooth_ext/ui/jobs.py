@@ -62,6 +62,7 @@ class JobStatus:
     losses: list[tuple[int, float]] = field(default_factory=list)
     samples: list[str] = field(default_factory=list)
     checkpoints: list[str] = field(default_factory=list)
+    loras: list[str] = field(default_factory=list)  # LoRA files written (in the host's Lora folder)
     warnings: list[str] = field(default_factory=list)  # the dataset check's findings for this run
     error: str | None = None
     resume: bool = False
@@ -95,6 +96,8 @@ class JobStatus:
         self.warnings.extend(progress.warnings)
         if progress.checkpoint is not None and str(progress.checkpoint) not in self.checkpoints:
             self.checkpoints.append(str(progress.checkpoint))
+        if progress.lora is not None and str(progress.lora) not in self.loras:
+            self.loras.append(str(progress.lora))
 
     def _add_loss(self, step: int, loss: float) -> None:
         self.losses.append((step, float(loss)))
@@ -150,9 +153,8 @@ class Job:
     def _finish(self, result: RunResult) -> None:
         status = self.status
         status.step, status.total_steps = result.step, result.total_steps
-        for path in result.checkpoints:
-            if str(path) not in status.checkpoints:
-                status.checkpoints.append(str(path))
+        for paths, listed in ((result.checkpoints, status.checkpoints), (result.loras, status.loras)):
+            listed.extend(str(path) for path in paths if str(path) not in listed)
         if result.status == "cancelled":
             status.state = CANCELLED
             status.message = (f"Cancelled at step {result.step}; Resume continues from there"

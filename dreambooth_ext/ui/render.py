@@ -43,8 +43,20 @@ def status_html(status: dict[str, Any], note: str = "") -> str:
     if checkpoints:
         items = "".join(f"<li><code>{html.escape(str(p))}</code></li>" for p in checkpoints)
         parts.append(f"<div class='dreambooth-checkpoints'>Checkpoints written:<ul>{items}</ul></div>")
+    loras = status.get("loras") or []
+    if loras:
+        items = "".join(f"<li><code>{html.escape(str(p))}</code></li>" for p in loras)
+        prompt = html.escape(lora_prompt(loras[-1]))
+        parts.append(f"<div class='dreambooth-loras'>LoRA written:<ul>{items}</ul>Add it to a prompt with "
+                     f"<code class='dreambooth-lora-prompt'>{prompt}</code> (it is in the Lora tab; refresh the tab's "
+                     "cards to see it).</div>")
     parts.append("</div>")
     return "".join(parts)
+
+
+def lora_prompt(path: str) -> str:
+    """The prompt text that uses a LoRA at full strength: the WebUI names it by its file name."""
+    return f"<lora:{Path(path).stem}:1>"
 
 
 def _numbers(status: dict[str, Any]) -> str:

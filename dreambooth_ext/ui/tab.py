@@ -23,7 +23,8 @@ log = logging.getLogger(__name__)
 
 CONCEPT_SLOTS = 3
 DEFAULT_PICK = "(default: base_model, else the loaded model)"
-GROUP_TITLES = {"model": "Model", "concepts": "Concepts", "training": "Training", "memory": "Memory and speed",
+GROUP_TITLES = {"model": "Model", "concepts": "Concepts", "training": "Training", "lora": "LoRA",
+                "memory": "Memory and speed",
                 "saving": "Saving", "samples": "Sample images"}
 OPEN_GROUPS = ("model", "concepts")
 

@@ -47,6 +47,8 @@ class EmbeddingsWithFixes(torch.nn.Module):
 
 
 def _node_for(path: str) -> torch.nn.Module:
+    if path == "conditioner.embedders":
+        return torch.nn.ModuleList()  # sgm's GeneralConditioner: a list the host iterates
     if path == "cond_stage_model" or re.fullmatch(r"conditioner\.embedders\.\d+", path):
         return FrozenCLIPEmbedderWithCustomWords()
     if path.endswith(".token_embedding"):

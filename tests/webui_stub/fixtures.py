@@ -80,8 +80,9 @@ class WebUIStub:
 
 
 def _purge_modules() -> None:
-    """The host is gone: its modules, and the torch.load its modules.safe put in place."""
-    for name in [n for n in sys.modules if n == "modules" or n.startswith("modules.")]:
+    """The host is gone: its modules (the built-in Lora extension's `networks` too), and the torch.load its
+    modules.safe put in place."""
+    for name in [n for n in sys.modules if n in ("modules", "networks") or n.startswith("modules.")]:
         del sys.modules[name]
     torch.load = TORCH_LOAD
 
@@ -104,6 +105,8 @@ def _start(root: Path, args: Sequence[str], load: bool, device: str | None, ckpt
     models_dir = Path(paths.models_path)
     checkpoint = save_tiny(Path(sd_models.model_path) / CHECKPOINT_NAME)
     sd_models.list_models()
+    # The built-in Lora extension: the host puts its folder on sys.path and lists the Lora folder at start.
+    importlib.import_module("networks").list_available_networks()
     if load:
         shared.opts.data["sd_model_checkpoint"] = sd_models.checkpoint_tiles()[0]
         sd_models.load_model()
@@ -119,7 +122,7 @@ def make_webui(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Call
     (e.g. "cuda" on a CPU box) is only recorded by the fake model's moves, so release/restore can be observed.
     """
     syspath = list(sys.path)
-    sys.path[:0] = [str(STUB_DIR), str(TESTS_DIR)]
+    sys.path[:0] = [str(STUB_DIR), str(TESTS_DIR), str(STUB_DIR / "builtin_lora")]
     started = []
 
     def start(*args: str, load: bool = True, device: str | None = None, ckpt: bool = False) -> WebUIStub:
