@@ -343,6 +343,26 @@ def test_a_v_pred_marker_the_host_drops_is_read_from_the_file(extension, tmp_pat
     assert bundle.prediction_type == "v_prediction" and "v_pred" in bundle.base
 
 
+def test_a_lora_trained_from_the_tab_is_in_the_hosts_lora_folder_and_list_at_once(make_webui, tmp_path):
+    lora_dir = tmp_path / "my loras"
+    webui = make_webui("--lora-dir", str(lora_dir))
+    extension = Extension(webui, tmp_path)
+    try:
+        import networks
+
+        outputs = extension.start("style", train_mode="lora", lora_rank=4)
+        assert "data-state='finished'" in outputs[-1], outputs[-1]
+        status = extension.status()
+        assert status["loras"] == [str(lora_dir / "style" / "style_2.safetensors")] and not status["checkpoints"]
+        assert "&lt;lora:style_2:1&gt;" in outputs[-1]  # the text to paste into a prompt
+        listed = networks.available_networks["style_2"]  # refreshed: no restart, no refresh click
+        assert listed.alias == "style_2" and listed.sd_version == "SD1"
+        found = networks.match(webui.shared.sd_model, read_checkpoint(status["loras"][0]))
+        assert found.layers and not found.failed
+    finally:
+        extension.module.jobs.shutdown(30)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Item 6: expected refusals are refusals, not crashes
 
