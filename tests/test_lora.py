@@ -106,6 +106,8 @@ def test_the_webui_matches_every_key_and_reproduces_the_trained_model(family, ba
     with torch.no_grad():
         want, have = trained.encode(["photo of zwx toy"]), applied.encode(["photo of zwx toy"])
     assert torch.allclose(have.context, want.context, atol=1e-4, rtol=1e-4)
+    for name, value in (want.added or {}).items():  # SDXL's pooled vector comes from the second encoder
+        assert torch.allclose(have.added[name], value, atol=1e-4, rtol=1e-4)
     metadata = read_safetensors_metadata(path)
     networks.list_available_networks()  # (the stand-in host's Lora folder; ours is read directly)
     assert metadata["ss_output_name"] == "lo_3" and metadata["ss_network_dim"] == "4"
