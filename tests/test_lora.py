@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from ui_helpers import run_until_cancelled
 
 from dreambooth_ext.config import from_dict
 from dreambooth_ext.hosts.files import FolderHost
@@ -18,7 +19,7 @@ from dreambooth_ext.models.checkpoint import read_checkpoint, read_safetensors_m
 from dreambooth_ext.models.family import normalize_keys
 from dreambooth_ext.models.lora import adapters
 from dreambooth_ext.models.tiny import save_tiny_checkpoint
-from dreambooth_ext.train.run import Progress, TrainingRun
+from dreambooth_ext.train.run import TrainingRun
 
 pytest_plugins = ("webui_stub.fixtures",)
 
@@ -166,15 +167,8 @@ def test_the_merged_checkpoint_is_base_plus_scaled_up_down(bases, photos, tmp_pa
 def test_a_resumed_lora_run_equals_an_uninterrupted_one(bases, photos, tmp_path):
     config = lora_config(bases["sd1"], photos, max_train_steps=4, ema=True, ema_decay=0.5)
     straight = TrainingRun(config, FolderHost(tmp_path / "straight")).run()
-    holder = {}
-
-    def stop_at_2(p: Progress) -> None:
-        if p.phase == "training" and p.step == 2:
-            holder["run"].cancel()
-
     host = FolderHost(tmp_path / "interrupted")
-    holder["run"] = TrainingRun(config, host, on_progress=stop_at_2)
-    assert holder["run"].run().status == "cancelled"
+    assert run_until_cancelled(config, host, 2).status == "cancelled"
     state = tmp_path / "interrupted" / "dreambooth" / "lo" / "state" / "weights.safetensors"
     assert all(".down." in k or ".up." in k for k in read_checkpoint(state))  # only the adapters are state
     resumed = TrainingRun(config, host, resume=True).run()
@@ -182,8 +176,7 @@ def test_a_resumed_lora_run_equals_an_uninterrupted_one(bases, photos, tmp_path)
     assert a.keys() == b.keys() and max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-6
 
     changed = lora_config(bases["sd1"], photos, max_train_steps=4, lora_rank=8)
-    holder["run"] = TrainingRun(changed, FolderHost(tmp_path / "other"), on_progress=stop_at_2)
-    holder["run"].run()
+    run_until_cancelled(changed, FolderHost(tmp_path / "other"), 2)
     with pytest.raises(Exception, match="lora_rank = 8"):
         TrainingRun(lora_config(bases["sd1"], photos, max_train_steps=4), FolderHost(tmp_path / "other"),
                     resume=True).run()

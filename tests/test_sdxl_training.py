@@ -12,6 +12,7 @@ import safetensors.torch
 import torch
 from diffusers import UNet2DConditionModel
 from PIL import Image
+from ui_helpers import run_until_cancelled
 
 from dreambooth_ext import cli
 from dreambooth_ext.config import from_dict
@@ -22,7 +23,7 @@ from dreambooth_ext.models.family import SDXL_CLIP_PREFIX, SDXL_OPEN_CLIP_PREFIX
 from dreambooth_ext.models.tiny import TINY_RESOLUTION, save_tiny_checkpoint, tiny_checkpoint
 from dreambooth_ext.train.devices import resolve_precision
 from dreambooth_ext.train.loss import training_target
-from dreambooth_ext.train.run import Progress, TrainingRun
+from dreambooth_ext.train.run import TrainingRun
 
 HOST_LAYOUT = Path(__file__).resolve().parent / "host_layouts" / "tiny-sdxl.json"
 UNET = "model.diffusion_model."
@@ -168,16 +169,8 @@ def test_sdxl_with_its_text_encoders_trained_resumes_exactly(sdxl_base, photos, 
     config = config_for(sdxl_base, photos, max_train_steps=4, train_text_encoder=True, text_encoder_lr=1e-3,
                         sample_every_n_steps=0, cache_latents=False)
     straight = TrainingRun(config, FolderHost(tmp_path / "straight")).run()
-
-    holder = {}
-
-    def stop_at_2(p: Progress) -> None:
-        if p.phase == "training" and p.step == 2:
-            holder["run"].cancel()
-
     host = FolderHost(tmp_path / "interrupted")
-    holder["run"] = TrainingRun(config, host, on_progress=stop_at_2)
-    assert holder["run"].run().status == "cancelled"
+    assert run_until_cancelled(config, host, 2).status == "cancelled"
     resumed = TrainingRun(config, host, resume=True).run()
     assert [s for s, _ in resumed.losses] == [3, 4]
     a, b = read_checkpoint(straight.checkpoints[-1]), read_checkpoint(resumed.checkpoints[-1])

@@ -67,3 +67,17 @@ class BlockingHost(Host):
 
     def work_dir(self, project):
         return self.inner.work_dir(project)
+
+
+def run_until_cancelled(config, host: Host, step: int):
+    """Start a run and cancel it once it has made `step` optimizer steps; returns its result (state saved)."""
+    from dreambooth_ext.train.run import TrainingRun
+
+    holder = {}
+
+    def stop(progress) -> None:
+        if progress.phase == "training" and progress.step == step:
+            holder["run"].cancel()
+
+    holder["run"] = TrainingRun(config, host, on_progress=stop)
+    return holder["run"].run()
