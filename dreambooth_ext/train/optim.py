@@ -26,15 +26,19 @@ def param_groups(config: Config, unet: torch.nn.Module,
 
 
 def make_optimizer(config: Config, groups: list[dict], device: torch.device) -> torch.optim.Optimizer:
+    if config.optimizer == "adafactor":
+        from transformers.optimization import Adafactor
+
+        # A fixed learning rate (the run's schedule drives it), no first moment: factored second moments only.
+        return Adafactor(groups, scale_parameter=False, relative_step=False, warmup_init=False, beta1=None)
     kwargs = {"betas": (config.adam_beta1, config.adam_beta2), "eps": config.adam_epsilon}
     if config.optimizer == "adamw_8bit":
         require_8bit_adam(device)
         import bitsandbytes as bnb  # only importable where require_8bit_adam passed
 
         return bnb.optim.AdamW8bit(groups, **kwargs)
-    # foreach=False keeps CPU runs bit-reproducible across a resume (the fused/foreach kernels are too, but
-    # the plain loop is the reference everywhere).
-    return torch.optim.AdamW(groups, foreach=device.type == "cuda", **kwargs)
+    # torch's fused AdamW kernel (CPU and CUDA): several times faster than the per-weight loop, same maths.
+    return torch.optim.AdamW(groups, fused=device.type in ("cpu", "cuda"), **kwargs)
 
 
 def make_lr_scheduler(config: Config, optimizer: torch.optim.Optimizer, total_steps: int):
@@ -64,9 +68,10 @@ def apply_changed_options(config: Config, optimizer: torch.optim.Optimizer, sche
             changes[names["lr"]] = f"{scheduler.base_lrs[index]:g} -> {wanted_lr:g}"
             scheduler.base_lrs[index] = group["initial_lr"] = wanted_lr
             group["lr"] = wanted_lr * scheduler.lr_lambdas[index](scheduler.last_epoch)
-        wanted = {"weight_decay": (names["weight_decay"], getattr(config, names["weight_decay"])),
-                  "betas": ("adam_beta1, adam_beta2", (config.adam_beta1, config.adam_beta2)),
-                  "eps": ("adam_epsilon", config.adam_epsilon)}
+        wanted = {"weight_decay": (names["weight_decay"], getattr(config, names["weight_decay"]))}
+        if config.optimizer.startswith("adamw"):
+            wanted.update({"betas": ("adam_beta1, adam_beta2", (config.adam_beta1, config.adam_beta2)),
+                           "eps": ("adam_epsilon", config.adam_epsilon)})
         for key, (label, value) in wanted.items():
             if key in group and _as_tuple(group[key]) != _as_tuple(value):
                 changes[label] = f"{group[key]} -> {value}"

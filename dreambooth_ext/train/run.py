@@ -32,7 +32,7 @@ from .devices import Precision, free_memory, require_8bit_adam, resolve_device, 
 from .ema import EMA
 from .guard import check_writable, output_error, project_lock, write_errors
 from .loss import dreambooth_loss, min_snr_weights, per_sample_mse, training_target
-from .optim import apply_changed_options, group_options, make_lr_scheduler, make_optimizer, param_groups
+from .optim import group_options, param_groups
 from .sampling import generate_images, placed
 from .state import (
     TrainingState,
@@ -43,9 +43,12 @@ from .state import (
     save_state,
     trainable_weights,
 )
+from .stepper import Stepper
 from .trained import Saving, trained_kind
 
 log = logging.getLogger(__name__)
+
+LOSS_READ_EVERY = 10  # steps between reads of the loss (each read waits for the device to finish its queue)
 
 
 @dataclass
@@ -118,6 +121,9 @@ class TrainingRun:
         self._check_dataset(config, instances)
         device = resolve_device(config.device)
         precision = resolve_precision(config.mixed_precision, device)
+        if config.fused_backward and precision.use_grad_scaler:
+            raise DreamboothError(f"fused_backward cannot run with fp16 loss scaling (mixed_precision "
+                                  f"{config.mixed_precision} is fp16 on {device}): set mixed_precision to bf16")
         if config.optimizer == "adamw_8bit":
             require_8bit_adam(device)
         work_dir = self.host.work_dir(config.project_name)
@@ -335,9 +341,7 @@ class _Loop:
         config = self.config
         text_encoders = self.bundle.text_encoders if config.train_text_encoder else ()
         groups = param_groups(config, self.bundle.unet, text_encoders)
-        self.optimizer = make_optimizer(config, groups, self.device)
-        self.lr_scheduler = make_lr_scheduler(config, self.optimizer, self.total_steps)
-        self.scaler = torch.amp.GradScaler("cuda") if self.precision.use_grad_scaler else None
+        self.stepper = Stepper(config, groups, self.device, self.precision, self.total_steps)
         self.ema = None
         if config.ema:
             self.ema = EMA(self.bundle.unet, config.ema_decay, "cpu" if config.ema_on_cpu else self.device)
@@ -345,13 +349,9 @@ class _Loop:
             return 0
         _check_resumable(config, state)
         restore_weights(self.trained, state.weights)
-        self.optimizer.load_state_dict(state.optimizer)
-        self.lr_scheduler.load_state_dict(state.lr_scheduler)
-        changed = apply_changed_options(config, self.optimizer, self.lr_scheduler)
+        changed = self.stepper.load_state_dict(state.optimizer, state.lr_scheduler, state.scaler)
         if changed:
             log.info("Resuming with changed options (used from here on): %s", "; ".join(changed))
-        if self.scaler is not None and state.scaler:
-            self.scaler.load_state_dict(state.scaler)
         if self.ema is not None:
             if state.ema is None:
                 raise DreamboothError("ema is on but the saved training state has no EMA weights; turn ema off "
@@ -367,21 +367,29 @@ class _Loop:
         self._setup_modules()
         self._setup_data()
         step = self._setup_optimization(state)
-        started, start_step, smoothed = time.perf_counter(), step, None
+        try:
+            return self._train_from(step)
+        finally:
+            self.stepper.close()
+
+    def _train_from(self, step: int) -> RunResult:
+        started, start_step, self.smoothed = time.perf_counter(), step, None
+        pending: list[tuple[int, torch.Tensor]] = []
         te_stop = (math.ceil(self.config.stop_text_encoder * self.total_steps)
                    if self.config.train_text_encoder else 0)
         while step < self.total_steps:
             if self.run.cancelled:
+                self._read_losses(pending)
                 return self._cancel(step)
             train_text = step < te_stop
             for text_encoder in self.bundle.text_encoders if not train_text else ():
                 if text_encoder.training:  # its training stopped: no dropout, no checkpointed frozen pass
                     text_encoder.eval()
-            loss = self._optimizer_step(step, train_text=train_text)
+            pending.append((step + 1, self._optimizer_step(step, train_text=train_text)))
             step += 1
-            smoothed = loss if smoothed is None else 0.9 * smoothed + 0.1 * loss
-            self.result.losses.append((step, loss))
-            self._report(step, smoothed, started, start_step)
+            if step == start_step + 1 or step % LOSS_READ_EVERY == 0 or step == self.total_steps:
+                self._read_losses(pending)
+            self._report(step, self.smoothed, started, start_step)
             if step < self.total_steps:
                 self._periodic(step)
         self._sample(step)
@@ -394,29 +402,26 @@ class _Loop:
                                 message="Training finished"))
         return self.result
 
-    def _optimizer_step(self, step: int, *, train_text: bool) -> float:
+    def _read_losses(self, pending: list[tuple[int, torch.Tensor]]) -> None:
+        """Bring the steps' losses to the host (one wait for the device for all of them) and record them."""
+        if not pending:
+            return
+        values = torch.stack([loss for _, loss in pending]).float().cpu().tolist()
+        for (step, _), value in zip(pending, values, strict=True):
+            self.smoothed = value if self.smoothed is None else 0.9 * self.smoothed + 0.1 * value
+            self.result.losses.append((step, value))
+        pending.clear()
+
+    def _optimizer_step(self, step: int, *, train_text: bool) -> torch.Tensor:
+        """One optimizer step; its loss stays on the device (reading it would wait for the device every step)."""
         accumulation = self.config.gradient_accumulation_steps
-        total = 0.0
+        total = None
         for k in range(accumulation):
             micro = step * accumulation + k
             loss = self._micro_batch_loss(micro, train_text=train_text) / accumulation
-            if self.scaler is not None:
-                self.scaler.scale(loss).backward()
-            else:
-                loss.backward()
-            total += loss.item()
-        if self.scaler is not None:
-            self.scaler.unscale_(self.optimizer)
-        if self.config.max_grad_norm > 0:
-            params = [p for group in self.optimizer.param_groups for p in group["params"]]
-            torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
-        if self.scaler is not None:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
-        self.lr_scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+            self.stepper.backward(loss, last=k == accumulation - 1)
+            total = loss.detach() if total is None else total + loss.detach()
+        self.stepper.step()
         if self.ema is not None:
             self.ema.update(self.bundle.unet)
         return total
@@ -477,7 +482,7 @@ class _Loop:
         elapsed = time.perf_counter() - started
         rate = (step - start_step) / elapsed if elapsed > 0 else None
         eta = (self.total_steps - step) / rate if rate else None
-        lr = self.lr_scheduler.get_last_lr()[0]
+        lr = self.stepper.learning_rate
         self.run._emit(Progress("training", step=step, total_steps=self.total_steps, loss=loss, lr=lr,
                                 it_per_s=rate, eta_s=eta))
 
@@ -499,11 +504,11 @@ class _Loop:
 
     def _save_state(self, step: int) -> None:
         self.run._emit(Progress("saving", step=step, total_steps=self.total_steps, message="Saving training state"))
+        optimizer, lr_scheduler, scaler = self.stepper.state_dict()
         state = TrainingState(
             step=step, weights=trainable_weights(self.trained),
             ema={k: v.cpu() for k, v in self.ema.state_dict().items()} if self.ema else None,
-            optimizer=self.optimizer.state_dict(), lr_scheduler=self.lr_scheduler.state_dict(),
-            scaler=self.scaler.state_dict() if self.scaler else None,
+            optimizer=optimizer, lr_scheduler=lr_scheduler, scaler=scaler,
             meta={"project": self.config.project_name, "total_steps": self.total_steps,
                   "config": to_dict(self.config)})
         folder = self.work_dir / "state"

@@ -40,6 +40,8 @@ from .guard import output_error, write_errors
 
 log = logging.getLogger(__name__)
 
+COMPILE_BACKEND = "inductor"  # torch.compile's default backend (the tests use a quicker one)
+
 
 @dataclass
 class Saving:
@@ -61,6 +63,18 @@ class Saved:
     loras: list[Path] = field(default_factory=list)  # LoRA files, for the Lora list
 
 
+def compile_unet(unet: nn.Module, config: Config) -> None:
+    """torch.compile the UNet in place (its weights keep their names, so states and exports are unchanged)."""
+    if config.compile_unet:
+        log.info("Compiling the UNet (%s): the first steps wait for it", COMPILE_BACKEND)
+        unet.compile(backend=COMPILE_BACKEND)
+
+
+def weights_dtype(config: Config) -> torch.dtype:
+    """The dtype the trained weights are kept in (bf16 ones are updated with stochastic rounding)."""
+    return torch.bfloat16 if config.weights_dtype == "bf16" else torch.float32
+
+
 def _text_key(index: int) -> str:
     # State keys: text_encoder.<name> for the first encoder, text_encoder_2.<name> for the second ...
     return "text_encoder" + (f"_{index + 1}" if index else "")
@@ -73,13 +87,15 @@ class FullFineTune:
 
     def prepare(self, bundle: ModelBundle, config: Config, device: torch.device,
                 precision: Precision) -> dict[str, nn.Module]:
-        bundle.unet.to(device, torch.float32).requires_grad_(True).train()
+        dtype = weights_dtype(config)
+        bundle.unet.to(device, dtype).requires_grad_(True).train()
         if config.gradient_checkpointing:
             bundle.unet.enable_gradient_checkpointing()
+        compile_unet(bundle.unet, config)
         trained: dict[str, nn.Module] = {"unet": bundle.unet}
         for index, text_encoder in enumerate(bundle.text_encoders):
             if config.train_text_encoder:
-                text_encoder.to(device, torch.float32).requires_grad_(True).train()
+                text_encoder.to(device, dtype).requires_grad_(True).train()
                 if config.gradient_checkpointing:
                     text_encoder.gradient_checkpointing_enable()
                 trained[_text_key(index)] = text_encoder
@@ -122,13 +138,14 @@ class LoRATraining:
         with torch.random.fork_rng(devices=[]):  # the same seed gives the same starting adapters
             torch.manual_seed(derive_seed(config.seed, "lora"))
             trained = {"unet": self._adapt(bundle.unet, unet_targets(bundle.unet, config.lora_conv_rank > 0),
-                                           settings, device, precision, config.gradient_checkpointing)}
+                                           settings, device, precision, config)}
             for index, text_encoder in enumerate(bundle.text_encoders):
                 if config.train_text_encoder:
                     trained[_text_key(index)] = self._adapt(text_encoder, text_targets(text_encoder), settings,
-                                                            device, precision, config.gradient_checkpointing)
+                                                            device, precision, config)
                 else:
                     text_encoder.requires_grad_(False).eval()
+        compile_unet(bundle.unet, config)
         count = sum(len(adapters(module)) for module in trained.values())
         size = sum(p.numel() for module in trained.values() for p in module.parameters() if p.requires_grad)
         log.info("LoRA: %d adapters of rank %d (%.1f M weights) on the frozen %s", count, rank, size / 1e6,
@@ -137,15 +154,15 @@ class LoRATraining:
 
     @staticmethod
     def _adapt(module: nn.Module, names: list[str], settings: LoRASettings, device: torch.device,
-               precision: Precision, checkpointing: bool) -> nn.Module:
+               precision: Precision, config: Config) -> nn.Module:
         module.to(device, precision.frozen_dtype)
         add_adapters(module, names, settings)
         for layer in adapters(module).values():
-            layer.down.to(device)
-            layer.up.to(device)
+            layer.down.to(device, weights_dtype(config))
+            layer.up.to(device, weights_dtype(config))
         freeze_base(module)
         module.train()
-        if checkpointing:
+        if config.gradient_checkpointing:
             enable = getattr(module, "enable_gradient_checkpointing", None) or module.gradient_checkpointing_enable
             enable()
         return module

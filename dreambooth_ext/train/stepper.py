@@ -1,0 +1,167 @@
+"""From micro-batch losses to optimizer steps: loss scaling, gradient accumulation, clipping, the optimizer and
+its learning-rate schedule, and the memory-saving ways of stepping. The engine's precision and accumulation code
+lives here and nowhere else, so that `accelerate` can take it over.
+
+- The plain way: backward on every micro-batch, then unscale, clip, step, schedule, zero the gradients.
+- Fused backward (`fused_backward`): each weight is updated by its own optimizer the moment its gradient is
+  complete (a post-accumulate-grad hook), and its gradient is freed at once, so no full set of gradients ever
+  exists. Clipping needs all gradients together and fp16 loss scaling needs to see them all before any step, so
+  neither goes with it (bf16 or fp32 do).
+- bf16 weights (`weights_dtype = bf16`): the trained weights are stored in bf16 (half the memory of fp32) and
+  every update is computed in fp32 and rounded to bf16 stochastically (up or down with the probability of its
+  distance), so small updates are not all rounded away: unbiased on average.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..config import Config
+from .devices import Precision
+from .optim import apply_changed_options, make_lr_scheduler, make_optimizer
+
+
+def stochastic_round_to_bf16(values: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """fp32 -> bf16, rounding each value up or down with probability proportional to its distance (random low
+    bits added, then truncated: bf16 is the top half of an fp32)."""
+    bits = values.detach().float().contiguous().view(torch.int32)
+    noise = torch.randint(0, 1 << 16, bits.shape, dtype=torch.int32, device=bits.device, generator=generator)
+    rounded = (bits + noise) & -65536  # clears the low 16 bits: exactly representable in bf16
+    return rounded.view(torch.float32).to(torch.bfloat16)
+
+
+class _Masters:
+    """fp32 working copies of bf16 weights for the duration of an optimizer step, rounded back stochastically."""
+
+    def __init__(self, params: list[torch.nn.Parameter]):
+        self.kept = []
+        for param in params:
+            if param.dtype == torch.bfloat16 and param.grad is not None:
+                self.kept.append((param, param.data))
+                param.data = param.data.float()
+                param.grad = param.grad.float()
+
+    def round_back(self) -> None:
+        for param, storage in self.kept:
+            storage.copy_(stochastic_round_to_bf16(param.data))
+            param.data = storage
+            param.grad = None
+
+
+class Stepper:
+    """Optimizer steps for the trained weights in `groups` (the optimizer's parameter groups)."""
+
+    def __init__(self, config: Config, groups: list[dict], device: torch.device, precision: Precision,
+                 total_steps: int):
+        self.config = config
+        self.params = [p for group in groups for p in group["params"]]
+        self.scaler = torch.amp.GradScaler("cuda") if precision.use_grad_scaler else None
+        self.fused = config.fused_backward
+        if self.fused:
+            # One optimizer per weight, stepped from its hook; the schedule runs on an optimizer of the same kind
+            # holding only placeholders, and its learning rates are handed to the weights' optimizers.
+            self._per_param = []
+            placeholders = []
+            for group in groups:
+                settings = {k: v for k, v in group.items() if k != "params"}
+                placeholders.append({**settings, "params": [torch.zeros(1, requires_grad=True)]})
+                for param in group["params"]:
+                    self._per_param.append(make_optimizer(config, [{**settings, "params": [param]}], device))
+            self.optimizer = make_optimizer(config, placeholders, device)
+            self._group_of = [i for i, group in enumerate(groups) for _ in group["params"]]
+            self._stepping = False
+            self._hooks = [param.register_post_accumulate_grad_hook(self._hook(i))
+                           for i, param in enumerate(self.params)]
+        else:
+            self.optimizer = make_optimizer(config, groups, device)
+        self.lr_scheduler = make_lr_scheduler(config, self.optimizer, total_steps)
+        self._sync_learning_rates()
+
+    # -- the step -----------------------------------------------------------------------------------------
+
+    def backward(self, loss: torch.Tensor, *, last: bool) -> None:
+        """Backward of one micro-batch's loss (already divided by the accumulation steps); `last`: the step's
+        final micro-batch, after which a fused backward updates the weights."""
+        if self.fused:
+            self._stepping = last
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+        else:
+            loss.backward()
+
+    def step(self) -> None:
+        """The optimizer step after the last micro-batch (done already, weight by weight, with fused backward)."""
+        if not self.fused:
+            if self.scaler is not None:
+                self.scaler.unscale_(self.optimizer)
+            if self.config.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
+            masters = _Masters(self.params)
+            if self.scaler is not None:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                self.optimizer.step()
+            masters.round_back()
+            self.optimizer.zero_grad(set_to_none=True)
+        else:
+            self.optimizer.step()  # the schedule's placeholders: nothing to update, but the schedule may advance
+        self.lr_scheduler.step()
+        self._sync_learning_rates()
+
+    def _hook(self, index: int):
+        def step_this_weight(param: torch.Tensor) -> None:
+            if not self._stepping:
+                return  # an earlier micro-batch: keep accumulating
+            optimizer = self._per_param[index]
+            masters = _Masters([param])
+            optimizer.step()
+            masters.round_back()
+            param.grad = None  # freed now, not at the end of the backward pass
+        return step_this_weight
+
+    def _sync_learning_rates(self) -> None:
+        if self.fused:
+            rates = [group["lr"] for group in self.optimizer.param_groups]
+            for optimizer, group in zip(self._per_param, self._group_of, strict=True):
+                optimizer.param_groups[0]["lr"] = rates[group]
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr_scheduler.get_last_lr()[0]
+
+    # -- resume ---------------------------------------------------------------------------------------------
+
+    def state_dict(self) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any] | None]:
+        """(optimizer, schedule, loss scaler) states."""
+        optimizer = self.optimizer.state_dict()
+        if self.fused:
+            optimizer = {"schedule": optimizer, "weights": [o.state_dict() for o in self._per_param]}
+        return optimizer, self.lr_scheduler.state_dict(), self.scaler.state_dict() if self.scaler else None
+
+    def load_state_dict(self, optimizer: dict, lr_scheduler: dict, scaler: dict | None) -> list[str]:
+        """Restore a saved state; returns the options that changed since (the new ones are used from here on)."""
+        if self.fused:
+            if "weights" not in optimizer or len(optimizer["weights"]) != len(self._per_param):
+                raise ValueError("the saved optimizer state was not made with fused_backward")
+            self.optimizer.load_state_dict(optimizer["schedule"])
+            for own, saved in zip(self._per_param, optimizer["weights"], strict=True):
+                own.load_state_dict(saved)
+        else:
+            self.optimizer.load_state_dict(optimizer)
+        self.lr_scheduler.load_state_dict(lr_scheduler)
+        changed = apply_changed_options(self.config, self.optimizer, self.lr_scheduler)
+        if self.fused:
+            for own, group in zip(self._per_param, self._group_of, strict=True):
+                settings = self.optimizer.param_groups[group]
+                own.param_groups[0].update({k: v for k, v in settings.items() if k not in ("params", "lr")})
+        self._sync_learning_rates()
+        if self.scaler is not None and scaler:
+            self.scaler.load_state_dict(scaler)
+        return changed
+
+    def close(self) -> None:
+        for hook in getattr(self, "_hooks", ()):
+            hook.remove()

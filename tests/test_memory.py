@@ -1,0 +1,128 @@
+"""The memory options change what they should and nothing else: a fused backward pass takes the same steps as the
+plain one, Adafactor and bf16 weights train, stochastic rounding is unbiased, resume works with each."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from ui_helpers import run_until_cancelled
+
+from dreambooth_ext.config import ConfigError, from_dict, validate
+from dreambooth_ext.hosts.files import FolderHost
+from dreambooth_ext.models.checkpoint import read_checkpoint
+from dreambooth_ext.models.tiny import save_tiny_checkpoint
+from dreambooth_ext.train.run import TrainingRun
+from dreambooth_ext.train.stepper import stochastic_round_to_bf16
+
+UNET = "model.diffusion_model."
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> Path:
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("base") / "tiny.safetensors", "sd1", seed=3)
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("photos")
+    for i in range(3):
+        image = Image.new("RGB", (64, 64), (60 * i, 120, 200 - 50 * i))
+        image.paste((250, 250, 0), (8 + 6 * i, 12, 40, 44))
+        image.save(folder / f"img{i}.png")
+    return folder
+
+
+def config(base: Path, photos: Path, **overrides):
+    data = {"project_name": "mem", "base_model": str(base), "max_train_steps": 3, "learning_rate": 1e-3,
+            "text_encoder_lr": 1e-3, "seed": 9, "prior_preservation": False, "save_precision": "fp32",
+            "max_grad_norm": 0.0, "gradient_checkpointing": False,
+            "concepts": [{"instance_dir": str(photos), "token": "zwx", "class_word": "toy"}]}
+    data.update(overrides)
+    return from_dict(data)
+
+
+def trained(cfg, root: Path) -> dict[str, torch.Tensor]:
+    result = TrainingRun(cfg, FolderHost(root)).run()
+    return read_checkpoint((result.checkpoints or result.loras)[-1])
+
+
+def difference(a: dict, b: dict) -> float:
+    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "adafactor"])
+def test_a_fused_backward_takes_the_same_steps(base, photos, tmp_path, optimizer):
+    options = {"optimizer": optimizer, "train_text_encoder": True, "lr_scheduler": "linear", "lr_warmup_steps": 1}
+    plain = trained(config(base, photos, **options), tmp_path / "plain")
+    fused = trained(config(base, photos, fused_backward=True, **options), tmp_path / "fused")
+    assert difference(plain, read_checkpoint(base)) > 1e-4  # it trained
+    assert difference(fused, plain) < 1e-5
+
+
+def test_a_fused_backward_with_gradient_accumulation_steps_once_per_step(base, photos, tmp_path):
+    options = {"gradient_accumulation_steps": 2, "max_train_steps": 2}
+    plain = trained(config(base, photos, **options), tmp_path / "plain")
+    fused = trained(config(base, photos, fused_backward=True, **options), tmp_path / "fused")
+    assert difference(fused, plain) < 1e-5
+
+
+def test_a_fused_lora_run_resumes_exactly(base, photos, tmp_path):
+    cfg = config(base, photos, train_mode="lora", lora_rank=4, fused_backward=True, max_train_steps=4,
+                 lora_learning_rate=1e-2, optimizer="adafactor")
+    straight = trained(cfg, tmp_path / "straight")
+    host = FolderHost(tmp_path / "stopped")
+    assert run_until_cancelled(cfg, host, 2).status == "cancelled"
+    resumed = read_checkpoint(TrainingRun(cfg, host, resume=True).run().loras[-1])
+    assert difference(resumed, straight) < 1e-6
+
+
+def test_stochastic_rounding_is_unbiased_on_average():
+    low = torch.tensor(1.0, dtype=torch.bfloat16)
+    step = float(torch.nextafter(low, torch.tensor(2.0, dtype=torch.bfloat16))) - 1.0  # the bf16 spacing at 1
+    values = torch.full((200_000,), 1.0 + 0.3 * step)  # 30 % of the way to the next bf16 number
+    rounded = stochastic_round_to_bf16(values, torch.Generator().manual_seed(0)).float()
+    assert set(rounded.unique().tolist()) == {1.0, 1.0 + step}  # always one of the two neighbours
+    assert abs(float((rounded == 1.0 + step).float().mean()) - 0.3) < 0.01
+    assert abs(float(rounded.mean()) - float(values.mean())) < 0.01 * step
+    assert float(values.to(torch.bfloat16).float().mean()) == 1.0  # round-to-nearest loses the update entirely
+    exact = torch.tensor([0.5, -2.0, 3.0])  # representable values stay as they are
+    assert torch.equal(stochastic_round_to_bf16(exact).float(), exact)
+
+
+def test_bf16_weights_train_and_are_saved(base, photos, tmp_path):
+    cfg = config(base, photos, weights_dtype="bf16", mixed_precision="bf16", fused_backward=True,
+                 learning_rate=1e-4)
+    weights = trained(cfg, tmp_path)
+    start = read_checkpoint(base)
+    moved = [k for k in start if k.startswith(UNET) and not torch.equal(weights[k], start[k].bfloat16().float())]
+    assert len(moved) > 50  # updates of 1e-4 survive bf16 storage: rounded stochastically, not to nearest
+    assert all(torch.isfinite(v).all() for v in weights.values())
+
+
+def test_memory_options_that_cannot_work_together_are_refused(base, photos):
+    with pytest.raises(ConfigError) as info:
+        validate(config(base, photos, fused_backward=True, max_grad_norm=1.0, mixed_precision="fp16",
+                        weights_dtype="bf16"))
+    text = str(info.value)
+    assert "set max_grad_norm to 0" in text and "use mixed_precision bf16" in text
+    assert "weights_dtype = bf16 with mixed_precision = fp16" in text
+
+
+def test_a_compiled_unet_trains_like_the_plain_one(base, photos, tmp_path, monkeypatch):
+    from dreambooth_ext.train import trained as kinds
+
+    monkeypatch.setattr(kinds, "COMPILE_BACKEND", "aot_eager")  # the same graph capture, without a C++ build
+    class Keeping(FolderHost):
+        def load_base(self, cfg):
+            self.bundle = super().load_base(cfg)
+            return self.bundle
+
+    plain = trained(config(base, photos, max_train_steps=2), tmp_path / "plain")
+    host = Keeping(tmp_path / "compiled")
+    result = TrainingRun(config(base, photos, max_train_steps=2, compile_unet=True), host).run()
+    assert host.bundle.unet._compiled_call_impl is not None  # it ran compiled
+    compiled = read_checkpoint(result.checkpoints[-1])
+    assert difference(compiled, plain) < 1e-5 and difference(plain, read_checkpoint(base)) > 1e-4
