@@ -373,7 +373,7 @@ def bundle_from_live_model(model: Any, config: Config) -> ModelBundle:
     state_dict = {**live_state_dict(model), **markers}
     vae_state_dict = read_vae(config.vae) if config.vae else None
     metadata = getattr(model.sd_checkpoint_info, "metadata", None) or {}
-    return load_bundle(state_dict, vae_state_dict=vae_state_dict,
+    return load_bundle(state_dict, vae_state_dict=vae_state_dict, owned=True,
                        prediction_type=_prediction_type(config, model, markers),
                        source=_source_info(model, config), yaml_text=_used_config_text(model),
                        metadata={k: v for k, v in metadata.items() if isinstance(v, str)})

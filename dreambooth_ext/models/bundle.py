@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,9 @@ from .checkpoint import (
     read_checkpoint_shapes,
     read_safetensors_metadata,
     read_vae,
-    short_hash,
+)
+from .checkpoint import (
+    short_hash as hash_prefix,
 )
 from .convert import VAE_PREFIX, unet_config_from_ldm, unet_from_ldm, vae_config_from_ldm, vae_from_ldm
 from .family import Conditioning, Family, detect_family, normalize_keys
@@ -31,15 +34,36 @@ PREDICTION_TYPES = ("epsilon", "v_prediction")
 V_PROBE_THRESHOLD = -1.0
 
 
-@dataclass
 class SourceInfo:
-    """Where the base model came from, as the WebUI names it."""
+    """Where the base model came from, as the WebUI names it. The file's hash may still be being computed (off
+    the training's critical path): reading `sha256` waits for it."""
 
-    name: str
-    path: str = ""
-    sha256: str = ""
-    short_hash: str = ""
-    vae_name: str = ""
+    def __init__(self, name: str, path: str = "", sha256: str = "", short_hash: str = "", vae_name: str = "",
+                 hashing: Future[str] | None = None):
+        self.name, self.path, self.vae_name = name, path, vae_name
+        self._sha256, self._short_hash, self._hashing = sha256, short_hash, hashing
+
+    @property
+    def sha256(self) -> str:
+        if self._hashing is not None:
+            self._sha256, self._hashing = self._hashing.result(), None
+            self._short_hash = self._short_hash or hash_prefix(self._sha256)
+        return self._sha256
+
+    @property
+    def short_hash(self) -> str:
+        return self._short_hash or (hash_prefix(self.sha256) if self.sha256 else "")
+
+    def __repr__(self) -> str:
+        return f"SourceInfo({self.name!r}, path={self.path!r})"
+
+
+def _hash_in_background(path: Path) -> Future[str]:
+    """The file's sha256, computed by a thread of its own while the model loads and trains."""
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dreambooth-hash")
+    future = pool.submit(file_sha256, path)
+    pool.shutdown(wait=False)
+    return future
 
 
 @dataclass
@@ -218,9 +242,16 @@ def schedule_betas(base: dict[str, torch.Tensor]) -> torch.Tensor | None:
 
 def load_bundle(state_dict: dict[str, torch.Tensor], *, vae_state_dict: dict[str, torch.Tensor] | None = None,
                 prediction_type: str = "auto", source: SourceInfo | None = None, yaml_text: str | None = None,
-                metadata: dict[str, str] | None = None) -> ModelBundle:
-    """Split a WebUI-layout state dict (a file's or the live model's) into fp32 CPU modules."""
+                metadata: dict[str, str] | None = None, owned: bool = False) -> ModelBundle:
+    """Split a WebUI-layout state dict (a file's or the live model's) into fp32 CPU modules.
+
+    The modules take the dict's fp32 tensors as their weights without copying them, so `bundle.base` and the
+    modules share memory (a trained module changes its part of `base`; exports take trained parts from the
+    modules). `owned`: the dict is the caller's to give away (read from a file, copied from the host); otherwise
+    its tensors are copied first and the caller's stay untouched."""
     base = {k: v for k, v in normalize_keys(state_dict).items() if isinstance(v, torch.Tensor)}
+    if not owned:
+        base = {k: v.clone() for k, v in base.items()}
     family = detect_family(base)
     if vae_state_dict is not None:
         base = _apply_vae(base, vae_state_dict, family)
@@ -253,14 +284,15 @@ def load_bundle_from_file(path: str | os.PathLike, *, vae_path: str | os.PathLik
                           prediction_type: str = "auto") -> ModelBundle:
     """Read a checkpoint (and optional VAE) file, with its hash and the `<name>.yaml` beside it if any."""
     path = Path(path)
+    hashing = _hash_in_background(path)
     state_dict = read_checkpoint(path)
-    sha = file_sha256(path)
     yaml_path = path.with_suffix(".yaml")
     yaml_text = yaml_path.read_text(encoding="utf-8", errors="replace") if yaml_path.is_file() else None
     vae_state_dict = read_vae(vae_path) if vae_path else None
-    source = SourceInfo(name=path.name, path=str(path), sha256=sha, short_hash=short_hash(sha),
+    source = SourceInfo(name=path.name, path=str(path), hashing=hashing,
                         vae_name=Path(vae_path).name if vae_path else "")
     return load_bundle(state_dict, vae_state_dict=vae_state_dict, prediction_type=prediction_type, source=source,
+                       owned=True,
                        yaml_text=yaml_text, metadata=read_safetensors_metadata(path))
 
 

@@ -227,9 +227,17 @@ def open_clip_config_from_ldm(sd: dict[str, torch.Tensor], prefix: str, skip_las
 # ldm -> modules
 
 
+def _empty(cls: Any, *args: Any, **kwargs: Any) -> Any:
+    """A module built on the meta device: no memory, no random initialisation (its weights come next)."""
+    with torch.device("meta"):
+        return cls(*args, **kwargs)
+
+
 def _load_exact(module: torch.nn.Module, state_dict: dict[str, torch.Tensor], what: str,
                 optional: tuple[str, ...] = ()) -> None:
-    """load_state_dict that refuses missing/unexpected weights; `optional` keys may be absent on either side."""
+    """Give a module built by `_empty` the checkpoint's tensors as its fp32 weights: they are taken as they are
+    (no copy) where they are fp32 already. Missing and unexpected weights are refused; `optional` keys may be
+    absent on either side (a buffer left out is made the way the module makes it)."""
     own = module.state_dict().keys()
     state_dict = {k: v for k, v in state_dict.items() if k not in optional}
     none = [k for k, v in state_dict.items() if v is None]
@@ -239,11 +247,27 @@ def _load_exact(module: torch.nn.Module, state_dict: dict[str, torch.Tensor], wh
         raise DreamboothError(f"The checkpoint's {what} does not match the layout read from it (missing: "
                               f"{(missing + none)[:5]}, unexpected: {unexpected[:5]}); the file may be damaged or an "
                               "unsupported variant: pick a standard SD 1.x, 2.x or SDXL checkpoint")
+    state_dict = {k: (v.float() if v.is_floating_point() else v) for k, v in state_dict.items()}
     try:
-        module.load_state_dict(state_dict, strict=False)
+        module.load_state_dict(state_dict, strict=False, assign=True)
     except RuntimeError as exc:  # size mismatches
         raise DreamboothError(f"The checkpoint's {what} weights have unexpected shapes ({exc}); pick a standard "
                               "SD 1.x, 2.x or SDXL checkpoint") from exc
+    _materialize_left_out(module)
+
+
+def _materialize_left_out(module: torch.nn.Module) -> None:
+    """Buffers the checkpoint did not give (a text encoder's position_ids) are made as the module makes them."""
+    for name, buffer in list(module.named_buffers()):
+        if not buffer.is_meta:
+            continue
+        if not name.endswith("position_ids"):
+            raise DreamboothError(f"The checkpoint gives no value for {name}; the file may be damaged or an "
+                                  "unsupported variant")
+        owner = module.get_submodule(name.rpartition(".")[0])
+        persistent = name.rpartition(".")[2] not in owner._non_persistent_buffers_set
+        owner.register_buffer("position_ids", torch.arange(buffer.shape[-1]).expand(buffer.shape).clone(),
+                              persistent=persistent)
 
 
 def unet_from_ldm(sd: dict[str, torch.Tensor], family: Family) -> Any:
@@ -251,7 +275,7 @@ def unet_from_ldm(sd: dict[str, torch.Tensor], family: Family) -> Any:
     from diffusers import UNet2DConditionModel
 
     config = unet_config_from_ldm(sd, family)
-    unet = UNet2DConditionModel(**config)
+    unet = _empty(UNet2DConditionModel, **config)
     _load_exact(unet, _helpers().convert_ldm_unet_checkpoint(sd, config), "UNet")
     return unet.float().eval()
 
@@ -261,7 +285,7 @@ def vae_from_ldm(sd: dict[str, torch.Tensor], family: Family) -> Any:
     from diffusers import AutoencoderKL
 
     config = vae_config_from_ldm(sd, family)
-    vae = AutoencoderKL(**config)
+    vae = _empty(AutoencoderKL, **config)
     # The helper wants the prefix; passing only the VAE's keys keeps it from scanning the whole checkpoint.
     only_vae = {k: v for k, v in sd.items() if k.startswith(VAE_PREFIX)}
     _load_exact(vae, _helpers().convert_ldm_vae_checkpoint(only_vae, config), "VAE")
@@ -272,7 +296,7 @@ def clip_from_ldm(sd: dict[str, torch.Tensor], prefix: str, hidden_act: str) -> 
     """A text encoder stored in Hugging Face's layout under `prefix`, as a fp32 CPU CLIPTextModel."""
     from transformers import CLIPTextModel
 
-    model = CLIPTextModel(clip_config_from_ldm(sd, prefix, hidden_act))
+    model = _empty(CLIPTextModel, clip_config_from_ldm(sd, prefix, hidden_act))
     converted = _sub(sd, prefix)  # the layout is Hugging Face's own: only the prefix goes
     # position_ids is a buffer (persistent in some transformers versions, not in others) and some old SD1 files
     # hold a damaged float copy of it: the model's own fresh arange is always the right value.
@@ -292,7 +316,7 @@ def open_clip_from_ldm(sd: dict[str, torch.Tensor], prefix: str, *, skip_last_la
     if projection:
         config.projection_dim = int(_need(sd, prefix + "text_projection", "text encoder").shape[1])
         used[prefix + "text_projection"] = sd[prefix + "text_projection"]
-    model = (CLIPTextModelWithProjection if projection else CLIPTextModel)(config)
+    model = _empty(CLIPTextModelWithProjection if projection else CLIPTextModel, config)
     converted = _helpers().convert_open_clip_checkpoint(model, used, prefix=prefix)
     _load_exact(model, converted, "text encoder", optional=(_POSITION_IDS,))
     return model.float().eval()
