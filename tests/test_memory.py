@@ -126,3 +126,43 @@ def test_a_compiled_unet_trains_like_the_plain_one(base, photos, tmp_path, monke
     assert host.bundle.unet._compiled_call_impl is not None  # it ran compiled
     compiled = read_checkpoint(result.checkpoints[-1])
     assert difference(compiled, plain) < 1e-5 and difference(plain, read_checkpoint(base)) > 1e-4
+
+
+def test_progress_shows_the_memory_in_use(base, photos, tmp_path):
+    from dreambooth_ext.hosts.webui import describe_progress
+    from dreambooth_ext.ui import render
+    from dreambooth_ext.ui.jobs import JobStatus
+
+    seen = []
+    TrainingRun(config(base, photos, max_train_steps=2), FolderHost(tmp_path), on_progress=seen.append).run()
+    steps = [p for p in seen if p.phase == "training"]
+    assert steps and all(p.memory_gib > 0.05 and p.memory_kind == "RAM" for p in steps)  # a CPU run: its RAM
+    status = JobStatus(project="mem", state="running")
+    status.apply(steps[-1])
+    shown = render.status_html(status.to_dict())
+    assert f"{steps[-1].memory_gib:.1f} GiB RAM" in shown and "it/s" in shown
+    assert "GiB RAM" in describe_progress(steps[-1])  # the host's progress bar too
+
+
+def test_the_lowest_memory_preset_is_a_valid_config_that_sets_each_lever(base, photos):
+    from dreambooth_ext.config import LOWEST_MEMORY, OPTIONS_BY_NAME, to_dict
+
+    cfg = validate(config(base, photos, **LOWEST_MEMORY))  # the options it sets work together
+    assert cfg.fused_backward and cfg.weights_dtype == "bf16" and cfg.optimizer == "adafactor"
+    assert all(name in OPTIONS_BY_NAME for name in LOWEST_MEMORY)
+    assert {k: to_dict(cfg)[k] for k in LOWEST_MEMORY} == LOWEST_MEMORY
+
+
+def test_the_tab_sets_the_lowest_memory_preset(tmp_path):
+    from ui_helpers import make_models_dir
+
+    from dreambooth_ext.config import LOWEST_MEMORY
+    from dreambooth_ext.ui import JobManager, folder_adapter
+    from dreambooth_ext.ui.tab import build_tab
+
+    tab = build_tab(folder_adapter(make_models_dir(tmp_path), tmp_path / "work"), JobManager(), concept_slots=1)
+    updates = tab.lowest_memory()
+    assert [u["value"] for u in updates] == list(LOWEST_MEMORY.values())
+    wired = [d for d in tab.blocks.config["dependencies"] if tab.lowest_memory_button._id in
+             [t[0] if isinstance(t, (list, tuple)) else t for t in d.get("targets", [])]]
+    assert wired and wired[0]["outputs"] == [tab.widgets[name]._id for name in LOWEST_MEMORY]

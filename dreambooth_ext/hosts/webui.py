@@ -562,4 +562,6 @@ def describe_progress(progress: Any) -> str:
         parts.append(f"loss {progress.loss:.4f}")
     if progress.it_per_s:
         parts.append(f"{progress.it_per_s:.2f} it/s")
+    if getattr(progress, "memory_gib", None):
+        parts.append(f"{progress.memory_gib:.1f} GiB {progress.memory_kind}".rstrip())
     return ", ".join(parts)

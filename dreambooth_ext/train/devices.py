@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 from dataclasses import dataclass
 
 import torch
@@ -88,3 +89,15 @@ def require_8bit_adam(device: torch.device) -> None:
 def free_memory(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+def memory_in_use(device: torch.device) -> tuple[float, str]:
+    """(GiB, what): the GPU memory the run's tensors hold on a CUDA device, else the process's resident memory."""
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device) / 1024 ** 3, "GPU"
+    try:
+        with open("/proc/self/statm") as statm:
+            pages = int(statm.read().split()[1])
+        return pages * os.sysconf("SC_PAGE_SIZE") / 1024 ** 3, "RAM"
+    except (OSError, ValueError, IndexError):
+        return 0.0, ""

@@ -28,7 +28,7 @@ from ..models.export import (
     remove_partial_files,
 )
 from .batches import Feeder, LatentCache, Samples, TextConditioning, derive_seed, generator_for
-from .devices import Precision, free_memory, require_8bit_adam, resolve_device, resolve_precision
+from .devices import Precision, free_memory, memory_in_use, require_8bit_adam, resolve_device, resolve_precision
 from .ema import EMA
 from .guard import check_writable, output_error, project_lock, write_errors
 from .loss import dreambooth_loss, min_snr_weights, per_sample_mse, training_target
@@ -62,6 +62,8 @@ class Progress:
     lr: float | None = None
     it_per_s: float | None = None
     eta_s: float | None = None
+    memory_gib: float | None = None  # memory in use: the GPU's (memory_kind "GPU") or the process's ("RAM")
+    memory_kind: str = ""
     message: str = ""
     done: int = 0
     total: int = 0
@@ -483,8 +485,9 @@ class _Loop:
         rate = (step - start_step) / elapsed if elapsed > 0 else None
         eta = (self.total_steps - step) / rate if rate else None
         lr = self.stepper.learning_rate
+        memory, where = memory_in_use(self.device)
         self.run._emit(Progress("training", step=step, total_steps=self.total_steps, loss=loss, lr=lr,
-                                it_per_s=rate, eta_s=eta))
+                                it_per_s=rate, eta_s=eta, memory_gib=memory, memory_kind=where))
 
     def _periodic(self, step: int) -> None:
         config = self.config

@@ -57,6 +57,8 @@ class JobStatus:
     lr: float | None = None
     it_per_s: float | None = None
     eta_s: float | None = None
+    memory_gib: float | None = None
+    memory_kind: str = ""
     done: int = 0
     total: int = 0
     losses: list[tuple[int, float]] = field(default_factory=list)
@@ -89,6 +91,7 @@ class JobStatus:
         if progress.phase == "training":
             self.loss, self.lr = progress.loss, progress.lr
             self.it_per_s, self.eta_s = progress.it_per_s, progress.eta_s
+            self.memory_gib, self.memory_kind = progress.memory_gib, progress.memory_kind
             self.message = f"Training step {progress.step}/{progress.total_steps}"
             if progress.loss is not None:
                 self._add_loss(progress.step, progress.loss)

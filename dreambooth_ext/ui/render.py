@@ -71,6 +71,8 @@ def _numbers(status: dict[str, Any]) -> str:
         cells.append(f"lr {status['lr']:.2e}")
     if status.get("it_per_s"):
         cells.append(f"{status['it_per_s']:.2f} it/s")
+    if status.get("state") == "running" and status.get("memory_gib"):
+        cells.append(f"{status['memory_gib']:.1f} GiB {status.get('memory_kind', '')}".rstrip())
     if status.get("state") == "running" and status.get("eta_s") is not None:
         cells.append(f"ETA {_fmt_time(status['eta_s'])}")
     return f"<p class='dreambooth-numbers'>{html.escape(' · '.join(cells))}</p>" if cells else ""

@@ -90,6 +90,9 @@ class DreamboothTab:
                                 self._concept_slots()
                             self.widgets.update(option_grid(
                                 [o for o in self.options if o.group == group], "dreambooth_"))
+                            if group == "memory":
+                                self.lowest_memory_button = gr.Button(
+                                    "Lowest memory", elem_id="dreambooth_lowest_memory", size="sm")
                     self._ungrouped_options()
                 with gr.Column(scale=2):
                     self._run_panel()
@@ -168,6 +171,7 @@ class DreamboothTab:
         self.load_model_button.click(self.load_model, [], [self.project_message, self.selection_token])
         self.cancel_button.click(self.cancel, [self.seen], view + [self.status], **quiet)
         self.check_button.click(self.check_dataset, [self.checkpoint_pick] + form, [self.dataset_report])
+        self.lowest_memory_button.click(self.lowest_memory, [], [self.widgets[n] for n in schema.LOWEST_MEMORY])
         self.refresh_button.click(self.refresh, [self.seen], view + [self.status, self.model_html], **quiet)
         self.model_refresh.click(self.refresh_model, [], [self.model_html, self.checkpoint_pick])
         self.project_refresh.click(self.refresh_projects, [], [self.project_pick, self.existing_projects])
@@ -263,6 +267,10 @@ class DreamboothTab:
             "No training run is active."
         outputs[-1] = render.message_html(note) + outputs[-1]
         return outputs
+
+    def lowest_memory(self) -> list:
+        """The memory options set for the lowest peak memory (the rest of the form is left as it is)."""
+        return [update(value=value) for value in schema.LOWEST_MEMORY.values()]
 
     def check_dataset(self, pick: str | None, *values: Any) -> str:
         """The dataset check a run starts with, on the form as it is (no model is loaded)."""

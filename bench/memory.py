@@ -1,0 +1,157 @@
+"""Memory accounting of a full fine-tune on real model shapes, measured on the CPU, with the GPU figure it implies.
+
+For each combination of memory options, a run of a few steps on an SD1.5-shaped model (its real 860M-weight UNet,
+random weights) at 512 px, batch 1 + 1 class image, gradient checkpointing on, in a process of its own:
+  - trained weights, optimizer state: summed from the run's own tensors after its first step;
+  - transient: the process's resident-memory high-water mark during the later steps minus its memory at their
+    start (activations, gradients, temporaries);
+  - expected GPU peak = trained weights + optimizer state + transient + 0.5 GB (CUDA context). The VAE and text
+    encoder are not counted: with latents and captions cached they leave the GPU before training. Activations are
+    measured in fp32 where the run computes in fp32, so for a GPU run in fp16/bf16 the figure is an upper bound.
+8-bit AdamW runs only on CUDA; its row is the fp32 AdamW row with 2 bytes of state per weight instead of 8.
+
+    python bench/memory.py [--resolution 512] [--steps 3] [--sdxl]   (about 10 minutes on 2 CPU cores)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from speed import _peak_mib, _reset_peak  # noqa: E402
+
+GIB = 1024 ** 3
+CUDA_CONTEXT = 0.5 * GIB
+COMBINATIONS = {
+    "fp32 AdamW": {},
+    "Adafactor": {"optimizer": "adafactor"},
+    "Adafactor + fused backward": {"optimizer": "adafactor", "fused_backward": True, "max_grad_norm": 0.0},
+    "bf16 weights (stochastic rounding) + Adafactor + fused backward": {
+        "optimizer": "adafactor", "fused_backward": True, "max_grad_norm": 0.0, "weights_dtype": "bf16",
+        "mixed_precision": "bf16"},
+}
+GOALS_GIB = {"sd15": 8.0, "sdxl": 12.0}
+
+
+def _rss() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def run_one(args, overrides: dict) -> dict:
+    from dreambooth_ext.config import from_dict
+    from dreambooth_ext.hosts.files import FolderHost
+    from dreambooth_ext.train import run as engine
+
+    figures: dict = {}
+    loops = []
+    original_init = engine._Loop.__init__
+
+    def keep(self, *a, **k):  # the loop object, to read its optimizer and weights
+        original_init(self, *a, **k)
+        loops.append(self)
+
+    engine._Loop.__init__ = keep
+
+    def on_progress(progress) -> None:
+        if progress.phase == "training" and progress.step == 1:
+            loop = loops[-1]
+            trained = [p for m in loop.trained.values() for p in m.parameters() if p.requires_grad]
+            figures["weights"] = sum(p.numel() * p.element_size() for p in trained)
+            figures["weights_count"] = sum(p.numel() for p in trained)
+            figures["optimizer"] = _optimizer_bytes(loop.stepper)
+            figures["start"] = _rss()
+            _reset_peak()
+
+    data = {"project_name": "mem", "base_model": args.base, "resolution": args.resolution,
+            "max_train_steps": args.steps, "prior_preservation": True, "seed": 0, "sample_every_n_steps": 0,
+            "save_every_n_steps": 0,
+            "concepts": [{"instance_dir": args.images, "class_dir": args.classes, "token": "ohwx",
+                          "class_word": "toy", "num_class_images": 1, "generate_class_images": False}]}
+    data.update(overrides)
+    with tempfile.TemporaryDirectory() as out:
+        host = FolderHost(out)
+        host.publish = lambda path: None
+        started = time.perf_counter()
+        try:
+            engine.TrainingRun(from_dict(data), host, on_progress=on_progress).run()
+        finally:
+            figures["transient"] = _peak_mib() * 1024 ** 2 - figures.get("start", 0)
+            figures["seconds"] = time.perf_counter() - started
+    return figures
+
+
+def _optimizer_bytes(stepper) -> int:
+    optimizers = getattr(stepper, "_per_param", None) or [stepper.optimizer]
+    total = 0
+    for optimizer in optimizers:
+        for state in optimizer.state.values():
+            total += sum(v.numel() * v.element_size() for v in state.values() if isinstance(v, torch.Tensor))
+    return total
+
+
+def expected_gpu(figures: dict) -> float:
+    return figures["weights"] + figures["optimizer"] + max(0.0, figures["transient"]) + CUDA_CONTEXT
+
+
+def prepare(folder: Path, args) -> dict[str, str]:
+    from models import save_sd15
+    from PIL import Image
+
+    base = save_sd15(folder / "sd15.safetensors", shrink=1, dtype=torch.float16)
+    paths = {"base": str(base)}
+    for name, color in (("images", (200, 40, 40)), ("classes", (40, 120, 200))):
+        (folder / name).mkdir()
+        Image.new("RGB", (args.resolution, args.resolution), color).save(folder / name / "a.png")
+        paths[name] = str(folder / name)
+    return paths
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--resolution", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--run", help=argparse.SUPPRESS)
+    for name in ("--base", "--images", "--classes"):
+        parser.add_argument(name, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.run:
+        print(json.dumps(run_one(args, COMBINATIONS[args.run])))
+        return
+    rows = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = prepare(Path(tmp), args)
+        for name in COMBINATIONS:
+            command = [sys.executable, __file__, "--run", name, "--resolution", str(args.resolution),
+                       "--steps", str(args.steps), "--base", paths["base"], "--images", paths["images"],
+                       "--classes", paths["classes"]]
+            out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+            rows[name] = json.loads(out.strip().splitlines()[-1])
+            print(f"  {name}: {rows[name]}", file=sys.stderr)
+    adam = rows["fp32 AdamW"]
+    rows = {"fp32 AdamW": adam, "8-bit AdamW (computed)": {**adam, "optimizer": adam["weights_count"] * 2},
+            **{k: v for k, v in rows.items() if k != "fp32 AdamW"}}
+    print(f"SD1.5 full fine-tune, {args.resolution} px, batch 1 + 1 class image, gradient checkpointing, "
+          f"{args.steps} steps on the CPU; GiB")
+    print(f"{'options':64} {'weights':>8} {'optim':>7} {'transient':>9} {'GPU est.':>9}  goal <= 8")
+    for name, figures in rows.items():
+        gpu = expected_gpu(figures) / GIB
+        print(f"{name:64} {figures['weights'] / GIB:8.2f} {figures['optimizer'] / GIB:7.2f} "
+              f"{max(0.0, figures['transient']) / GIB:9.2f} {gpu:9.2f}  {'met' if gpu <= GOALS_GIB['sd15'] else '-'}")
+
+
+if __name__ == "__main__":
+    main()
