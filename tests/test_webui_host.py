@@ -260,8 +260,8 @@ def test_model_goes_back_to_its_device_when_training_fails(make_webui, instance_
         def load_base(self, config):
             raise RuntimeError("disk went away")
 
-    with pytest.raises(RuntimeError, match="disk went away"):
-        TrainingRun(config(instance_dir), FailingHost()).run()
+    with pytest.raises(RuntimeError, match="disk went away"):  # device auto: it trains where the host's model is
+        TrainingRun(config(instance_dir, device="auto"), FailingHost()).run()
     assert torch.device("cpu") in live.moves[moves:] and live.device == torch.device("cuda")
 
 

@@ -363,6 +363,27 @@ def test_a_lora_trained_from_the_tab_is_in_the_hosts_lora_folder_and_list_at_onc
         extension.module.jobs.shutdown(30)
 
 
+def test_the_tab_lists_the_gpus_and_a_run_on_another_device_leaves_the_hosts_model(make_webui, tmp_path,
+                                                                                     monkeypatch):
+    from dreambooth_ext.train import devices
+
+    monkeypatch.setattr(devices, "gpus", lambda: [(0, "Fake GPU A", 3.5, 24.0), (1, "Fake GPU B", 20.25, 48.0)])
+    webui = make_webui(device="cuda")  # the host generates on its (fake) GPU
+    extension = Extension(webui, tmp_path)
+    try:
+        choices = [c[0] if isinstance(c, (list, tuple)) else c for c in extension.tab.widgets["device"].choices]
+        assert choices[:3] == ["auto", "cuda:0 (Fake GPU A, 3.5 of 24.0 GiB free)",
+                               "cuda:1 (Fake GPU B, 20.2 of 48.0 GiB free)"] and "cpu" in choices
+        assert devices.resolve_device("cpu (picked in the tab)") == torch.device("cpu")
+        live = webui.shared.sd_model
+        moves = len(live.moves)
+        outputs = extension.start("elsewhere", device="cpu")  # trained elsewhere: the host keeps its model
+        assert "data-state='finished'" in outputs[-1] and live.moves[moves:] == []
+        assert live.device == torch.device("cuda")
+    finally:
+        extension.module.jobs.shutdown(30)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Item 6: expected refusals are refusals, not crashes
 

@@ -43,8 +43,9 @@ class Host(ABC):
     def publish_lora(self, path: Path) -> None:  # noqa: B027 - optional hook
         """A finished LoRA file exists at `path`: make it visible (e.g. refresh the Lora list)."""
 
-    def release_device(self) -> None:  # noqa: B027 - optional hook
-        """Free the accelerator for training (the WebUI moves its own model off the GPU)."""
+    def release_device(self, device: Any = None) -> None:  # noqa: B027 - optional hook
+        """Free the accelerator for training: `device` (a torch.device), or None for the host's own (the WebUI moves
+        its model off its GPU when the run trains there)."""
 
     def restore_device(self) -> None:  # noqa: B027 - optional hook
         """Undo `release_device`; called after success, error or cancel."""

@@ -492,12 +492,16 @@ class WebUIHost(Host):
 
     # -- the device -------------------------------------------------------------------------------------
 
-    def release_device(self) -> None:
-        """Move the WebUI's model off the accelerator the way its "Unload SD checkpoint to RAM" does."""
-        from modules import sd_models
+    def release_device(self, device: torch.device | None = None) -> None:
+        """Move the WebUI's model off the accelerator the way its "Unload SD checkpoint to RAM" does, when the run
+        trains on the device the WebUI uses; on another GPU (or the CPU) the WebUI keeps generating."""
+        from modules import devices, sd_models
 
         model = _current_model()
         if model is None:
+            return
+        if device is not None and not _same_device(device, torch.device(devices.device)):
+            log.info("Training on %s; the WebUI keeps its model on %s.", device, devices.device)
             return
         sd_models.unload_model_weights(model)
         self._released = model
@@ -551,6 +555,14 @@ def _progress_counts(progress: Any) -> tuple[int, int]:
     if progress.total_steps:
         return progress.step, progress.total_steps
     return progress.done, progress.total
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    """cuda and cuda:0 are one device (an unnumbered CUDA device is the current one, 0 unless changed)."""
+    def index(device: torch.device) -> int | None:
+        return device.index if device.index is not None else (0 if device.type == "cuda" else None)
+
+    return a.type == b.type and index(a) == index(b)
 
 
 def describe_progress(progress: Any) -> str:

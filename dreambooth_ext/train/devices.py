@@ -28,9 +28,26 @@ class Precision:
         return {None: "no", torch.float16: "fp16", torch.bfloat16: "bf16"}[self.autocast_dtype]
 
 
+def gpus() -> list[tuple[int, str, float, float]]:
+    """(index, name, free GiB, total GiB) of every CUDA GPU torch sees here."""
+    found = []
+    for index in range(torch.cuda.device_count() if torch.cuda.is_available() else 0):
+        free, total = torch.cuda.mem_get_info(index)
+        found.append((index, torch.cuda.get_device_name(index), free / 1024 ** 3, total / 1024 ** 3))
+    return found
+
+
+def device_choices() -> list[str]:
+    """The device option's values where there is a GPU to choose, each described after its name: "cuda:1 (NVIDIA
+    ..., 20.1 of 24.0 GiB free)" (resolve_device reads the name before the parenthesis); [] without a GPU."""
+    found = [f"cuda:{index} ({name}, {free:.1f} of {total:.1f} GiB free)" for index, name, free, total in gpus()]
+    return ["auto", *found, "cpu"] if found else []
+
+
 def resolve_device(name: str) -> torch.device:
-    """'auto' picks the first CUDA GPU, else the CPU; anything else must exist here."""
-    name = (name or "auto").strip().lower()
+    """'auto' picks the first CUDA GPU, else the CPU; anything else must exist here. A description after the name
+    (the tab's "cuda:1 (name, free memory)") is ignored."""
+    name = (name or "auto").split("(")[0].strip().lower() or "auto"
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:

@@ -138,7 +138,8 @@ class TrainingRun:
     def _train(self, config: Config, instances: list[Example], device: torch.device, precision: Precision,
                work_dir: Path, state: TrainingState | None) -> RunResult:
         self._emit(Progress("loading", message="Loading the base model"))
-        self.host.release_device()
+        # "auto" trains where the host's model is; a device the user picked may be another one.
+        self.host.release_device(None if _is_auto(config.device) else device)
         try:
             bundle = self.host.load_base(config)
             _warn_about_resolution(config, bundle)
@@ -206,6 +207,10 @@ class TrainingRun:
         with placed([bundle.unet, *bundle.text_encoders], device), placed([bundle.vae], device, vae_dtype):
             generate_class_images(jobs, render, on_image=on_image, should_stop=lambda: self.cancelled)
         return folders
+
+
+def _is_auto(name: str) -> bool:
+    return (name or "auto").split("(")[0].strip().lower() in ("", "auto")
 
 
 def settled_config(config: Config, host: Host) -> Config:

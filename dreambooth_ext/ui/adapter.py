@@ -16,6 +16,7 @@ from ..config import Config
 from ..errors import DreamboothError
 from ..hosts.base import Host
 from ..hosts.files import FolderHost
+from ..train.devices import device_choices
 
 
 def _same(fn: Callable) -> Callable:
@@ -46,6 +47,8 @@ class HostAdapter:
     model_version: Callable[[], int] = lambda: 0
     # Whether to load the result right after a successful run from the tab (a WebUI setting)
     load_after_training: Callable[[], bool] = lambda: False
+    # The devices a run can train on, for the tab's device choice ("cuda:1 (name, free memory)" ...)
+    device_choices: Callable[[], list[str]] = lambda: device_choices()
 
     def prepare_checked(self, config: Config, title: str | None) -> tuple[Config, Host]:
         """`prepare`, then the host's checks that need no weights: a refusal comes before any run starts."""

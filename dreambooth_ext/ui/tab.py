@@ -89,7 +89,8 @@ class DreamboothTab:
                             if group == "concepts":
                                 self._concept_slots()
                             self.widgets.update(option_grid(
-                                [o for o in self.options if o.group == group], "dreambooth_"))
+                                [o for o in self.options if o.group == group], "dreambooth_",
+                                suggestions={"device": self.adapter.device_choices()}))
                             if group == "memory":
                                 self.lowest_memory_button = gr.Button(
                                     "Lowest memory", elem_id="dreambooth_lowest_memory", size="sm")

@@ -60,11 +60,16 @@ def slider_step(option: Option) -> float | None:
     return step if on_grid and math.isclose(round(option.max / step) * step, option.max) else None
 
 
-def make_widget(option: Option, *, value: Any = None, elem_id: str | None = None) -> gr.components.Component:
-    """The widget for one option, with the schema's help text as its info line."""
+def make_widget(option: Option, *, value: Any = None, elem_id: str | None = None,
+                suggestions: list[str] | None = None) -> gr.components.Component:
+    """The widget for one option, with the schema's help text as its info line. `suggestions`: values the host
+    can list for a free-text option (a dropdown that still takes any value)."""
     kind = widget_kind(option)
     value = option.default if value is None else value
     common = {"label": option.label, "info": option.help, "elem_id": elem_id}
+    if suggestions:
+        choices = suggestions if value in suggestions else [value, *suggestions]
+        return gr.Dropdown(choices=choices, value=value, allow_custom_value=True, **common)
     if kind == "checkbox":
         return gr.Checkbox(value=bool(value), **common)
     if kind == "dropdown":
@@ -80,11 +85,12 @@ def make_widget(option: Option, *, value: Any = None, elem_id: str | None = None
     return gr.Number(value=value, precision=0 if option.kind == "int" else None, **common)
 
 
-def option_grid(options: Sequence[Option], id_prefix: str,
-                values: dict[str, Any] | None = None) -> dict[str, gr.components.Component]:
+def option_grid(options: Sequence[Option], id_prefix: str, values: dict[str, Any] | None = None,
+                suggestions: dict[str, list[str]] | None = None) -> dict[str, gr.components.Component]:
     """Widgets for `options` in their order, GRID_COLUMNS to a row; a multi-line text takes a row of its own.
     Each widget's elem_id is id_prefix + the option's name."""
     values = values or {}
+    suggestions = suggestions or {}
     widgets: dict[str, gr.components.Component] = {}
     row: list[Option] = []
 
@@ -93,7 +99,8 @@ def option_grid(options: Sequence[Option], id_prefix: str,
             with gr.Row():
                 for option in row:
                     widgets[option.name] = make_widget(option, value=values.get(option.name),
-                                                       elem_id=id_prefix + option.name)
+                                                       elem_id=id_prefix + option.name,
+                                                       suggestions=suggestions.get(option.name))
             row.clear()
 
     for option in options:
