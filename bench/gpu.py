@@ -33,12 +33,12 @@ from dreambooth_ext.train.loss import per_sample_mse  # noqa: E402
 from dreambooth_ext.train.optim import param_groups  # noqa: E402
 from dreambooth_ext.train.stepper import Stepper  # noqa: E402
 
-GIB = 1024 ** 3
+GB = 1e9  # the goals are in GB
 # Dense bf16 tensor-core peaks, TFLOP/s.
 PEAKS = {"H200": 989.0, "H100 80GB HBM3": 989.0, "H100 SXM": 989.0, "H100 NVL": 835.0, "H100 PCIe": 756.0,
          "A100": 312.0}
 REFERENCE_TFLOP = {"sd15": (2.41, 3.2)}  # per 512-px image forward+backward: without / with checkpointing
-GOALS_GIB = {("sd15", "defaults"): 8.0, ("sdxl", "lean"): 12.0, ("sdxl", "lora"): 8.0}
+GOALS_GB = {("sd15", "defaults"): 8.0, ("sdxl", "lean"): 12.0, ("sdxl", "lora"): 8.0}
 SETUPS = {
     "defaults": {},
     "lean": {"weights_dtype": "bf16", "optimizer": "adafactor", "fused_backward": True, "max_grad_norm": 0.0},
@@ -129,7 +129,7 @@ def _reset_memory(device: torch.device) -> None:
 
 
 def _peak(device: torch.device) -> float:
-    return torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else float("nan")
+    return torch.cuda.max_memory_allocated(device) / GB if device.type == "cuda" else float("nan")
 
 
 def count_flops(run: Run) -> float:
@@ -153,7 +153,7 @@ def measure(run: Run, size: int, steps: int) -> dict:
     loss.item()
     _sync(run.device)
     seconds = (time.perf_counter() - start) / steps
-    return {"batch": size, "it_s": 1 / seconds, "images_s": size / seconds, "peak_gib": _peak(run.device)}
+    return {"batch": size, "it_s": 1 / seconds, "images_s": size / seconds, "peak_gb": _peak(run.device)}
 
 
 def largest_batch(run: Run, steps: int, limit: int, seconds_limit: float) -> dict | None:
@@ -193,7 +193,7 @@ def main() -> None:
     peak = chip_peak(device, args.peak_tflops)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"{name}; bf16 peak {peak or 'unknown'} TFLOP/s; torch {torch.__version__}")
-    print(f"{'model':6} {'setup':9} {'batch':>5} {'it/s':>7} {'img/s':>7} {'peak GiB':>9} {'TFLOP/img':>9} "
+    print(f"{'model':6} {'setup':9} {'batch':>5} {'it/s':>7} {'img/s':>7} {'peak GB':>9} {'TFLOP/img':>9} "
           f"{'TFLOP/s':>8} {'of peak':>8}  goal")
     for model in ("sd15", "sdxl"):
         run = Run(model, "defaults", device, args.tiny)
@@ -219,11 +219,11 @@ def main() -> None:
 def _print(model: str, setup: str, row: dict, tflop_per_image: float, peak: float | None) -> None:
     achieved = row["images_s"] * tflop_per_image
     share = f"{achieved / peak:8.1%}" if peak else f"{'n/a':>8}"
-    goal = GOALS_GIB.get((model, setup)) if row["batch"] == 1 else None
+    goal = GOALS_GB.get((model, setup)) if row["batch"] == 1 else None
     verdict = ""
-    if goal and row["peak_gib"] == row["peak_gib"]:  # not NaN: measured on a GPU
-        verdict = f"<= {goal} GiB: {'met' if row['peak_gib'] <= goal else 'NOT met'}"
-    print(f"{model:6} {setup:9} {row['batch']:5d} {row['it_s']:7.2f} {row['images_s']:7.2f} {row['peak_gib']:9.2f} "
+    if goal and row["peak_gb"] == row["peak_gb"]:  # not NaN: measured on a GPU
+        verdict = f"<= {goal} GB: {'met' if row['peak_gb'] <= goal else 'NOT met'}"
+    print(f"{model:6} {setup:9} {row['batch']:5d} {row['it_s']:7.2f} {row['images_s']:7.2f} {row['peak_gb']:9.2f} "
           f"{tflop_per_image:9.2f} {achieved:8.2f} {share}  {verdict}")
 
 
