@@ -87,6 +87,7 @@ def main() -> None:
     results: dict[str, list[dict]] = {name: [] for name in PATHS}
     with tempfile.TemporaryDirectory() as tmp:
         path = save_sd15(Path(tmp) / "sd15.safetensors", dtype=torch.float16)
+        size_gb = path.stat().st_size / 1e9
         for _ in range(args.repeats):
             for name in PATHS:
                 out = subprocess.run([sys.executable, __file__, "--run", name, "--file", str(path)], check=True,
@@ -95,7 +96,7 @@ def main() -> None:
                 print(f"  {name}: {results[name][-1]}", file=sys.stderr)
     best = {name: {k: min(r[k] for r in runs) for k in ("seconds", "peak_mib")} for name, runs in results.items()}
     ref = best["convert-from-disk"]
-    print(f"SD1.5-shaped checkpoint (fp16, {path.stat().st_size / 1e9:.1f} GB) to ready-to-train, "
+    print(f"SD1.5-shaped checkpoint (fp16, {size_gb:.1f} GB) to ready-to-train, "
           f"best of {args.repeats}")
     for name, figures in best.items():
         ratio = figures["seconds"] / ref["seconds"]
