@@ -47,7 +47,6 @@ SETUPS = {
 
 
 def build_unet(model: str, tiny: bool):
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     from models import sd15_modules, sdxl_unet
 
     if model == "sd15":

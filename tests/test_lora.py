@@ -102,7 +102,8 @@ def test_the_webui_matches_every_key_and_reproduces_the_trained_model(family, ba
     for module in (trained.unet, *trained.text_encoders):
         module.eval()
     expected, got = unet_output(trained, trained.unet), unet_output(applied, applied.unet)
-    assert (expected - unet_output(load_bundle(base), load_bundle(base).unet)).abs().max() > 1e-3  # it learnt
+    untrained = load_bundle(base)
+    assert (expected - unet_output(untrained, untrained.unet)).abs().max() > 1e-3  # it learnt
     assert torch.allclose(got, expected, atol=1e-4, rtol=1e-4), (got - expected).abs().max()
     with torch.no_grad():
         want, have = trained.encode(["photo of zwx toy"]), applied.encode(["photo of zwx toy"])

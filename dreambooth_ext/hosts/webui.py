@@ -439,10 +439,10 @@ class WebUIHost(Host):
             path = Path(_forge_checkpoint_info().filename)
         if path is not None:
             return check_checkpoint_file(path)
-        problem = live_model_problem()
-        if problem:
-            raise DreamboothError(problem)
-        return live_model_facts(_current_model())
+        model = _current_model()
+        if model is None:
+            raise DreamboothError(NO_MODEL)
+        return live_model_facts(model)  # refuses what live_model_problem names
 
     def _source_file(self, config: Config) -> Path | None:
         """The file named by checkpoint_title or config.base_model (a path or a title); None = the live model."""

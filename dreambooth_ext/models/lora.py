@@ -73,8 +73,7 @@ class LoRASettings:
     rank: int
     alpha: float
     dropout: float = 0.0
-    conv_rank: int = 0  # 0: no adapters on the UNet's 3x3 convolutions
-    conv_alpha: float = 0.0
+    conv_rank: int = 0  # 0: no adapters on the UNet's 3x3 convolutions (they use alpha = conv_rank)
 
 
 def unet_targets(unet: nn.Module, conv: bool) -> list[str]:
@@ -103,7 +102,7 @@ def _is_3x3(module: nn.Module) -> bool:
     return isinstance(module, nn.Conv2d) and tuple(module.kernel_size) == (3, 3)
 
 
-def add_adapters(module: nn.Module, names: list[str], settings: LoRASettings) -> list[str]:
+def add_adapters(module: nn.Module, names: list[str], settings: LoRASettings) -> None:
     """Replace each named layer with a LoRALayer around it (3x3 convolutions with the conv rank)."""
     for name in names:
         parent_name, _, leaf = name.rpartition(".")
@@ -111,9 +110,8 @@ def add_adapters(module: nn.Module, names: list[str], settings: LoRASettings) ->
         base = getattr(parent, leaf)
         conv = _is_3x3(base)
         rank = settings.conv_rank if conv else settings.rank
-        alpha = (settings.conv_alpha or rank) if conv else settings.alpha
+        alpha = rank if conv else settings.alpha
         setattr(parent, leaf, LoRALayer(base, rank, alpha, settings.dropout))
-    return names
 
 
 def adapters(module: nn.Module) -> dict[str, LoRALayer]:

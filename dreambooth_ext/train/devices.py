@@ -44,10 +44,15 @@ def device_choices() -> list[str]:
     return ["auto", *found, "cpu"] if found else []
 
 
+def device_name(value: str) -> str:
+    """The device option's name: "auto" when empty, without a description after it ("cuda:1 (name, ...)")."""
+    return (value or "auto").split("(")[0].strip().lower() or "auto"
+
+
 def resolve_device(name: str) -> torch.device:
     """'auto' picks the first CUDA GPU, else the CPU; anything else must exist here. A description after the name
     (the tab's "cuda:1 (name, free memory)") is ignored."""
-    name = (name or "auto").split("(")[0].strip().lower() or "auto"
+    name = device_name(name)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:

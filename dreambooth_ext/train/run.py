@@ -28,7 +28,15 @@ from ..models.export import (
     remove_partial_files,
 )
 from .batches import Feeder, LatentCache, Samples, TextConditioning, derive_seed, generator_for
-from .devices import Precision, free_memory, memory_in_use, require_8bit_adam, resolve_device, resolve_precision
+from .devices import (
+    Precision,
+    device_name,
+    free_memory,
+    memory_in_use,
+    require_8bit_adam,
+    resolve_device,
+    resolve_precision,
+)
 from .ema import EMA
 from .guard import check_writable, output_error, project_lock, write_errors
 from .loss import dreambooth_loss, min_snr_weights, per_sample_mse, training_target
@@ -139,7 +147,7 @@ class TrainingRun:
                work_dir: Path, state: TrainingState | None) -> RunResult:
         self._emit(Progress("loading", message="Loading the base model"))
         # "auto" trains where the host's model is; a device the user picked may be another one.
-        self.host.release_device(None if _is_auto(config.device) else device)
+        self.host.release_device(None if device_name(config.device) == "auto" else device)
         try:
             bundle = self.host.load_base(config)
             _warn_about_resolution(config, bundle)
@@ -207,10 +215,6 @@ class TrainingRun:
         with placed([bundle.unet, *bundle.text_encoders], device), placed([bundle.vae], device, vae_dtype):
             generate_class_images(jobs, render, on_image=on_image, should_stop=lambda: self.cancelled)
         return folders
-
-
-def _is_auto(name: str) -> bool:
-    return (name or "auto").split("(")[0].strip().lower() in ("", "auto")
 
 
 def settled_config(config: Config, host: Host) -> Config:
