@@ -19,8 +19,10 @@ from .config import (
     CONCEPT_OPTIONS,
     OPTIONS,
     ConfigError,
+    Option,
     device_for_gpu,
     from_dict,
+    is_switch,
     load_json,
     regularization_folder,
     to_dict,
@@ -30,6 +32,7 @@ from .errors import DreamboothError
 from .inputs import check_inputs
 
 if TYPE_CHECKING:  # torch comes in only once the input has been checked: a typo is reported at once
+    from .train.launch import ChildRun
     from .train.run import Progress, RunResult, TrainingRun
 
 log = logging.getLogger(__name__)
@@ -48,12 +51,12 @@ JOEPENNA_ALIASES = {
 }
 
 
-def _add_option(parser: argparse.ArgumentParser, name: str, kind: str, help_text: str) -> None:
-    if kind == "bool":
-        parser.add_argument(f"--{name}", nargs="?", const="true", default=argparse.SUPPRESS, metavar="BOOL",
-                            help=help_text)
+def _add_option(parser: argparse.ArgumentParser, option: Option, help_text: str) -> None:
+    if option.kind == "bool" or is_switch(option):  # a bare flag turns it on
+        parser.add_argument(f"--{option.name}", nargs="?", const="true", default=argparse.SUPPRESS,
+                            metavar="BOOL" if option.kind == "bool" else "auto|on|off", help=help_text)
     else:
-        parser.add_argument(f"--{name}", default=argparse.SUPPRESS, help=help_text)
+        parser.add_argument(f"--{option.name}", default=argparse.SUPPRESS, help=help_text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,10 +72,17 @@ def build_parser() -> argparse.ArgumentParser:
                        help="project JSON, JoePenna's config JSON or a concepts_list.json")
     _add_common(train)
     train.add_argument("--resume", action="store_true", help="continue the project's interrupted run")
+    train.add_argument("--checkpoint-dir", type=Path, default=None,
+                       help="where checkpoints go (default DIR/Stable-diffusion of --models-dir)")
+    train.add_argument("--lora-dir", type=Path, default=None, help="where LoRAs go (default DIR/Lora of --models-dir)")
+    train.add_argument("--stop-file", type=Path, default=None,
+                       help="stop after the current step, keeping the state for --resume, when this file appears")
+    train.add_argument("--progress-json", action="store_true",
+                       help="report progress as JSON lines on stdout (for a program that runs this command)")
     for option in OPTIONS:
-        _add_option(train, option.name, option.kind, option.help)
+        _add_option(train, option, option.help)
     for option in CONCEPT_OPTIONS:
-        _add_option(train, option.name, option.kind, f"(first concept) {option.help}")
+        _add_option(train, option, f"(first concept) {option.help}")
     for alias, (_, target) in JOEPENNA_ALIASES.items():
         train.add_argument(f"--{alias}", default=argparse.SUPPRESS, help=f"same as --{target} (JoePenna)")
     train.add_argument("--gpu", type=int, default=argparse.SUPPRESS, help="same as --device cuda:N (JoePenna)")
@@ -176,6 +186,10 @@ class ConsoleProgress:
         self.last_phase = "training"
 
 
+def json_progress(p: Progress) -> None:
+    print(p.to_line(), flush=True)
+
+
 def _clock(seconds: float) -> str:
     seconds = int(seconds)
     hours, rest = divmod(seconds, 3600)
@@ -186,10 +200,16 @@ def run_training(config, args: argparse.Namespace, *, resume: bool = False) -> R
     validate(config)
     check_inputs(config)
     from .hosts.files import FolderHost
-    from .train.run import TrainingRun
+    from .train.launch import training_run
+    from .train.parallel import join_processes
 
-    host = FolderHost(args.models_dir, args.work_dir)
-    run = TrainingRun(config, host, resume=resume, on_progress=ConsoleProgress())
+    processes = join_processes(config.device)  # `accelerate launch` started several of us: which one is this
+    if not processes.is_main:
+        logging.getLogger("dreambooth_ext").setLevel(logging.WARNING)  # the main process speaks for all
+    host = FolderHost(args.models_dir, args.work_dir, checkpoint_dir=getattr(args, "checkpoint_dir", None),
+                      lora_dir=getattr(args, "lora_dir", None), stop_file=getattr(args, "stop_file", None))
+    report = json_progress if getattr(args, "progress_json", False) else ConsoleProgress()
+    run = training_run(config, host, resume=resume, on_progress=report, processes=processes)
     try:
         with stop_on_signals(run):
             return run.run()
@@ -200,7 +220,7 @@ def run_training(config, args: argparse.Namespace, *, resume: bool = False) -> R
 
 
 @contextlib.contextmanager
-def stop_on_signals(run: TrainingRun):
+def stop_on_signals(run: TrainingRun | ChildRun):
     """Ctrl+C or SIGTERM (a closed terminal, a job scheduler) stops the run after the current step, which saves
     its state for --resume; a second Ctrl+C stops at once."""
     if threading.current_thread() is not threading.main_thread():

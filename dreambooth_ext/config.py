@@ -169,6 +169,10 @@ OPTIONS: tuple[Option, ...] = (
          "Also write the base checkpoint with the LoRA merged in, next to the other checkpoints."),
     # memory
     _opt("device", "str", "auto", "memory", "Device to train on: auto, cpu, cuda, cuda:1 ..."),
+    _opt("gpus", "str", "", "memory",
+         "Train on several GPUs at once (data-parallel, same result as one GPU): their numbers, e.g. 0,1, or all. "
+         "The run is `accelerate launch` in processes of its own, which read the checkpoint file, not the "
+         "WebUI's model in memory. Empty: one device, the one above."),
     _opt("mixed_precision", "choice", "auto", "memory",
          "Compute in fp16/bf16 with fp32 master weights. auto: fp16 on CUDA, none on CPU.",
          choices=("auto", "no", "fp16", "bf16")),
@@ -183,8 +187,10 @@ OPTIONS: tuple[Option, ...] = (
     _opt("compile_unet", "bool", False, "memory",
          "Compile the UNet with torch.compile: faster steps after a compile of a minute or more (several on a "
          "CPU), so it pays on long runs; no memory saving."),
-    _opt("gradient_checkpointing", "bool", True, "memory",
-         "Recompute activations in the backward pass: much less memory, about 20% slower."),
+    _opt("gradient_checkpointing", "choice", "auto", "memory",
+         "Recompute activations in the backward pass: much less memory, about 20% slower on a GPU (a third on a "
+         "CPU). auto: on with a GPU, where memory runs out first; off on a CPU, where time does.",
+         choices=("auto", "on", "off")),
     _opt("cache_latents", "bool", True, "memory",
          "Encode every image with the VAE once, then free the VAE from the GPU."),
     _opt("precompute_text_embeddings", "bool", True, "memory",
@@ -211,7 +217,7 @@ OPTIONS: tuple[Option, ...] = (
 # option's help says what it saves). Trades speed (checkpointing) and some precision (bf16) for memory.
 LOWEST_MEMORY = {
     "mixed_precision": "bf16", "weights_dtype": "bf16", "optimizer": "adafactor", "fused_backward": True,
-    "max_grad_norm": 0.0, "gradient_checkpointing": True, "cache_latents": True, "precompute_text_embeddings": True,
+    "max_grad_norm": 0.0, "gradient_checkpointing": "on", "cache_latents": True, "precompute_text_embeddings": True,
     "train_text_encoder": False, "ema_on_cpu": True, "train_batch_size": 1, "gradient_accumulation_steps": 1,
 }
 
@@ -273,9 +279,27 @@ def coerce(option: Option, value: Any) -> Any:
             raise ValueError("expected a number") from None
     if value is None:
         return ""
+    if kind == "choice" and is_switch(option):
+        return _switch_value(value)
     if not isinstance(value, str):
         raise ValueError("expected text")
     return value
+
+
+def is_switch(option: Option) -> bool:
+    """An on/off option with an `auto` setting (it was a plain true/false option once)."""
+    return option.kind == "choice" and set(option.choices) == {"auto", "on", "off"}
+
+
+def _switch_value(value: Any) -> Any:
+    """true/false (JSON, older project files, a bare command-line flag) as on/off."""
+    if isinstance(value, bool) or (isinstance(value, (int, float)) and value in (0, 1)):
+        return "on" if value else "off"
+    if isinstance(value, str) and value.strip().lower() in ("true", "1", "yes", "false", "0", "no"):
+        return "on" if value.strip().lower() in ("true", "1", "yes") else "off"
+    if isinstance(value, str):
+        return value.strip().lower()
+    raise ValueError("expected auto, on or off")
 
 
 def check(option: Option, value: Any) -> str | None:
@@ -347,6 +371,23 @@ def to_dict(config: Config) -> dict:
     return {"schema_version": SCHEMA_VERSION, **dataclasses.asdict(config)}
 
 
+def gpu_list(value: str) -> list[int] | None:
+    """The gpus option: [] for one device (empty), None for every GPU ("all"), else the GPU numbers (two or
+    more, each once); raises ValueError saying what is wrong."""
+    value = value.strip().lower()
+    if not value:
+        return []
+    if value == "all":
+        return None
+    try:
+        numbers = [int(part) for part in value.replace(" ", "").split(",")]
+    except ValueError:
+        raise ValueError("give GPU numbers separated by commas (e.g. 0,1), or all") from None
+    if len(numbers) < 2 or len(set(numbers)) != len(numbers) or min(numbers) < 0:
+        raise ValueError("name two or more different GPUs (e.g. 0,1); for one GPU, leave gpus empty and set device")
+    return numbers
+
+
 def validate(config: Config) -> Config:
     """Check the options together; raises ConfigError listing every problem. Returns the config."""
     problems: list[str] = []
@@ -374,6 +415,14 @@ def validate(config: Config) -> Config:
     if config.weights_dtype == "bf16" and config.mixed_precision != "bf16":
         problems.append(f"weights_dtype = bf16 with mixed_precision = {config.mixed_precision}: bf16 weights "
                         "compute in bf16; set mixed_precision to bf16")
+    if config.gpus.strip():
+        try:
+            gpu_list(config.gpus)
+        except ValueError as exc:
+            problems.append(f"gpus = {config.gpus!r}: {exc}")
+        if config.fused_backward:
+            problems.append("gpus with fused_backward: a fused backward updates each weight before the GPUs' "
+                            "gradients could be averaged; turn fused_backward off")
     if config.max_train_steps == 0 and config.num_train_epochs == 0:
         problems.append("max_train_steps = 0 and num_train_epochs = 0: set one of them to say when to stop")
     if not config.project_name.strip() or not _is_plain_name(config.project_name):

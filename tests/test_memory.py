@@ -166,3 +166,27 @@ def test_the_tab_sets_the_lowest_memory_preset(tmp_path):
     wired = [d for d in tab.blocks.config["dependencies"] if tab.lowest_memory_button._id in
              [t[0] if isinstance(t, (list, tuple)) else t for t in d.get("targets", [])]]
     assert wired and wired[0]["outputs"] == [tab.widgets[name]._id for name in LOWEST_MEMORY]
+
+
+def test_gradient_checkpointing_auto_is_on_for_a_gpu_and_off_on_a_cpu(base, photos, tmp_path):
+    from dreambooth_ext.cli import build_parser, config_from_args
+    from dreambooth_ext.train.trained import checkpointing
+
+    auto = config(base, photos, gradient_checkpointing="auto")
+    assert checkpointing(auto, torch.device("cuda", 0)) and not checkpointing(auto, torch.device("cpu"))
+    for value, expected in ((True, "on"), ("false", "off"), ("on", "on")):  # older project files said true/false
+        assert config(base, photos, gradient_checkpointing=value).gradient_checkpointing == expected
+    flag = config_from_args(build_parser().parse_args(["train", "--gradient_checkpointing"]))
+    assert flag.gradient_checkpointing == "on"  # a bare flag turns it on, as it did
+    with pytest.raises(ConfigError, match="gradient_checkpointing = 'maybe': must be one of auto, on, off"):
+        config(base, photos, gradient_checkpointing="maybe")
+
+    class Keeping(FolderHost):
+        def load_base(self, cfg):
+            self.bundle = super().load_base(cfg)
+            return self.bundle
+
+    for value, expected in (("auto", False), ("on", True)):  # what a run on this CPU does with each
+        host = Keeping(tmp_path / value)
+        TrainingRun(config(base, photos, max_train_steps=1, gradient_checkpointing=value), host).run()
+        assert host.bundle.unet.is_gradient_checkpointing is expected

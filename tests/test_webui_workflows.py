@@ -384,6 +384,44 @@ def test_the_tab_lists_the_gpus_and_a_run_on_another_device_leaves_the_hosts_mod
         extension.module.jobs.shutdown(30)
 
 
+def test_several_gpus_from_the_tab_train_in_child_processes_and_stop_on_interrupt(make_webui, tmp_path,
+                                                                                     monkeypatch):
+    """The tab's gpus choice: shown with two (fake) GPUs, the run goes to `accelerate launch` on the loaded
+    model's file (on this CPU machine the processes train on the CPU), its progress reaches the host's bar and
+    the tab, the host's Interrupt stops it with its state kept, Resume finishes it, and the result is listed."""
+    from dreambooth_ext.train import devices
+
+    monkeypatch.setattr(devices, "gpus", lambda: [(0, "Fake GPU A", 3.5, 24.0), (1, "Fake GPU B", 20.25, 48.0)])
+    webui = make_webui()
+    extension = Extension(webui, tmp_path)
+    try:
+        widget = extension.tab.widgets["gpus"]
+        assert widget.visible and [c[0] if isinstance(c, (list, tuple)) else c for c in widget.choices] == [
+            "", "all", "0,1"]
+        steps = 40
+        watcher = interrupt_at_step(webui, 2)
+        outputs = extension.start("pair", gpus="0,1", max_train_steps=steps, train_batch_size=2)
+        watcher.join(5)
+        status = extension.status()
+        assert status["state"] == "cancelled" and 2 <= status["step"] < steps, outputs[-1]
+        assert (webui.models_dir / "dreambooth" / "pair" / "state" / "state.json").is_file()
+
+        outputs = extension.start("pair", resume=True, gpus="0,1", max_train_steps=steps, train_batch_size=2)
+        status = extension.status()
+        assert status["state"] == "finished" and status["step"] == steps, outputs[-1]
+        (result,) = status["checkpoints"]
+        assert Path(result).name == f"pair_{steps}.safetensors" and Path(result).is_file()
+        assert any(title.startswith(f"pair/pair_{steps}.safetensors")
+                   for title in webui.sd_models.checkpoint_tiles())  # listed at once
+        assert status["losses"]  # the child's progress reached the tab
+    finally:
+        extension.module.jobs.shutdown(30)
+
+
+def test_without_two_gpus_the_tab_hides_the_several_gpus_choice(extension):
+    assert extension.tab.widgets["gpus"].visible is False
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Item 6: expected refusals are refusals, not crashes
 

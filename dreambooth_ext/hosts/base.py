@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import Config
+from ..errors import DreamboothError
 from ..models.bundle import BaseFacts, ModelBundle, check_checkpoint_file
 
 
@@ -24,6 +25,13 @@ class Host(ABC):
         Raises DreamboothError with the user's fix; the tab shows it in its error box, the API answers 422.
         """
         return check_checkpoint_file(config.base_model) if config.base_model else None
+
+    def base_files(self, config: Config) -> tuple[Path, Path | None]:
+        """The base model's checkpoint file and separate VAE file (None: its own), for a run in processes of its
+        own, which read files rather than this process's memory."""
+        if not config.base_model:
+            raise DreamboothError("base_model is empty: several GPUs train a checkpoint file; give one.")
+        return Path(config.base_model), Path(config.vae) if config.vae else None
 
     @abstractmethod
     def checkpoint_path(self, project: str, step: int) -> Path:

@@ -444,6 +444,20 @@ class WebUIHost(Host):
             raise DreamboothError(NO_MODEL)
         return live_model_facts(model)  # refuses what live_model_problem names
 
+    def base_files(self, config: Config) -> tuple[Path, Path | None]:
+        """The picked checkpoint's file, else the loaded model's file with the VAE the WebUI uses with it."""
+        from modules import sd_vae
+
+        path = self._source_file(config)
+        if path is not None:
+            return path, Path(config.vae) if config.vae else None
+        model = _current_model() if not is_forge() else None
+        info = _forge_checkpoint_info() if is_forge() else (model.sd_checkpoint_info if model is not None else None)
+        if info is None:
+            raise DreamboothError(NO_MODEL)
+        vae = config.vae or getattr(sd_vae, "loaded_vae_file", None)
+        return Path(info.filename), Path(vae) if vae else None
+
     def _source_file(self, config: Config) -> Path | None:
         """The file named by checkpoint_title or config.base_model (a path or a title); None = the live model."""
         from modules import sd_models

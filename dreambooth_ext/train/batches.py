@@ -92,11 +92,15 @@ class Feeder:
         self.crop = crop
         self.cache = cache
 
-    def latents(self, indices: list[int], micro: int, device: torch.device) -> Samples:
+    def latents(self, indices: list[int], positions: list[int], micro: int, device: torch.device) -> Samples:
+        """The examples `indices`, at `positions` in the micro-batch (each sample's draw from its posterior
+        depends on its position, not on which other samples this process holds)."""
         stats = [self._stats(i, micro) for i in indices]
         mean = torch.stack([s.mean for s in stats])
         std = torch.stack([s.std for s in stats])
-        noise = torch.randn(mean.shape, generator=generator_for(self.seed, "latent", self.is_class, micro))
+        noise = torch.stack([torch.randn(s.mean.shape, generator=generator_for(self.seed, "latent", self.is_class,
+                                                                                micro, position))
+                             for s, position in zip(stats, positions, strict=True)])
         latents = (mean + std * noise) * self.vae.config.scaling_factor
         return Samples(latents.to(device), [self.examples[i].caption for i in indices], [s.fit for s in stats])
 

@@ -36,11 +36,14 @@ def per_sample_mse(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tens
     return ((prediction.float() - target.float()) ** 2).mean(dim=tuple(range(1, prediction.ndim)))
 
 
-def dreambooth_loss(per_sample: torch.Tensor, is_class: torch.Tensor,
-                    prior_loss_weight: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Returns (loss, instance term, class term): loss = mse(instance) + prior_loss_weight * mse(class)."""
-    instance = per_sample[~is_class].mean()
-    if not bool(is_class.any()):
-        return instance, instance, None
-    prior = per_sample[is_class].mean()
-    return instance + prior_loss_weight * prior, instance, prior
+def dreambooth_loss(per_sample: torch.Tensor, is_class: torch.Tensor, prior_loss_weight: float, *,
+                    counts: tuple[int, int] | None = None) -> torch.Tensor:
+    """mse(instance) + prior_loss_weight * mse(class), each the mean over its samples. `counts`: how many
+    instance and class samples the whole batch has, when `per_sample` holds only part of it (one process's
+    share): the parts' losses then add up to the whole batch's."""
+    instance, prior = per_sample[~is_class], per_sample[is_class]
+    n_instance, n_class = counts if counts is not None else (len(instance), len(prior))
+    loss = instance.sum() / n_instance if n_instance else per_sample.new_zeros(())
+    if n_class:
+        loss = loss + prior_loss_weight * (prior.sum() / n_class)
+    return loss

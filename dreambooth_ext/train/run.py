@@ -41,6 +41,7 @@ from .ema import EMA
 from .guard import check_writable, output_error, project_lock, write_errors
 from .loss import dreambooth_loss, min_snr_weights, per_sample_mse, training_target
 from .optim import group_options, param_groups
+from .parallel import SingleProcess, check_parallel
 from .sampling import generate_images, placed
 from .state import (
     TrainingState,
@@ -80,6 +81,36 @@ class Progress:
     lora: Path | None = None
     warnings: tuple[str, ...] = ()  # the dataset check's findings, reported once before loading
 
+    LINE_PREFIX = "dreambooth-progress "  # marks progress lines among whatever else reaches a child's stdout
+
+    def to_line(self) -> str:
+        """The progress line a run in another process prints (`--progress-json`)."""
+        return self.LINE_PREFIX + self.to_json()
+
+    @classmethod
+    def from_line(cls, line: str) -> Progress | None:
+        """The progress of a line from `to_line`; None for any other line."""
+        return cls.from_json(line[len(cls.LINE_PREFIX):]) if line.startswith(cls.LINE_PREFIX) else None
+
+    def to_json(self) -> str:
+        """One line of JSON."""
+        data = dataclasses.asdict(self)
+        data["samples"] = [str(p) for p in self.samples]
+        for key in ("checkpoint", "lora"):
+            data[key] = str(data[key]) if data[key] is not None else None
+        return json.dumps(data)
+
+    @classmethod
+    def from_json(cls, line: str) -> Progress:
+        data = json.loads(line)
+        known = {f.name for f in dataclasses.fields(cls)}
+        data = {k: v for k, v in data.items() if k in known}
+        data["samples"] = tuple(Path(p) for p in data.get("samples", ()))
+        data["warnings"] = tuple(data.get("warnings", ()))
+        for key in ("checkpoint", "lora"):
+            data[key] = Path(data[key]) if data.get(key) else None
+        return cls(**data)
+
 
 @dataclass
 class RunResult:
@@ -96,11 +127,12 @@ class TrainingRun:
     """Create with a config and a host, call `run()`; `cancel()` from any thread stops it within one step."""
 
     def __init__(self, config: Config, host: Host, *, resume: bool = False,
-                 on_progress: Callable[[Progress], None] | None = None):
+                 on_progress: Callable[[Progress], None] | None = None, processes: SingleProcess | None = None):
         self.config = config
         self.host = host
         self.resume = resume
         self.on_progress = on_progress
+        self.processes = processes or SingleProcess()  # several: this is one of them (see parallel.py)
         self._cancel = threading.Event()
         self.result: RunResult | None = None
 
@@ -114,7 +146,10 @@ class TrainingRun:
         return self._cancel.is_set()
 
     def _emit(self, progress: Progress) -> None:
-        """Report to the host and the caller, then honour a stop the host asked for."""
+        """Report to the host and the caller, then honour a stop the host asked for (the main process only: the
+        others follow its stops)."""
+        if not self.processes.is_main:
+            return
         self.host.report(progress)
         if self.on_progress:
             self.on_progress(progress)
@@ -129,7 +164,8 @@ class TrainingRun:
         config = settled_config(validate(self.config), self.host)
         instances = collect_instance_examples(config)  # bad image folders fail here, before any model loads
         self._check_dataset(config, instances)
-        device = resolve_device(config.device)
+        check_parallel(config, self.processes)
+        device = self.processes.device or resolve_device(config.device)
         precision = resolve_precision(config.mixed_precision, device)
         if config.fused_backward and precision.use_grad_scaler:
             raise DreamboothError(f"fused_backward cannot run with fp16 loss scaling (mixed_precision "
@@ -137,9 +173,12 @@ class TrainingRun:
         if config.optimizer == "adamw_8bit":
             require_8bit_adam(device)
         work_dir = self.host.work_dir(config.project_name)
-        with project_lock(work_dir, config.project_name):
-            self._check_outputs(config, work_dir)
-            self._remove_leftovers(config, work_dir)
+        main = self.processes.is_main
+        with project_lock(work_dir, config.project_name) if main else contextlib.nullcontext():
+            if main:
+                self._check_outputs(config, work_dir)
+                self._remove_leftovers(config, work_dir)
+            self.processes.wait_for_all()
             state = load_state(work_dir / "state") if self.resume else None
             return self._train(config, instances, device, precision, work_dir, state)
 
@@ -152,7 +191,7 @@ class TrainingRun:
             bundle = self.host.load_base(config)
             _warn_about_resolution(config, bundle)
             class_dirs = self._class_images(config, bundle, work_dir, device, precision)
-            if self.cancelled:
+            if self.processes.any(self.cancelled):  # also where the others wait for the main process's images
                 self.result = RunResult("cancelled", 0, 0)
                 return self.result
             classes = collect_class_examples(config, class_dirs) if config.prior_preservation else []
@@ -195,7 +234,7 @@ class TrainingRun:
                       precision: Precision) -> list[Path]:
         folders, jobs = plan_class_images(config, work_dir)
         missing = sum(job.missing for job in jobs)
-        if not missing:
+        if not missing or not self.processes.is_main:
             return folders
         self._emit(Progress("class_images", total=missing, message=f"Generating {missing} class images"))
         size = config.resolution
@@ -286,6 +325,7 @@ class _Loop:
     def __init__(self, run: TrainingRun, config: Config, bundle: ModelBundle, instances: list[Example],
                  classes: list[Example], device: torch.device, precision: Precision, work_dir: Path):
         self.run, self.config, self.bundle = run, config, bundle
+        self.processes = run.processes
         self.device, self.precision, self.work_dir = device, precision, work_dir
         self.vae_dtype = precision.vae_dtype(bundle.family.vae_fp16_safe)
         self.instances, self.classes = instances, classes
@@ -352,7 +392,7 @@ class _Loop:
         config = self.config
         text_encoders = self.bundle.text_encoders if config.train_text_encoder else ()
         groups = param_groups(config, self.bundle.unet, text_encoders)
-        self.stepper = Stepper(config, groups, self.device, self.precision, self.total_steps)
+        self.stepper = Stepper(config, groups, self.device, self.precision, self.total_steps, self.processes)
         self.ema = None
         if config.ema:
             self.ema = EMA(self.bundle.unet, config.ema_decay, "cpu" if config.ema_on_cpu else self.device)
@@ -389,7 +429,7 @@ class _Loop:
         te_stop = (math.ceil(self.config.stop_text_encoder * self.total_steps)
                    if self.config.train_text_encoder else 0)
         while step < self.total_steps:
-            if self.run.cancelled:
+            if self.processes.any(self.run.cancelled):
                 self._read_losses(pending)
                 return self._cancel(step)
             train_text = step < te_stop
@@ -403,10 +443,11 @@ class _Loop:
             self._report(step, self.smoothed, started, start_step)
             if step < self.total_steps:
                 self._periodic(step)
-        self._sample(step)
         self.result.step = step
-        self._save_model(step)
-        shutil.rmtree(self.work_dir / "state", ignore_errors=True)  # finished: the state is no longer needed
+        if self.processes.is_main:
+            self._sample(step)
+            self._save_model(step)
+            shutil.rmtree(self.work_dir / "state", ignore_errors=True)  # finished: the state is no longer needed
         self.run._emit(Progress("finished", step=step, total_steps=self.total_steps,
                                 checkpoint=self.result.checkpoints[-1] if self.result.checkpoints else None,
                                 lora=self.result.loras[-1] if self.result.loras else None,
@@ -417,7 +458,7 @@ class _Loop:
         """Bring the steps' losses to the host (one wait for the device for all of them) and record them."""
         if not pending:
             return
-        values = torch.stack([loss for _, loss in pending]).float().cpu().tolist()
+        values = self.processes.mean(torch.stack([loss for _, loss in pending]).float()).cpu().tolist()
         for (step, _), value in zip(pending, values, strict=True):
             self.smoothed = value if self.smoothed is None else 0.9 * self.smoothed + 0.1 * value
             self.result.losses.append((step, value))
@@ -426,40 +467,57 @@ class _Loop:
     def _optimizer_step(self, step: int, *, train_text: bool) -> torch.Tensor:
         """One optimizer step; its loss stays on the device (reading it would wait for the device every step)."""
         accumulation = self.config.gradient_accumulation_steps
-        total = None
+        total = torch.zeros((), device=self.device)
         for k in range(accumulation):
             micro = step * accumulation + k
-            loss = self._micro_batch_loss(micro, train_text=train_text) / accumulation
+            loss = self._micro_batch_loss(micro, train_text=train_text)
+            if loss is None:
+                continue  # this process has no sample in this micro-batch (several processes, a short batch)
+            loss = loss / accumulation
             self.stepper.backward(loss, last=k == accumulation - 1)
-            total = loss.detach() if total is None else total + loss.detach()
+            total = total + loss.detach()
         self.stepper.step()
         if self.ema is not None:
             self.ema.update(self.bundle.unet)
         return total
 
-    def _micro_batch_loss(self, micro: int, *, train_text: bool) -> torch.Tensor:
-        """Instance and class samples of one micro-batch; one UNet pass when their sizes match."""
-        groups = [(self.instance_feed.latents(self.instance_plan.batch(micro), micro, self.device), False)]
+    def _micro_batch_loss(self, micro: int, *, train_text: bool) -> torch.Tensor | None:
+        """This process's instance and class samples of one micro-batch (all of them with one process); one
+        UNet pass when their sizes match. None when the process has no sample in it."""
+        batches = {False: self.instance_plan.batch(micro)}
         if self.class_feed is not None and self.config.prior_preservation:
-            groups.append((self.class_feed.latents(self.class_plan.batch(micro), micro, self.device), True))
-        per_sample, is_class = [], []
+            batches[True] = self.class_plan.batch(micro)
+        mine = self.processes.share([(kind, position, index) for kind, batch in batches.items()
+                                     for position, index in enumerate(batch)])
+        groups = []
+        for kind, feed in ((False, self.instance_feed), (True, self.class_feed)):
+            picked = [(position, index) for k, position, index in mine if k == kind]
+            if picked:
+                positions = [position for position, _ in picked]
+                samples = feed.latents([index for _, index in picked], positions, micro, self.device)
+                groups.append((samples, [(kind, position) for position in positions]))
+        if not groups:
+            return None
+        per_sample, kinds = [], []
         shapes_match = len(groups) == 2 and groups[0][0].latents.shape[1:] == groups[1][0].latents.shape[1:]
         for members in ([groups] if shapes_match else [[g] for g in groups]):
             samples = Samples(torch.cat([g.latents for g, _ in members]),
                               [c for g, _ in members for c in g.captions], [f for g, _ in members for f in g.fits])
-            kinds = [kind for g, kind in members for _ in g.captions]
-            per_sample.append(self._denoising_error(samples, kinds, micro, train_text=train_text))
-            is_class.append(torch.tensor(kinds, device=self.device))
-        loss, _, _ = dreambooth_loss(torch.cat(per_sample), torch.cat(is_class), self.config.prior_loss_weight)
-        return loss
+            places = [place for _, group_places in members for place in group_places]
+            per_sample.append(self._denoising_error(samples, places, micro, train_text=train_text))
+            kinds.extend(kind for kind, _ in places)
+        loss = dreambooth_loss(torch.cat(per_sample), torch.tensor(kinds, device=self.device),
+                               self.config.prior_loss_weight, counts=(len(batches[False]), len(batches.get(True, ()))))
+        return loss * self.processes.count  # the processes' gradients are averaged: this makes them add up
 
-    def _noise(self, shape: torch.Size, kinds: list[bool], micro: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Noise and timestep of each sample, drawn per (step, kind, position): adding class samples to a
-        batch leaves the instance samples' randomness unchanged."""
-        noises, timesteps, position = [], [], {False: 0, True: 0}
-        for is_class in kinds:
-            generator = generator_for(self.config.seed, "noise", micro, is_class, position[is_class])
-            position[is_class] += 1
+    def _noise(self, shape: torch.Size, places: list[tuple[bool, int]],
+               micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Noise and timestep of each sample, drawn per (step, kind, position in the whole batch): adding class
+        samples to a batch leaves the instance samples' randomness unchanged, and so does splitting the batch
+        between processes."""
+        noises, timesteps = [], []
+        for is_class, position in places:
+            generator = generator_for(self.config.seed, "noise", micro, is_class, position)
             noise = torch.randn(shape[1:], generator=generator)
             if self.config.noise_offset:
                 noise += self.config.noise_offset * torch.randn((shape[1], 1, 1), generator=generator)
@@ -468,9 +526,10 @@ class _Loop:
                                            generator=generator))
         return torch.stack(noises).to(self.device), torch.cat(timesteps).to(self.device)
 
-    def _denoising_error(self, samples: Samples, kinds: list[bool], micro: int, *, train_text: bool) -> torch.Tensor:
+    def _denoising_error(self, samples: Samples, places: list[tuple[bool, int]], micro: int, *,
+                         train_text: bool) -> torch.Tensor:
         scheduler, latents = self.bundle.noise_scheduler, samples.latents
-        noise, timesteps = self._noise(latents.shape, kinds, micro)
+        noise, timesteps = self._noise(latents.shape, places, micro)
         noisy = scheduler.add_noise(latents, noise, timesteps)
         sizes = self.bundle.family.size_conditioning(samples.fits)
         with self._autocast():
@@ -500,6 +559,8 @@ class _Loop:
 
     def _periodic(self, step: int) -> None:
         config = self.config
+        if not self.processes.is_main:
+            return  # the others go on to the next step, and wait there for the main process
         if config.sample_every_n_steps and step % config.sample_every_n_steps == 0:
             self._sample(step)
         if config.save_every_n_steps and step % config.save_every_n_steps == 0:
@@ -507,7 +568,7 @@ class _Loop:
             self._save_state(step)
 
     def _cancel(self, step: int) -> RunResult:
-        if step > 0:
+        if step > 0 and self.processes.is_main:
             self._save_state(step)
         self.result.status, self.result.step = "cancelled", step
         self.run._emit(Progress("cancelled", step=step, total_steps=self.total_steps,
@@ -549,6 +610,12 @@ class _Loop:
         saved = self.kind.save(bundle, config, self.run.host, saving)
         self.result.checkpoints.extend(saved.checkpoints)
         self.result.loras.extend(saved.loras)
+        for path in saved.checkpoints:
+            self.run._emit(Progress("saving", step=step, total_steps=self.total_steps, checkpoint=path,
+                                    message=f"Saved {path.name}"))
+        for path in saved.loras:
+            self.run._emit(Progress("saving", step=step, total_steps=self.total_steps, lora=path,
+                                    message=f"Saved {path.name}"))
 
     @torch.no_grad()
     def _sample(self, step: int) -> None:

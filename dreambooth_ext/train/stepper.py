@@ -1,6 +1,6 @@
 """From micro-batch losses to optimizer steps: loss scaling, gradient accumulation, clipping, the optimizer and
-its learning-rate schedule, and the memory-saving ways of stepping. The engine's precision and accumulation code
-lives here and nowhere else, so that `accelerate` can take it over.
+its learning-rate schedule, the averaging of gradients between processes, and the memory-saving ways of stepping.
+The engine's precision and accumulation code lives here and nowhere else.
 
 - The plain way: backward on every micro-batch, then unscale, clip, step, schedule, zero the gradients.
 - Fused backward (`fused_backward`): each weight is updated by its own optimizer the moment its gradient is
@@ -21,6 +21,7 @@ import torch
 from ..config import Config
 from .devices import Precision
 from .optim import apply_changed_options, make_lr_scheduler, make_optimizer
+from .parallel import SingleProcess
 
 
 def stochastic_round_to_bf16(values: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -54,8 +55,9 @@ class Stepper:
     """Optimizer steps for the trained weights in `groups` (the optimizer's parameter groups)."""
 
     def __init__(self, config: Config, groups: list[dict], device: torch.device, precision: Precision,
-                 total_steps: int):
+                 total_steps: int, processes: SingleProcess | None = None):
         self.config = config
+        self.processes = processes or SingleProcess()
         self.params = [p for group in groups for p in group["params"]]
         self.scaler = torch.amp.GradScaler("cuda") if precision.use_grad_scaler else None
         self.fused = config.fused_backward
@@ -94,6 +96,7 @@ class Stepper:
     def step(self) -> None:
         """The optimizer step after the last micro-batch (done already, weight by weight, with fused backward)."""
         if not self.fused:
+            self.processes.average_gradients(self.params)  # several processes: before anything reads them
             if self.scaler is not None:
                 self.scaler.unscale_(self.optimizer)
             if self.config.max_grad_norm > 0:

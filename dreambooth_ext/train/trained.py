@@ -63,6 +63,14 @@ class Saved:
     loras: list[Path] = field(default_factory=list)  # LoRA files, for the Lora list
 
 
+def checkpointing(config: Config, device: torch.device) -> bool:
+    """Whether activations are recomputed in the backward pass: `auto` turns it on where memory is scarce (a GPU)
+    and off on a CPU, where it would cost a third of every step."""
+    if config.gradient_checkpointing == "auto":
+        return device.type != "cpu"
+    return config.gradient_checkpointing == "on"
+
+
 def compile_unet(unet: nn.Module, config: Config) -> None:
     """torch.compile the UNet in place (its weights keep their names, so states and exports are unchanged)."""
     if config.compile_unet:
@@ -89,14 +97,14 @@ class FullFineTune:
                 precision: Precision) -> dict[str, nn.Module]:
         dtype = weights_dtype(config)
         bundle.unet.to(device, dtype).requires_grad_(True).train()
-        if config.gradient_checkpointing:
+        if checkpointing(config, device):
             bundle.unet.enable_gradient_checkpointing()
         compile_unet(bundle.unet, config)
         trained: dict[str, nn.Module] = {"unet": bundle.unet}
         for index, text_encoder in enumerate(bundle.text_encoders):
             if config.train_text_encoder:
                 text_encoder.to(device, dtype).requires_grad_(True).train()
-                if config.gradient_checkpointing:
+                if checkpointing(config, device):
                     text_encoder.gradient_checkpointing_enable()
                 trained[_text_key(index)] = text_encoder
             else:
@@ -162,7 +170,7 @@ class LoRATraining:
             layer.up.to(device, weights_dtype(config))
         freeze_base(module)
         module.train()
-        if config.gradient_checkpointing:
+        if checkpointing(config, device):
             enable = getattr(module, "enable_gradient_checkpointing", None) or module.gradient_checkpointing_enable
             enable()
         return module

@@ -17,6 +17,7 @@ from typing import Any
 from ..config import Config
 from ..errors import DreamboothError
 from ..hosts.base import Host
+from ..train.launch import ChildRun, training_run
 from ..train.run import Progress, RunResult, TrainingRun
 
 log = logging.getLogger(__name__)
@@ -118,7 +119,7 @@ class Job:
         self.status = JobStatus(project=config.project_name, state=WAITING, resume=resume,
                                 message="Waiting for the device", started_at=time.time())
         self.result: RunResult | None = None
-        self._run: TrainingRun | None = None
+        self._run: TrainingRun | ChildRun | None = None
         self._cancel_requested = False
         self._lock = threading.Lock()
 
@@ -140,7 +141,7 @@ class Job:
                 if self._cancel_requested:
                     status.state, status.message = CANCELLED, "Cancelled before it started"
                     return status
-                self._run = TrainingRun(self.config, host, resume=self.resume, on_progress=self.status.apply)
+                self._run = training_run(self.config, host, resume=self.resume, on_progress=self.status.apply)
             status.state, status.message = RUNNING, "Starting"
             self.result = self._run.run()
             self._finish(self.result)

@@ -90,7 +90,7 @@ class DreamboothTab:
                                 self._concept_slots()
                             self.widgets.update(option_grid(
                                 [o for o in self.options if o.group == group], "dreambooth_",
-                                suggestions={"device": self.adapter.device_choices()}))
+                                suggestions=self._device_suggestions(), hidden=self._hidden_options()))
                             if group == "memory":
                                 self.lowest_memory_button = gr.Button(
                                     "Lowest memory", elem_id="dreambooth_lowest_memory", size="sm")
@@ -103,6 +103,17 @@ class DreamboothTab:
             blocks.load(self.restore_form, [], self.form)
         self.blocks = blocks
         return blocks
+
+    def _device_suggestions(self) -> dict[str, list[str]]:
+        """The devices a run can use, and sets of several GPUs where there are two or more."""
+        devices = self.adapter.device_choices()
+        count = sum(choice.startswith("cuda:") for choice in devices)
+        sets = [",".join(map(str, range(n))) for n in range(2, count + 1)]
+        return {"device": devices, "gpus": ["", "all", *sets] if count >= 2 else []}
+
+    def _hidden_options(self) -> frozenset[str]:
+        """Options that can do nothing on this machine: several GPUs without two of them."""
+        return frozenset() if self._device_suggestions()["gpus"] else frozenset({"gpus"})
 
     def _ungrouped_options(self) -> None:
         rest = [o for o in self.options if o.name not in self.widgets]

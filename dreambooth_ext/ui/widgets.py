@@ -61,12 +61,13 @@ def slider_step(option: Option) -> float | None:
 
 
 def make_widget(option: Option, *, value: Any = None, elem_id: str | None = None,
-                suggestions: list[str] | None = None) -> gr.components.Component:
+                suggestions: list[str] | None = None, visible: bool = True) -> gr.components.Component:
     """The widget for one option, with the schema's help text as its info line. `suggestions`: values the host
-    can list for a free-text option (a dropdown that still takes any value)."""
+    can list for a free-text option (a dropdown that still takes any value). `visible`: False for an option
+    that cannot do anything here (it still carries its value)."""
     kind = widget_kind(option)
     value = option.default if value is None else value
-    common = {"label": option.label, "info": option.help, "elem_id": elem_id}
+    common = {"label": option.label, "info": option.help, "elem_id": elem_id, "visible": visible}
     if suggestions:
         choices = suggestions if value in suggestions else [value, *suggestions]
         return gr.Dropdown(choices=choices, value=value, allow_custom_value=True, **common)
@@ -86,11 +87,13 @@ def make_widget(option: Option, *, value: Any = None, elem_id: str | None = None
 
 
 def option_grid(options: Sequence[Option], id_prefix: str, values: dict[str, Any] | None = None,
-                suggestions: dict[str, list[str]] | None = None) -> dict[str, gr.components.Component]:
+                suggestions: dict[str, list[str]] | None = None,
+                hidden: frozenset[str] = frozenset()) -> dict[str, gr.components.Component]:
     """Widgets for `options` in their order, GRID_COLUMNS to a row; a multi-line text takes a row of its own.
-    Each widget's elem_id is id_prefix + the option's name."""
+    Each widget's elem_id is id_prefix + the option's name; the options named in `hidden` are not shown."""
     values = values or {}
     suggestions = suggestions or {}
+    options = [o for o in options if o.name not in hidden] + [o for o in options if o.name in hidden]
     widgets: dict[str, gr.components.Component] = {}
     row: list[Option] = []
 
@@ -100,7 +103,8 @@ def option_grid(options: Sequence[Option], id_prefix: str, values: dict[str, Any
                 for option in row:
                     widgets[option.name] = make_widget(option, value=values.get(option.name),
                                                        elem_id=id_prefix + option.name,
-                                                       suggestions=suggestions.get(option.name))
+                                                       suggestions=suggestions.get(option.name),
+                                                       visible=option.name not in hidden)
             row.clear()
 
     for option in options:

@@ -1,0 +1,172 @@
+"""A run on several GPUs from a process that holds one (the WebUI's, or a plain command line): the `gpus` option.
+
+The run is the same command a user types, `accelerate launch -m dreambooth_ext train`, started as a child
+process on the base model's file (not a model in memory), with its progress read back from JSON lines and shown
+as this process's own; Cancel (or the host's Interrupt) asks it to stop through a stop file, and it saves its
+state for Resume as any run does. Its files are published here when it ends.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+from ..config import Config, gpu_list, to_dict, validate
+from ..errors import DreamboothError
+from ..hosts.base import Host
+from .parallel import SingleProcess, launched_processes
+from .run import Progress, RunResult, TrainingRun
+
+log = logging.getLogger(__name__)
+
+PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the folder holding dreambooth_ext
+
+
+def training_run(config: Config, host: Host, *, resume: bool = False,
+                 on_progress: Callable[[Progress], None] | None = None,
+                 processes: SingleProcess | None = None) -> TrainingRun | ChildRun:
+    """The run for `config`: in this process (one of `processes` when a launcher started several), or in
+    processes of its own when it names several GPUs and no launcher started this one."""
+    processes = processes or SingleProcess()
+    if config.gpus.strip() and processes.count == 1 and launched_processes() <= 1:
+        return ChildRun(config, host, resume=resume, on_progress=on_progress)
+    return TrainingRun(config, host, resume=resume, on_progress=on_progress if processes.is_main else None,
+                       processes=processes)
+
+
+def gpu_ids(config: Config) -> list[int]:
+    """The GPUs of the gpus option, checked against the ones torch sees here (none: a CPU machine, where the
+    processes train on the CPU, as the tests do)."""
+    import torch
+
+    wanted = gpu_list(config.gpus)
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if wanted is None:
+        if count < 2:
+            raise DreamboothError(f"gpus = all, but this machine has {count} CUDA GPU(s): several GPUs need two or "
+                                  "more. Leave gpus empty to train on one device.")
+        return list(range(count))
+    missing = [n for n in wanted if count and n >= count]
+    if missing:
+        raise DreamboothError(f"gpus = {config.gpus}, but this machine has no GPU {missing[0]} (it has {count}: "
+                              f"0 .. {count - 1}).")
+    return wanted
+
+
+def launch_command(gpus: list[int], train_args: list[str]) -> list[str]:
+    """`accelerate launch` of `python -m dreambooth_ext train_args...` on `gpus`, one process each."""
+    with socket.socket() as free:  # a free port for the processes to meet on
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "1",
+            "--num_processes", str(len(gpus)), "--gpu_ids", ",".join(map(str, gpus)), "--main_process_port",
+            str(port), "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "dreambooth_ext", *train_args]
+
+
+class ChildRun:
+    """A run in child processes with TrainingRun's interface: `run()`, `cancel()`, progress to the host and to
+    `on_progress`, stops the host asks for."""
+
+    def __init__(self, config: Config, host: Host, *, resume: bool = False,
+                 on_progress: Callable[[Progress], None] | None = None):
+        self.config, self.host, self.resume, self.on_progress = config, host, resume, on_progress
+        self._cancel = threading.Event()
+        self.stop_file: Path | None = None
+
+    def cancel(self) -> None:
+        self._cancel.set()
+        if self.stop_file is not None:
+            self.stop_file.touch()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel.is_set()
+
+    def run(self) -> RunResult:
+        config = validate(self.config)
+        gpus = gpu_ids(config)
+        base, vae = self.host.base_files(config)
+        work_dir = self.host.work_dir(config.project_name)
+        work_dir.mkdir(parents=True, exist_ok=True)
+        config_file = work_dir / "launch.json"
+        child_config = dataclasses.replace(config, base_model=str(base), vae=str(vae or ""), gpus="", device="auto")
+        config_file.write_text(json.dumps(to_dict(child_config), indent=1), encoding="utf-8")
+        self.stop_file = work_dir / "stop"
+        self.stop_file.unlink(missing_ok=True)
+        if self.cancelled:
+            self.stop_file.touch()
+        args = ["train", "--config", str(config_file), "--progress-json", "--stop-file", str(self.stop_file),
+                "--work-dir", str(work_dir.parent), "--models-dir", str(work_dir.parent),
+                "--checkpoint-dir", str(self.host.checkpoint_path(config.project_name, 0).parent.parent),
+                "--lora-dir", str(self.host.lora_path(config.project_name, 0).parent.parent)]
+        if self.resume:
+            args.append("--resume")
+        self._emit(Progress("loading", message=f"Starting {len(gpus)} training processes (GPUs "
+                                               f"{', '.join(map(str, gpus))}) on {base.name}"))
+        self.host.release_device(None)  # the host's GPU is likely one of them
+        try:
+            return self._follow(launch_command(gpus, args), work_dir / "launch.log")
+        finally:
+            self.host.restore_device()
+
+    def _follow(self, command: list[str], log_path: Path) -> RunResult:
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(PACKAGE_ROOT), os.environ.get("PYTHONPATH", "")]),
+                   PYTHONUNBUFFERED="1")
+        result = RunResult("failed", 0, 0)
+        with open(log_path, "w", encoding="utf-8") as log_file:
+            process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log_file, text=True, env=env)
+            try:
+                for line in process.stdout:
+                    progress = Progress.from_line(line)
+                    if progress is not None:
+                        self._take(progress, result)
+                    else:
+                        log_file.write(line)
+            finally:
+                code = process.wait()
+        if result.status not in ("finished", "cancelled"):
+            raise DreamboothError(f"The training processes stopped (exit code {code}): {_last_error(log_path)} "
+                                  f"The whole log: {log_path}")
+        return result
+
+    def _take(self, progress: Progress, result: RunResult) -> None:
+        """One progress line of the child's main process: shown here, and kept for the result."""
+        if progress.phase in ("finished", "cancelled"):
+            result.status = progress.phase
+        if progress.total_steps:
+            result.step, result.total_steps = progress.step, progress.total_steps
+        if progress.phase == "training" and progress.loss is not None:
+            result.losses.append((progress.step, progress.loss))
+        result.samples.extend(progress.samples)
+        for path, kept, publish in ((progress.checkpoint, result.checkpoints, self.host.publish),
+                                    (progress.lora, result.loras, self.host.publish_lora)):
+            if path is not None and path not in kept:
+                kept.append(path)
+                publish(path)
+        self._emit(progress)
+
+    def _emit(self, progress: Progress) -> None:
+        self.host.report(progress)
+        if self.on_progress:
+            self.on_progress(progress)
+        if not self.cancelled and self.host.cancel_requested():
+            log.info("Stop requested by the host: the training processes stop after their step")
+            self.cancel()
+
+
+def _last_error(log_path: Path) -> str:
+    """The child's own error paragraph ("Error: ..."), else the last line of its log."""
+    lines = [line.strip() for line in log_path.read_text(encoding="utf-8", errors="replace").splitlines()
+             if line.strip()]
+    for line in reversed(lines):
+        if line.startswith("Error: "):
+            return line[len("Error: "):]
+    return lines[-1] if lines else "no output."

@@ -1,0 +1,147 @@
+"""Data-parallel training over several processes, started by `accelerate launch` (or torchrun): which process
+this is, its share of every batch, and the averaging of gradients and losses.
+
+Every process holds the whole model. Each micro-batch (instance and class samples alike) is split between the
+processes in order, every sample keeping the randomness of its position in the whole batch, and each process's
+loss is weighted so that the averaged gradient is exactly the gradient of the whole batch's loss. So N processes
+take the steps one process would take with the same `train_batch_size`, and a run saved on N processes resumes
+on any number. Only the main process writes files, renders samples and reports; the others follow its steps.
+One process without a launcher is `SingleProcess`, which changes nothing.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+from collections.abc import Sequence
+
+import torch
+
+from ..errors import DreamboothError
+from .devices import device_name
+
+log = logging.getLogger(__name__)
+
+# How long a process waits for the others at a meeting point: the main process may be generating class images,
+# rendering samples or saving meanwhile.
+WAIT = datetime.timedelta(hours=2)
+
+
+class SingleProcess:
+    """One process: the whole batch is ours, nothing is exchanged."""
+
+    count = 1
+    index = 0
+    is_main = True
+    device: torch.device | None = None  # None: the device option decides
+
+    def share(self, items: Sequence) -> list:
+        return list(items)
+
+    def average_gradients(self, params: Sequence[torch.nn.Parameter]) -> None:
+        pass
+
+    def mean(self, values: torch.Tensor) -> torch.Tensor:
+        return values
+
+    def any(self, flag: bool) -> bool:
+        return flag
+
+    def wait_for_all(self) -> None:
+        pass
+
+
+class DataParallel(SingleProcess):
+    """One of several processes of a torch.distributed group that accelerate has set up."""
+
+    def __init__(self, state):
+        self.state = state
+        self.count = state.num_processes
+        self.index = state.process_index
+        self.is_main = state.is_main_process
+        self.device = state.device
+
+    def share(self, items: Sequence) -> list:
+        """This process's contiguous part of `items` (sizes differ by at most one; a part may be empty)."""
+        n = len(items)
+        return list(items[self.index * n // self.count:(self.index + 1) * n // self.count])
+
+    def average_gradients(self, params: Sequence[torch.nn.Parameter]) -> None:
+        """Every weight's gradient averaged over the processes, in one exchange per dtype and device. A process
+        that had no sample in this step contributes zeros; a weight no process has a gradient for (a text
+        encoder whose training has stopped) keeps none, so the optimizer leaves it alone as it would in one."""
+        present = torch.tensor([param.grad is not None for param in params], dtype=torch.float32,
+                               device=self.device)
+        torch.distributed.all_reduce(present, op=torch.distributed.ReduceOp.MAX)
+        buckets: dict[tuple, list[torch.Tensor]] = {}
+        for param, anywhere in zip(params, present.tolist(), strict=True):
+            if not anywhere:
+                continue
+            if param.grad is None:
+                param.grad = torch.zeros_like(param)
+            buckets.setdefault((param.grad.dtype, param.grad.device), []).append(param.grad)
+        for grads in buckets.values():
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            torch.distributed.all_reduce(flat)
+            flat /= self.count
+            offset = 0
+            for grad in grads:
+                grad.copy_(flat[offset:offset + grad.numel()].view_as(grad))
+                offset += grad.numel()
+
+    def mean(self, values: torch.Tensor) -> torch.Tensor:
+        total = values.detach().clone()
+        torch.distributed.all_reduce(total)
+        return total / self.count
+
+    def any(self, flag: bool) -> bool:
+        """True on every process when it is true on one (a stop asked of the main process stops them all at
+        the same step)."""
+        value = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+        return bool(value.item())
+
+    def wait_for_all(self) -> None:
+        self.state.wait_for_everyone()
+
+
+def launched_processes() -> int:
+    """How many processes the launcher started (1 without one)."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return 1
+
+
+def join_processes(device_option: str) -> SingleProcess:
+    """This process's place among the processes `accelerate launch` started (SingleProcess without it)."""
+    if launched_processes() <= 1:
+        return SingleProcess()
+    try:
+        from accelerate import PartialState
+    except ImportError as exc:
+        raise DreamboothError("Started by a launcher with several processes, but the accelerate package is "
+                              "missing: pip install accelerate (the WebUI ships it).") from exc
+    state = PartialState(cpu=device_option == "cpu", timeout=WAIT)
+    log.debug("Process %d of %d on %s", state.process_index, state.num_processes, state.device)
+    return DataParallel(state)
+
+
+def check_parallel(config, processes: SingleProcess) -> None:
+    """Options that cannot run on several processes, refused with their fix before any model loads."""
+    if processes.count <= 1:
+        return
+    problems = []
+    if config.fused_backward:
+        problems.append("fused_backward updates each weight during the backward pass, before the processes' "
+                        "gradients could be averaged: turn fused_backward off")
+    if device_name(config.device) not in ("auto", "cpu"):
+        problems.append(f"device is {config.device}, but each process takes its own GPU: set device to auto and "
+                        "choose the GPUs with accelerate launch --gpu_ids")
+    if problems:
+        raise DreamboothError(f"Cannot train on {processes.count} processes: " + "; ".join(problems) + ".")
+    samples = config.train_batch_size * (2 if config.prior_preservation else 1)
+    if samples < processes.count:
+        log.warning("Each step has %d sample(s) for %d processes: some processes wait idle. Raise train_batch_size "
+                    "to use them all.", samples, processes.count)

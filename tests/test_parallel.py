@@ -1,0 +1,136 @@
+"""Several processes through `accelerate launch` (torch.distributed's gloo on the CPU): the steps of one process
+with the same global batch, one set of files, and a stopped run resumes on any number of processes."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from dreambooth_ext.models.checkpoint import read_checkpoint
+from dreambooth_ext.models.tiny import save_tiny_checkpoint
+from dreambooth_ext.train.run import Progress
+
+ROOT = Path(__file__).resolve().parents[1]
+UNET = "model.diffusion_model."
+STEPS = 8
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("data")
+    base = save_tiny_checkpoint(folder / "tiny.safetensors", family="sd1", seed=0)
+    for kind, green in (("instance", 160), ("class", 40)):
+        (folder / kind).mkdir()
+        for i in range(3):
+            Image.new("RGB", (64, 64), (70 * i, green, 30)).save(folder / kind / f"{kind}{i}.png")
+    return {"base": base, "instance": folder / "instance", "class": folder / "class"}
+
+
+def flags(data: dict[str, Path], out: Path, *extra: str) -> list[str]:
+    """Batch 2 plus 2 class samples; AdamW with epsilon 1 and no weight decay makes each update nearly linear in
+    the gradient, so a wrongly weighted average between processes would show in the weights."""
+    return ["train", "--project_name", "p", "--base_model", str(data["base"]), "--instance_dir",
+            str(data["instance"]), "--class_dir", str(data["class"]), "--num_class_images", "3",
+            "--prior_preservation", "true", "--resolution", "64", "--max_train_steps", str(STEPS),
+            "--train_batch_size", "2", "--learning_rate", "1", "--adam_epsilon", "1", "--weight_decay", "0",
+            "--seed", "5", "--save_precision", "fp32", "--models-dir", str(out), *extra]
+
+
+def command(processes: int, args: list[str]) -> list[str]:
+    if processes == 1:
+        return [sys.executable, "-m", "dreambooth_ext", *args]
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+            str(port), "-m", "dreambooth_ext", *args]
+
+
+def environment() -> dict[str, str]:
+    return dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+                OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+
+
+def train(processes: int, args: list[str]) -> subprocess.CompletedProcess:
+    done = subprocess.run(command(processes, args), capture_output=True, text=True, env=environment(),
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def train_until_stopped(processes: int, args: list[str], stop_file: Path) -> int:
+    """Start, ask it to stop once training has begun (the tab's way: a stop file), return the step it saved."""
+    proc = subprocess.Popen(command(processes, [*args, "--progress-json", "--stop-file", str(stop_file)]),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment())
+    last = None
+    try:
+        for line in proc.stdout:
+            progress = Progress.from_line(line)
+            if progress is None:
+                continue
+            last = progress
+            if last.phase == "training":
+                stop_file.touch()
+        proc.wait(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert last is not None and last.phase == "cancelled", proc.stderr.read()[-3000:]
+    assert 1 <= last.step < STEPS
+    return last.step
+
+
+def unet(path: Path) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in read_checkpoint(path).items() if k.startswith(UNET)}
+
+
+def largest_difference(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+@pytest.fixture(scope="module")
+def one_process(data, tmp_path_factory) -> dict[str, torch.Tensor]:
+    out = tmp_path_factory.mktemp("one")
+    train(1, flags(data, out))
+    return unet(out / "Stable-diffusion" / "p" / f"p_{STEPS}.safetensors")
+
+
+def test_two_processes_take_the_steps_of_one(data, one_process, tmp_path):
+    train(2, flags(data, tmp_path))
+    written = sorted(p.name for p in (tmp_path / "Stable-diffusion" / "p").iterdir())
+    assert written == [f"p_{STEPS}.safetensors"]  # one set of files, no half-written one
+    assert not (tmp_path / "dreambooth" / "p" / "state").exists()
+    result = unet(tmp_path / "Stable-diffusion" / "p" / f"p_{STEPS}.safetensors")
+    moved = largest_difference(result, unet(data["base"]))
+    assert moved > 1e-2  # it trained
+    assert largest_difference(result, one_process) < 1e-5 * max(1.0, moved)
+
+    # A different global batch gives different weights: the comparison above can fail.
+    other = tmp_path / "batch1"
+    train(1, flags(data, other, "--train_batch_size", "1"))
+    assert largest_difference(unet(other / "Stable-diffusion" / "p" / f"p_{STEPS}.safetensors"), one_process) > 1e-3
+
+
+def test_a_run_stopped_on_two_processes_resumes_on_one_and_on_two(data, one_process, tmp_path):
+    stopped = tmp_path / "stopped"
+    step = train_until_stopped(2, flags(data, stopped), tmp_path / "stop")
+    assert (stopped / "dreambooth" / "p" / "state").is_dir()
+    assert not (stopped / "Stable-diffusion" / "p").exists() or not any((stopped / "Stable-diffusion" / "p").iterdir())
+    copy = tmp_path / "copy"
+    shutil.copytree(stopped, copy)
+
+    for processes, out in ((1, stopped), (2, copy)):
+        done = train(processes, flags(data, out, "--resume"))
+        assert f"Resuming p at step {step}" in done.stderr
+        result = unet(out / "Stable-diffusion" / "p" / f"p_{STEPS}.safetensors")
+        assert largest_difference(result, one_process) < 1e-5, processes
