@@ -67,16 +67,22 @@ def build_unet(model: str, tiny: bool):
 class Run:
     """One model on the device with one setup: a step function over random cached-latent batches."""
 
-    def __init__(self, model: str, setup: str, device: torch.device, tiny: bool):
+    def __init__(self, model: str, setup: str, device: torch.device, tiny: bool, *, fp32: bool = False,
+                 latent: int | None = None):
+        """`fp32`: compute and keep every weight in fp32 (a CPU without bf16 arithmetic: bench/memory.py);
+        `latent`: the latent size (default: the model's own resolution / 8)."""
         self.model, self.device = model, device
         self.family = family_named("sdxl" if model == "sdxl" else "sd1")
         options = {"learning_rate": 1e-6, "mixed_precision": "bf16", "gradient_checkpointing": True,
                    "lora_learning_rate": 1e-4, **SETUPS[setup]}
+        if fp32:
+            options.update(mixed_precision="no", weights_dtype="fp32")
         self.config = from_dict(options)
-        precision = Precision(torch.bfloat16, torch.bfloat16, False)
+        self.compute = torch.float32 if fp32 else torch.bfloat16
+        precision = Precision(None if fp32 else torch.bfloat16, self.compute, False)
         unet = build_unet(model, tiny)
         if self.config.train_mode == "lora":
-            unet.to(device, torch.bfloat16)
+            unet.to(device, self.compute)
             add_adapters(unet, unet_targets(unet, conv=False),
                          LoRASettings(rank=self.config.lora_rank, alpha=self.config.lora_rank))
             unet.to(device)
@@ -91,7 +97,7 @@ class Run:
         unet.enable_gradient_checkpointing()
         self.unet = unet
         self.stepper = Stepper(self.config, param_groups(self.config, unet), device, precision, 1000)
-        self.latent = (32 if tiny else 128) if model == "sdxl" else (16 if tiny else 64)
+        self.latent = latent or ((32 if tiny else 128) if model == "sdxl" else (16 if tiny else 64))
         self.context = unet.config.cross_attention_dim
 
     def batch(self, size: int) -> dict:
@@ -108,7 +114,7 @@ class Run:
 
     def step(self, batch: dict) -> torch.Tensor:
         noise = torch.randn_like(batch["latents"])
-        with torch.autocast(self.device.type, dtype=torch.bfloat16):
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.compute == torch.bfloat16):
             prediction = self.unet(batch["latents"] + noise, batch["timesteps"], **batch["kwargs"]).sample
         loss = per_sample_mse(prediction, noise).mean()
         self.stepper.backward(loss, last=True)

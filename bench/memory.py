@@ -12,7 +12,15 @@ random weights) at 512 px, batch 1 + 1 class image, gradient checkpointing on, i
 compute is emulated (very slow) on CPUs without AVX-512 BF16, so unless --measure-bf16 is given, the bf16-weights
 row is the fused row with the weights' bytes halved (its activations stay those of the fp32 run: an upper bound).
 
+SDXL (`--model sdxl`): its real 2.6B-weight UNet alone (latents and text embeddings are random tensors of the
+cached shapes, as in bench/gpu.py), fp32 everywhere, gradient checkpointing on, at --resolution (the fp32
+weights alone are 10.3 GB: 24 GB of RAM does not hold a full fp32 AdamW run). Measured: Adafactor + fused
+backward, and LoRA rank 16; computed from them: bf16 weights (the trained weights' and, for LoRA, the frozen
+base's bytes halved). The transient (activations, gradients in flight) is scaled to 1024 px by the latent area,
+and counted in fp32, so the figure is an upper bound for a bf16 run.
+
     python bench/memory.py [--resolution 512] [--steps 3] [--measure-bf16]   (about 25 minutes on 2 CPU cores)
+    python bench/memory.py --model sdxl [--resolution 512] [--steps 2]      (about 10 minutes)
 """
 
 from __future__ import annotations
@@ -82,7 +90,7 @@ def run_one(args, overrides: dict) -> dict:
 
     data = {"project_name": "mem", "base_model": args.base, "resolution": args.resolution,
             "max_train_steps": args.steps, "prior_preservation": True, "seed": 0, "sample_every_n_steps": 0,
-            "save_every_n_steps": 0,
+            "save_every_n_steps": 0, "gradient_checkpointing": "on",
             "concepts": [{"instance_dir": args.images, "class_dir": args.classes, "token": "ohwx",
                           "class_word": "toy", "num_class_images": 1, "generate_class_images": False}]}
     data.update(overrides)
@@ -96,6 +104,55 @@ def run_one(args, overrides: dict) -> dict:
             figures["transient"] = _peak_mib() * 1024 ** 2 - figures.get("start", 0)
             figures["seconds"] = time.perf_counter() - started
     return figures
+
+
+SDXL_SETUPS = {"Adafactor + fused backward": "lean", "LoRA rank 16": "lora"}
+
+
+def run_sdxl(args, name: str) -> dict:
+    """One SDXL setup, fp32, on the UNet alone (bench/gpu.py's step); the same figures as run_one."""
+    import gpu
+
+    run = gpu.Run("sdxl", SDXL_SETUPS[name], torch.device("cpu"), tiny=False, fp32=True,
+                  latent=args.resolution // 8)
+    batch = run.batch(2)  # batch 1 + 1 class image
+    run.step(batch)
+    trained = [p for p in run.unet.parameters() if p.requires_grad]
+    figures = {"weights": sum(p.numel() * p.element_size() for p in trained),
+               "weights_count": sum(p.numel() for p in trained),
+               "frozen": sum(p.numel() * p.element_size() for p in run.unet.parameters() if not p.requires_grad),
+               "optimizer": _optimizer_bytes(run.stepper), "start": _rss()}
+    _reset_peak()
+    started = time.perf_counter()
+    for _ in range(args.steps):
+        run.step(batch)
+    figures["transient"] = _peak_mib() * 1024 ** 2 - figures["start"]
+    figures["seconds"] = time.perf_counter() - started
+    return figures
+
+
+def sdxl_report(rows: dict[str, dict], resolution: int) -> None:
+    scale = (1024 / resolution) ** 2
+    lean, lora = rows["Adafactor + fused backward"], rows["LoRA rank 16"]
+    table = {
+        "Adafactor + fused backward, fp32 weights": lean,
+        "bf16 weights (stochastic rounding) + Adafactor + fused backward (computed)": {
+            **lean, "weights": lean["weights_count"] * 2},
+        "LoRA rank 16, fp32 base": lora,
+        "LoRA rank 16, bf16 base (computed)": {**lora, "frozen": lora["frozen"] / 2},
+    }
+    goals = {"bf16 weights (stochastic rounding) + Adafactor + fused backward (computed)": 12.0,
+             "LoRA rank 16, bf16 base (computed)": 8.0}
+    print(f"SDXL UNet, measured at {resolution} px (batch 1 + 1 class image, gradient checkpointing, fp32 on the "
+          f"CPU), transient scaled x{scale:g} to 1024 px; GB")
+    print(f"{'options':75} {'weights':>8} {'frozen':>7} {'optim':>7} {'transient':>9} {'GPU est.':>9}  goal")
+    for name, figures in table.items():
+        transient = max(0.0, figures["transient"]) * scale
+        gpu = (figures["weights"] + figures.get("frozen", 0) + figures["optimizer"] + transient + CUDA_CONTEXT) / GB
+        goal = goals.get(name)
+        verdict = f"<= {goal}: {'met' if gpu <= goal else 'NOT met'}" if goal else ""
+        print(f"{name:75} {figures['weights'] / GB:8.2f} {figures.get('frozen', 0) / GB:7.2f} "
+              f"{figures['optimizer'] / GB:7.2f} {transient / GB:9.2f} {gpu:9.2f}  {verdict}")
 
 
 def _optimizer_bytes(stepper) -> int:
@@ -130,12 +187,24 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--measure-bf16", action="store_true", help="also run the bf16 combination (slow without "
                         "AVX-512 BF16)")
+    parser.add_argument("--model", choices=("sd15", "sdxl"), default="sd15")
     parser.add_argument("--run", help=argparse.SUPPRESS)
     for name in ("--base", "--images", "--classes"):
         parser.add_argument(name, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.run:
-        print(json.dumps(run_one(args, COMBINATIONS[args.run])))
+        figures = run_sdxl(args, args.run) if args.model == "sdxl" else run_one(args, COMBINATIONS[args.run])
+        print(json.dumps(figures))
+        return
+    if args.model == "sdxl":
+        rows = {}
+        for name in SDXL_SETUPS:
+            command = [sys.executable, __file__, "--model", "sdxl", "--run", name, "--resolution",
+                       str(args.resolution), "--steps", str(args.steps)]
+            out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+            rows[name] = json.loads(out.strip().splitlines()[-1])
+            print(f"  {name}: {rows[name]}", file=sys.stderr)
+        sdxl_report(rows, args.resolution)
         return
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -134,3 +134,43 @@ def test_a_run_stopped_on_two_processes_resumes_on_one_and_on_two(data, one_proc
         assert f"Resuming p at step {step}" in done.stderr
         result = unet(out / "Stable-diffusion" / "p" / f"p_{STEPS}.safetensors")
         assert largest_difference(result, one_process) < 1e-5, processes
+
+
+def test_gradients_are_exchanged_in_buckets_and_come_back_whole(monkeypatch, tmp_path):
+    """In a group of one process (nothing to average), every gradient comes back as it was whatever the bucket
+    size; a weight nobody has a gradient for keeps none."""
+    import torch.distributed as dist
+
+    from dreambooth_ext.train import parallel
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        class State:
+            num_processes, process_index, is_main_process, device = 1, 0, True, torch.device("cpu")
+
+        processes = parallel.DataParallel(State())
+        params = [torch.nn.Parameter(torch.randn(shape)) for shape in ((3, 5), (7,), (2, 2, 2), (4, 4))]
+        for param in params[:3]:
+            param.grad = torch.randn_like(param)
+        expected = [p.grad.clone() for p in params[:3]]
+        monkeypatch.setattr(parallel, "BUCKET_ELEMENTS", 16)
+        assert [len(b) for b in parallel._buckets([p.grad for p in params[:3]])] == [1, 2]
+        processes.average_gradients(params)
+        assert all(torch.equal(p.grad, e) for p, e in zip(params, expected, strict=False))
+        assert params[3].grad is None
+        assert processes.share(list("abcde")) == list("abcde") and processes.any(True)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_the_gpus_option_launches_the_processes_itself(data, one_process, tmp_path, capsys):
+    """`train --gpus 0,1` from a plain command: the engine starts `accelerate launch` on those GPUs (here, with
+    no GPU, the processes train on the CPU), shows its progress, and ends with the same weights."""
+    from dreambooth_ext import cli
+
+    assert cli.main(flags(data, tmp_path, "--gpus", "0,1")) == 0
+    err = capsys.readouterr().err
+    assert "Starting 2 training processes (GPUs 0, 1)" in err and f"step {STEPS}/{STEPS}" in err
+    result = unet(tmp_path / "Stable-diffusion" / "p" / f"p_{STEPS}.safetensors")
+    assert largest_difference(result, one_process) < 1e-5
+    assert (tmp_path / "dreambooth" / "p" / "launch.log").is_file()

@@ -74,21 +74,23 @@ class DataParallel(SingleProcess):
         present = torch.tensor([param.grad is not None for param in params], dtype=torch.float32,
                                device=self.device)
         torch.distributed.all_reduce(present, op=torch.distributed.ReduceOp.MAX)
-        buckets: dict[tuple, list[torch.Tensor]] = {}
+        kinds: dict[tuple, list[torch.Tensor]] = {}
         for param, anywhere in zip(params, present.tolist(), strict=True):
             if not anywhere:
                 continue
             if param.grad is None:
                 param.grad = torch.zeros_like(param)
-            buckets.setdefault((param.grad.dtype, param.grad.device), []).append(param.grad)
-        for grads in buckets.values():
-            flat = torch.cat([g.reshape(-1) for g in grads])
-            torch.distributed.all_reduce(flat)
-            flat /= self.count
-            offset = 0
-            for grad in grads:
-                grad.copy_(flat[offset:offset + grad.numel()].view_as(grad))
-                offset += grad.numel()
+            kinds.setdefault((param.grad.dtype, param.grad.device), []).append(param.grad)
+        for grads in kinds.values():
+            for bucket in _buckets(grads):
+                flat = torch.cat([g.reshape(-1) for g in bucket]) if len(bucket) > 1 else bucket[0].reshape(-1)
+                torch.distributed.all_reduce(flat)
+                flat /= self.count
+                offset = 0
+                for grad in bucket:
+                    if flat.data_ptr() != grad.data_ptr():
+                        grad.copy_(flat[offset:offset + grad.numel()].view_as(grad))
+                    offset += grad.numel()
 
     def mean(self, values: torch.Tensor) -> torch.Tensor:
         total = values.detach().clone()
@@ -118,6 +120,10 @@ def join_processes(device_option: str) -> SingleProcess:
     """This process's place among the processes `accelerate launch` started (SingleProcess without it)."""
     if launched_processes() <= 1:
         return SingleProcess()
+    for kind in ("DEEPSPEED", "FSDP"):
+        if os.environ.get(f"ACCELERATE_USE_{kind}", "").lower() == "true":
+            raise DreamboothError(f"accelerate launch with {kind.lower()} is not supported: the engine steps its "
+                                  "own optimizer. Launch with --multi_gpu (plain data-parallel) instead.")
     try:
         from accelerate import PartialState
     except ImportError as exc:
@@ -145,3 +151,19 @@ def check_parallel(config, processes: SingleProcess) -> None:
     if samples < processes.count:
         log.warning("Each step has %d sample(s) for %d processes: some processes wait idle. Raise train_batch_size "
                     "to use them all.", samples, processes.count)
+
+
+BUCKET_ELEMENTS = 32 * 1024 * 1024  # gradients exchanged together: a copy of this size at most (128 MB in fp32)
+
+
+def _buckets(grads: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """Consecutive groups of gradients of at most BUCKET_ELEMENTS in all (a larger one alone)."""
+    buckets: list[list[torch.Tensor]] = [[]]
+    size = 0
+    for grad in grads:
+        if buckets[-1] and size + grad.numel() > BUCKET_ELEMENTS:
+            buckets.append([])
+            size = 0
+        buckets[-1].append(grad)
+        size += grad.numel()
+    return buckets
