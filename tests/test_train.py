@@ -484,3 +484,29 @@ def test_nan_latents_stop_the_run_naming_the_picture(tiny_sd1, instance_dir, tmp
     monkeypatch.setattr(AutoencoderKL, "encode", overflowing)
     with pytest.raises(DreamboothError, match=r"img\d\.png into NaN/inf latents.*mixed_precision"):
         train(make_config(tiny_sd1, instance_dir, max_train_steps=1, cache_latents=cache_latents), tmp_path)
+
+
+def test_pictures_read_ahead_in_a_thread_are_the_ones_the_step_reads(tiny_sd1, instance_dir, tmp_path,
+                                                                     monkeypatch):
+    """Without a latent cache (random crops need a new crop every step), the next step's pictures are read in a
+    thread of their own while a step trains; the result equals reading each picture when its step comes."""
+    import threading
+
+    from dreambooth_ext.train import batches
+
+    readers = set()
+    read = batches.prepare_picture
+
+    def recording(*args, **kwargs):
+        readers.add(threading.current_thread().name)
+        return read(*args, **kwargs)
+
+    monkeypatch.setattr(batches, "prepare_picture", recording)
+    config = make_config(tiny_sd1, instance_dir, max_train_steps=3, crop="random", flip_p=0.5)
+    ahead = unet_of(train(config, tmp_path / "ahead")[1].checkpoints[-1])
+    assert any(name.startswith("dreambooth-pictures") for name in readers)
+    monkeypatch.setattr(batches.Feeder, "prefetch", lambda self, indices, micro: None)
+    readers.clear()
+    inline = unet_of(train(config, tmp_path / "inline")[1].checkpoints[-1])
+    assert not any(name.startswith("dreambooth-pictures") for name in readers)
+    assert max_difference(ahead, inline) == 0.0

@@ -38,13 +38,22 @@ class SourceInfo:
     """Where the base model came from, as the WebUI names it. The file's hash may still be being computed (off
     the training's critical path): reading `sha256` waits for it."""
 
-    def __init__(self, name: str, path: str = "", sha256: str = "", short_hash: str = "", vae_name: str = "",
-                 hashing: Future[str] | None = None):
+    def __init__(self, name: str, path: str = "", sha256: str = "", short_hash: str = "", vae_name: str = "", *,
+                 hash_file: bool = False):
+        """`hash_file`: compute the file's sha256 (when it is not given) from `start_hashing` on."""
         self.name, self.path, self.vae_name = name, path, vae_name
-        self._sha256, self._short_hash, self._hashing = sha256, short_hash, hashing
+        self._sha256, self._short_hash, self._hash_file = sha256, short_hash, hash_file
+        self._hashing: Future[str] | None = None
+
+    def start_hashing(self) -> None:
+        """Hash the file in a thread of its own from now on (once the model has loaded: the two would share the
+        CPU and the disk)."""
+        if self._hash_file and not self._sha256 and self._hashing is None and self.path:
+            self._hashing = _hash_in_background(Path(self.path))
 
     @property
     def sha256(self) -> str:
+        self.start_hashing()
         if self._hashing is not None:
             self._sha256, self._hashing = self._hashing.result(), None
             self._short_hash = self._short_hash or hash_prefix(self._sha256)
@@ -284,16 +293,16 @@ def load_bundle_from_file(path: str | os.PathLike, *, vae_path: str | os.PathLik
                           prediction_type: str = "auto") -> ModelBundle:
     """Read a checkpoint (and optional VAE) file, with its hash and the `<name>.yaml` beside it if any."""
     path = Path(path)
-    hashing = _hash_in_background(path)
     state_dict = read_checkpoint(path)
     yaml_path = path.with_suffix(".yaml")
     yaml_text = yaml_path.read_text(encoding="utf-8", errors="replace") if yaml_path.is_file() else None
     vae_state_dict = read_vae(vae_path) if vae_path else None
-    source = SourceInfo(name=path.name, path=str(path), hashing=hashing,
-                        vae_name=Path(vae_path).name if vae_path else "")
-    return load_bundle(state_dict, vae_state_dict=vae_state_dict, prediction_type=prediction_type, source=source,
-                       owned=True,
-                       yaml_text=yaml_text, metadata=read_safetensors_metadata(path))
+    source = SourceInfo(name=path.name, path=str(path), vae_name=Path(vae_path).name if vae_path else "",
+                        hash_file=True)
+    bundle = load_bundle(state_dict, vae_state_dict=vae_state_dict, prediction_type=prediction_type, source=source,
+                         owned=True, yaml_text=yaml_text, metadata=read_safetensors_metadata(path))
+    source.start_hashing()
+    return bundle
 
 
 def check_checkpoint_file(path: str | os.PathLike) -> BaseFacts | None:

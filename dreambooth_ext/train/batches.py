@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -80,7 +81,9 @@ class LatentCache:
 
 
 class Feeder:
-    """Latents and captions of micro-batches, from the cache or by encoding images each step."""
+    """Latents and captions of micro-batches, from the cache or by encoding images each step. Without a cache,
+    `prefetch` reads and crops the pictures of a coming micro-batch in a thread of its own while the current
+    step trains; they are exactly the pictures that step would read itself."""
 
     def __init__(self, vae, examples: list[Example], *, is_class: bool, seed: int, flip_p: float, crop: str,
                  cache: LatentCache | None):
@@ -91,6 +94,24 @@ class Feeder:
         self.flip_p = flip_p
         self.crop = crop
         self.cache = cache
+        self._reader: ThreadPoolExecutor | None = None
+        self._coming: dict[tuple[int, int], Future] = {}
+
+    def prefetch(self, indices: list[int], micro: int) -> None:
+        """Start reading the pictures of micro-batch `micro` (nothing to do with a cache)."""
+        if self.cache is not None:
+            return
+        if self._reader is None:
+            self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dreambooth-pictures")
+        for index in indices:
+            if (micro, index) not in self._coming:
+                self._coming[(micro, index)] = self._reader.submit(self._picture, index, micro)
+
+    def close(self) -> None:
+        if self._reader is not None:
+            self._reader.shutdown(wait=True, cancel_futures=True)
+            self._reader = None
+        self._coming.clear()
 
     def latents(self, indices: list[int], positions: list[int], micro: int, device: torch.device) -> Samples:
         """The examples `indices`, at `positions` in the micro-batch (each sample's draw from its posterior
@@ -104,17 +125,27 @@ class Feeder:
         latents = (mean + std * noise) * self.vae.config.scaling_factor
         return Samples(latents.to(device), [self.examples[i].caption for i in indices], [s.fit for s in stats])
 
-    def _stats(self, index: int, micro: int) -> LatentStats:
+    def _flip(self, index: int, micro: int) -> bool:
         kind = "class" if self.is_class else "instance"
-        flip = flip_decision(derive_seed(self.seed, kind), micro, index, self.flip_p)
-        if self.cache is not None:
-            return self.cache.get(self.is_class, index, flip)
+        return flip_decision(derive_seed(self.seed, kind), micro, index, self.flip_p)
+
+    def _picture(self, index: int, micro: int) -> tuple[torch.Tensor, Fit]:
+        """The example's pixels as micro-batch `micro` sees them (its flip and, with random crops, its crop)."""
+        kind = "class" if self.is_class else "instance"
         generator = generator_for(self.seed, "crop", kind, micro, index) if self.crop == "random" else None
         example = self.examples[index]
+        return prepare_picture(example.path, example.size, self.crop, self._flip(index, micro), generator)
+
+    def _stats(self, index: int, micro: int) -> LatentStats:
+        if self.cache is not None:
+            return self.cache.get(self.is_class, index, self._flip(index, micro))
+        coming = self._coming.pop((micro, index), None)
+        pixels, fit = coming.result() if coming is not None else self._picture(index, micro)
+        for key in [key for key in self._coming if key[0] < micro]:  # read for a step that never came
+            self._coming.pop(key).cancel()
         vae_param = next(self.vae.parameters())
-        pixels, fit = prepare_picture(example.path, example.size, self.crop, flip, generator)
         with torch.no_grad():
-            return posterior(self.vae, pixels[None].to(vae_param.device, vae_param.dtype), example, fit)
+            return posterior(self.vae, pixels[None].to(vae_param.device, vae_param.dtype), self.examples[index], fit)
 
 
 class TextConditioning:

@@ -96,26 +96,29 @@ class ChildRun:
         base, vae = self.host.base_files(config)
         work_dir = self.host.work_dir(config.project_name)
         work_dir.mkdir(parents=True, exist_ok=True)
-        config_file = work_dir / "launch.json"
-        child_config = dataclasses.replace(config, base_model=str(base), vae=str(vae or ""), gpus="", device="auto")
-        config_file.write_text(json.dumps(to_dict(child_config), indent=1), encoding="utf-8")
         self.stop_file = work_dir / "stop"
         self.stop_file.unlink(missing_ok=True)
         if self.cancelled:
             self.stop_file.touch()
-        args = ["train", "--config", str(config_file), "--progress-json", "--stop-file", str(self.stop_file),
-                "--work-dir", str(work_dir.parent), "--models-dir", str(work_dir.parent),
-                "--checkpoint-dir", str(self.host.checkpoint_path(config.project_name, 0).parent.parent),
-                "--lora-dir", str(self.host.lora_path(config.project_name, 0).parent.parent)]
-        if self.resume:
-            args.append("--resume")
+        child = dataclasses.replace(config, base_model=str(base), vae=str(vae or ""), gpus="", device="auto")
         self._emit(Progress("loading", message=f"Starting {len(gpus)} training processes (GPUs "
                                                f"{', '.join(map(str, gpus))}) on {base.name}"))
         self.host.release_device(None)  # the host's GPU is likely one of them
         try:
-            return self._follow(launch_command(gpus, args), work_dir / "launch.log")
+            return self._follow(launch_command(gpus, self._train_args(child, work_dir)), work_dir / "launch.log")
         finally:
             self.host.restore_device()
+
+    def _train_args(self, child: Config, work_dir: Path) -> list[str]:
+        """`train` with the child's config file, writing where this host's files go and reporting to us."""
+        config_file = work_dir / "launch.json"
+        config_file.write_text(json.dumps(to_dict(child), indent=1), encoding="utf-8")
+        project = child.project_name
+        args = ["train", "--config", str(config_file), "--progress-json", "--stop-file", str(self.stop_file),
+                "--work-dir", str(work_dir.parent), "--models-dir", str(work_dir.parent),
+                "--checkpoint-dir", str(self.host.checkpoint_path(project, 0).parent.parent),
+                "--lora-dir", str(self.host.lora_path(project, 0).parent.parent)]
+        return [*args, "--resume"] if self.resume else args
 
     def _follow(self, command: list[str], log_path: Path) -> RunResult:
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(PACKAGE_ROOT), os.environ.get("PYTHONPATH", "")]),

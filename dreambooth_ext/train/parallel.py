@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import sys
 from collections.abc import Sequence
 
 import torch
@@ -129,7 +130,8 @@ def join_processes(device_option: str) -> SingleProcess:
     except ImportError as exc:
         raise DreamboothError("Started by a launcher with several processes, but the accelerate package is "
                               "missing: pip install accelerate (the WebUI ships it).") from exc
-    state = PartialState(cpu=device_option == "cpu", timeout=WAIT)
+    options = {"backend": "gloo"} if sys.platform == "win32" else {}  # no NCCL on Windows
+    state = PartialState(cpu=device_option == "cpu", timeout=WAIT, **options)
     log.debug("Process %d of %d on %s", state.process_index, state.num_processes, state.device)
     return DataParallel(state)
 

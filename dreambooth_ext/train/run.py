@@ -422,6 +422,9 @@ class _Loop:
             return self._train_from(step)
         finally:
             self.stepper.close()
+            for feed in (self.instance_feed, self.class_feed):
+                if feed is not None:
+                    feed.close()
 
     def _train_from(self, step: int) -> RunResult:
         started, start_step, self.smoothed = time.perf_counter(), step, None
@@ -484,18 +487,7 @@ class _Loop:
     def _micro_batch_loss(self, micro: int, *, train_text: bool) -> torch.Tensor | None:
         """This process's instance and class samples of one micro-batch (all of them with one process); one
         UNet pass when their sizes match. None when the process has no sample in it."""
-        batches = {False: self.instance_plan.batch(micro)}
-        if self.class_feed is not None and self.config.prior_preservation:
-            batches[True] = self.class_plan.batch(micro)
-        mine = self.processes.share([(kind, position, index) for kind, batch in batches.items()
-                                     for position, index in enumerate(batch)])
-        groups = []
-        for kind, feed in ((False, self.instance_feed), (True, self.class_feed)):
-            picked = [(position, index) for k, position, index in mine if k == kind]
-            if picked:
-                positions = [position for position, _ in picked]
-                samples = feed.latents([index for _, index in picked], positions, micro, self.device)
-                groups.append((samples, [(kind, position) for position in positions]))
+        groups, counts = self._my_samples(micro)
         if not groups:
             return None
         per_sample, kinds = [], []
@@ -507,8 +499,38 @@ class _Loop:
             per_sample.append(self._denoising_error(samples, places, micro, train_text=train_text))
             kinds.extend(kind for kind, _ in places)
         loss = dreambooth_loss(torch.cat(per_sample), torch.tensor(kinds, device=self.device),
-                               self.config.prior_loss_weight, counts=(len(batches[False]), len(batches.get(True, ()))))
+                               self.config.prior_loss_weight, counts=counts)
         return loss * self.processes.count  # the processes' gradients are averaged: this makes them add up
+
+    def _my_samples(self, micro: int) -> tuple[list[tuple[Samples, list[tuple[bool, int]]]], tuple[int, int]]:
+        """This process's share of the micro-batch: per kind (instance, class), its samples and each one's (kind,
+        position in the whole batch); and how many instance and class samples the whole batch has. The next
+        micro-batch's pictures are read meanwhile (without a latent cache)."""
+        picks, counts = self._my_picks(micro)
+        for kind, picked in self._my_picks(micro + 1)[0].items():
+            self._feed(kind).prefetch([index for _, index in picked], micro + 1)
+        groups = []
+        for kind, picked in picks.items():
+            positions = [position for position, _ in picked]
+            samples = self._feed(kind).latents([index for _, index in picked], positions, micro, self.device)
+            groups.append((samples, [(kind, position) for position in positions]))
+        return groups, counts
+
+    def _my_picks(self, micro: int) -> tuple[dict[bool, list[tuple[int, int]]], tuple[int, int]]:
+        """Per kind (False: instance, True: class), this process's (position, example index) pairs of the
+        micro-batch; and how many instance and class samples the whole micro-batch has."""
+        batches = {False: self.instance_plan.batch(micro)}
+        if self.class_feed is not None and self.config.prior_preservation:
+            batches[True] = self.class_plan.batch(micro)
+        mine = self.processes.share([(kind, position, index) for kind, batch in batches.items()
+                                     for position, index in enumerate(batch)])
+        picks: dict[bool, list[tuple[int, int]]] = {}
+        for kind, position, index in mine:
+            picks.setdefault(kind, []).append((position, index))
+        return picks, (len(batches[False]), len(batches.get(True, ())))
+
+    def _feed(self, is_class: bool) -> Feeder:
+        return self.class_feed if is_class else self.instance_feed
 
     def _noise(self, shape: torch.Size, places: list[tuple[bool, int]],
                micro: int) -> tuple[torch.Tensor, torch.Tensor]:
