@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import os
 import socket
 import subprocess
 import sys
-import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,9 +21,7 @@ from ..config import Config, gpu_list, to_dict, validate
 from ..errors import DreamboothError
 from ..hosts.base import Host
 from .parallel import SingleProcess, launched_processes
-from .run import Progress, RunResult, TrainingRun
-
-log = logging.getLogger(__name__)
+from .run import Progress, RunControl, RunResult, TrainingRun
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the folder holding dreambooth_ext
 
@@ -71,24 +67,21 @@ def launch_command(gpus: list[int], train_args: list[str]) -> list[str]:
             str(port), "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "dreambooth_ext", *train_args]
 
 
-class ChildRun:
+class ChildRun(RunControl):
     """A run in child processes with TrainingRun's interface: `run()`, `cancel()`, progress to the host and to
     `on_progress`, stops the host asks for."""
 
     def __init__(self, config: Config, host: Host, *, resume: bool = False,
                  on_progress: Callable[[Progress], None] | None = None):
-        self.config, self.host, self.resume, self.on_progress = config, host, resume, on_progress
-        self._cancel = threading.Event()
+        super().__init__(host, on_progress)
+        self.config, self.resume = config, resume
         self.stop_file: Path | None = None
 
     def cancel(self) -> None:
-        self._cancel.set()
+        """The child processes stop after their step (the main one sees the stop file and tells the others)."""
+        super().cancel()
         if self.stop_file is not None:
             self.stop_file.touch()
-
-    @property
-    def cancelled(self) -> bool:
-        return self._cancel.is_set()
 
     def run(self) -> RunResult:
         config = validate(self.config)
@@ -155,14 +148,6 @@ class ChildRun:
                 kept.append(path)
                 publish(path)
         self._emit(progress)
-
-    def _emit(self, progress: Progress) -> None:
-        self.host.report(progress)
-        if self.on_progress:
-            self.on_progress(progress)
-        if not self.cancelled and self.host.cancel_requested():
-            log.info("Stop requested by the host: the training processes stop after their step")
-            self.cancel()
 
 
 def _last_error(log_path: Path) -> str:

@@ -123,20 +123,14 @@ class RunResult:
     losses: list[tuple[int, float]] = field(default_factory=list)
 
 
-class TrainingRun:
-    """Create with a config and a host, call `run()`; `cancel()` from any thread stops it within one step."""
+class RunControl:
+    """What every kind of run shares: `cancel()` from any thread, and progress reported to the host and to the
+    caller, after which a stop the host asked for is honoured (the one path for both)."""
 
-    def __init__(self, config: Config, host: Host, *, resume: bool = False,
-                 on_progress: Callable[[Progress], None] | None = None, processes: SingleProcess | None = None):
-        self.config = config
+    def __init__(self, host: Host, on_progress: Callable[[Progress], None] | None):
         self.host = host
-        self.resume = resume
         self.on_progress = on_progress
-        self.processes = processes or SingleProcess()  # several: this is one of them (see parallel.py)
         self._cancel = threading.Event()
-        self.result: RunResult | None = None
-
-    # -- control ----------------------------------------------------------------------------------------
 
     def cancel(self) -> None:
         self._cancel.set()
@@ -146,16 +140,29 @@ class TrainingRun:
         return self._cancel.is_set()
 
     def _emit(self, progress: Progress) -> None:
-        """Report to the host and the caller, then honour a stop the host asked for (the main process only: the
-        others follow its stops)."""
-        if not self.processes.is_main:
-            return
         self.host.report(progress)
         if self.on_progress:
             self.on_progress(progress)
         if not self.cancelled and self.host.cancel_requested():
             log.info("Stop requested by the host: the run stops after this step and keeps its state")
             self.cancel()
+
+
+class TrainingRun(RunControl):
+    """Create with a config and a host, call `run()`; `cancel()` from any thread stops it within one step."""
+
+    def __init__(self, config: Config, host: Host, *, resume: bool = False,
+                 on_progress: Callable[[Progress], None] | None = None, processes: SingleProcess | None = None):
+        super().__init__(host, on_progress)
+        self.config = config
+        self.resume = resume
+        self.processes = processes or SingleProcess()  # several: this is one of them (see parallel.py)
+        self.result: RunResult | None = None
+
+    def _emit(self, progress: Progress) -> None:
+        """Reported by the main process only: the others follow its stops."""
+        if self.processes.is_main:
+            super()._emit(progress)
 
     # -- the run ----------------------------------------------------------------------------------------
 
