@@ -189,8 +189,8 @@ OPTIONS: tuple[Option, ...] = (
          "Compile the UNet with torch.compile: faster steps after a compile of a minute or more (several on a "
          "CPU), so it pays on long runs; no memory saving."),
     _opt("gradient_checkpointing", "choice", "auto", "memory",
-         "Recompute activations in the backward pass: much less memory, about 20% slower on a GPU (a third on a "
-         "CPU). auto: on with a GPU, where memory runs out first; off on a CPU, where time does.",
+         "Recompute activations in the backward pass: much less memory, about 20% slower on a GPU (a fifth to a "
+         "third on a CPU). auto: on with a GPU, where memory runs out first; off on a CPU, where time does.",
          choices=("auto", "on", "off")),
     _opt("cache_latents", "bool", True, "memory",
          "Encode every image with the VAE once, then free the VAE from the GPU."),
