@@ -193,6 +193,16 @@ def prepare(folder: Path, args) -> dict[str, str]:
     return paths
 
 
+def measure(name: str, args, *extra: str) -> dict:
+    """The figures of one combination, measured in a process of its own (its peak memory is its own)."""
+    command = [sys.executable, __file__, "--run", name, "--resolution", str(args.resolution), "--steps",
+               str(args.steps), *extra]
+    out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    figures = json.loads(out.strip().splitlines()[-1])
+    print(f"  {name}: {figures}", file=sys.stderr)
+    return figures
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--resolution", type=int, default=512)
@@ -211,11 +221,7 @@ def main() -> None:
     if args.model == "sdxl":
         rows = {}
         for name in SDXL_SETUPS:
-            command = [sys.executable, __file__, "--model", "sdxl", "--run", name, "--resolution",
-                       str(args.resolution), "--steps", str(args.steps)]
-            out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-            rows[name] = json.loads(out.strip().splitlines()[-1])
-            print(f"  {name}: {rows[name]}", file=sys.stderr)
+            rows[name] = measure(name, args, "--model", "sdxl")
         sdxl_report(rows, args.resolution)
         return
     rows = {}
@@ -224,12 +230,8 @@ def main() -> None:
         for name in COMBINATIONS:
             if name == BF16 and not args.measure_bf16:
                 continue
-            command = [sys.executable, __file__, "--run", name, "--resolution", str(args.resolution),
-                       "--steps", str(args.steps), "--base", paths["base"], "--images", paths["images"],
-                       "--classes", paths["classes"]]
-            out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-            rows[name] = json.loads(out.strip().splitlines()[-1])
-            print(f"  {name}: {rows[name]}", file=sys.stderr)
+            rows[name] = measure(name, args, "--base", paths["base"], "--images", paths["images"],
+                                 "--classes", paths["classes"])
     adam = rows["fp32 AdamW"]
     if BF16 not in rows:
         rows[BF16 + " (computed)"] = {**rows[FUSED], "weights": rows[FUSED]["weights_count"] * 2}

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +15,7 @@ from PIL import Image
 
 from dreambooth_ext.models.checkpoint import read_checkpoint
 from dreambooth_ext.models.tiny import save_tiny_checkpoint
+from dreambooth_ext.train.launch import launch_command
 from dreambooth_ext.train.run import Progress
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,14 +45,10 @@ def flags(data: dict[str, Path], out: Path, *extra: str) -> list[str]:
 
 
 def command(processes: int, args: list[str]) -> list[str]:
+    """One process as a plain command; several through `accelerate launch --multi_gpu` (the engine's own)."""
     if processes == 1:
         return [sys.executable, "-m", "dreambooth_ext", *args]
-    with socket.socket() as free:
-        free.bind(("127.0.0.1", 0))
-        port = free.getsockname()[1]
-    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
-            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-            str(port), "-m", "dreambooth_ext", *args]
+    return launch_command(list(range(processes)), args)
 
 
 def environment() -> dict[str, str]:

@@ -451,10 +451,13 @@ class WebUIHost(Host):
         path = self._source_file(config)
         if path is not None:
             return path, Path(config.vae) if config.vae else None
-        model = _current_model() if not is_forge() else None
-        info = _forge_checkpoint_info() if is_forge() else (model.sd_checkpoint_info if model is not None else None)
-        if info is None:
-            raise DreamboothError(NO_MODEL)
+        if is_forge():
+            info = _forge_checkpoint_info()
+        else:
+            model = _current_model()
+            if model is None:
+                raise DreamboothError(NO_MODEL)
+            info = model.sd_checkpoint_info
         vae = config.vae or getattr(sd_vae, "loaded_vae_file", None)
         return Path(info.filename), Path(vae) if vae else None
 

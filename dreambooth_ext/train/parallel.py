@@ -69,7 +69,8 @@ class DataParallel(SingleProcess):
         return list(items[self.index * n // self.count:(self.index + 1) * n // self.count])
 
     def average_gradients(self, params: Sequence[torch.nn.Parameter]) -> None:
-        """Every weight's gradient averaged over the processes, in one exchange per dtype and device. A process
+        """Every weight's gradient averaged over the processes, exchanged in buckets (per dtype and device) of
+        at most BUCKET_ELEMENTS. A process
         that had no sample in this step contributes zeros; a weight no process has a gradient for (a text
         encoder whose training has stopped) keeps none, so the optimizer leaves it alone as it would in one."""
         present = torch.tensor([param.grad is not None for param in params], dtype=torch.float32,

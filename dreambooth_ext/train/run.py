@@ -84,25 +84,19 @@ class Progress:
     LINE_PREFIX = "dreambooth-progress "  # marks progress lines among whatever else reaches a child's stdout
 
     def to_line(self) -> str:
-        """The progress line a run in another process prints (`--progress-json`)."""
-        return self.LINE_PREFIX + self.to_json()
-
-    @classmethod
-    def from_line(cls, line: str) -> Progress | None:
-        """The progress of a line from `to_line`; None for any other line."""
-        return cls.from_json(line[len(cls.LINE_PREFIX):]) if line.startswith(cls.LINE_PREFIX) else None
-
-    def to_json(self) -> str:
-        """One line of JSON."""
+        """The progress line a run in another process prints (`--progress-json`): the prefix, then JSON."""
         data = dataclasses.asdict(self)
         data["samples"] = [str(p) for p in self.samples]
         for key in ("checkpoint", "lora"):
             data[key] = str(data[key]) if data[key] is not None else None
-        return json.dumps(data)
+        return self.LINE_PREFIX + json.dumps(data)
 
     @classmethod
-    def from_json(cls, line: str) -> Progress:
-        data = json.loads(line)
+    def from_line(cls, line: str) -> Progress | None:
+        """The progress of a line from `to_line`; None for any other line."""
+        if not line.startswith(cls.LINE_PREFIX):
+            return None
+        data = json.loads(line[len(cls.LINE_PREFIX):])
         known = {f.name for f in dataclasses.fields(cls)}
         data = {k: v for k, v in data.items() if k in known}
         data["samples"] = tuple(Path(p) for p in data.get("samples", ()))
@@ -514,8 +508,9 @@ class _Loop:
         position in the whole batch); and how many instance and class samples the whole batch has. The next
         micro-batch's pictures are read meanwhile (without a latent cache)."""
         picks, counts = self._my_picks(micro)
-        for kind, picked in self._my_picks(micro + 1)[0].items():
-            self._feed(kind).prefetch([index for _, index in picked], micro + 1)
+        if self.instance_feed.cache is None:  # pictures are read every step: read the next step's now
+            for kind, picked in self._my_picks(micro + 1)[0].items():
+                self._feed(kind).prefetch([index for _, index in picked], micro + 1)
         groups = []
         for kind, picked in picks.items():
             positions = [position for position, _ in picked]
