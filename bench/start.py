@@ -7,8 +7,9 @@ convert-from-disk path of the best-known competing extension.
   each module normally (random initialisation) and load the converted weights, write the diffusers folders, and
   load the modules back from them.
 Each runs in its own process (its peak memory is its own), interleaved, repeated; the best of each is shown.
-Both import the same packages first (torch, diffusers, transformers: a cost the WebUI has paid before a run
-starts); the time is shown with and without those imports, and the goal is judged on the loading itself.
+Both import the same packages first (torch, diffusers, transformers and the three model classes, whose first
+import pulls in torch._dynamo: about 2.5 s on this machine, the same for both paths); the time is shown with and
+without those imports, and the goal is judged on the loading itself.
 
     python bench/start.py [--repeats 2]
 """
@@ -81,8 +82,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.run:
         start = time.perf_counter()
-        import diffusers  # noqa: F401 - the packages both paths need, imported before the clock of the load
-        import transformers  # noqa: F401
+        from diffusers import AutoencoderKL, UNet2DConditionModel  # noqa: F401 - what both paths import
+        from transformers import CLIPTextModel  # noqa: F401
 
         import dreambooth_ext.models.bundle  # noqa: F401
         imported = time.perf_counter()

@@ -1,8 +1,10 @@
 """The memory options change what they should and nothing else: a fused backward pass takes the same steps as the
-plain one, Adafactor and bf16 weights train, stochastic rounding is unbiased, resume works with each."""
+plain one, Adafactor and bf16 weights train, Adafactor's state stays small for convolutions, stochastic rounding
+is unbiased, resume works with each."""
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,7 @@ from dreambooth_ext.config import ConfigError, from_dict, validate
 from dreambooth_ext.hosts.files import FolderHost
 from dreambooth_ext.models.checkpoint import read_checkpoint
 from dreambooth_ext.models.tiny import save_tiny_checkpoint
+from dreambooth_ext.train.adafactor import MatrixAdafactor
 from dreambooth_ext.train.run import TrainingRun
 from dreambooth_ext.train.stepper import stochastic_round_to_bf16
 
@@ -77,6 +80,58 @@ def test_a_fused_lora_run_resumes_exactly(base, photos, tmp_path):
     assert run_until_cancelled(cfg, host, 2).status == "cancelled"
     resumed = read_checkpoint(TrainingRun(cfg, host, resume=True).run().loras[-1])
     assert difference(resumed, straight) < 1e-6
+
+
+def adafactor_steps(optimizer_class, weights: list[torch.Tensor], steps: int = 3, state: dict | None = None):
+    """`steps` Adafactor steps (the run's settings) on copies of `weights` with fixed gradients; the new weights and
+    the optimizer."""
+    params = [torch.nn.Parameter(w.clone()) for w in weights]
+    optimizer = optimizer_class(params, lr=1e-2, scale_parameter=False, relative_step=False, warmup_init=False,
+                                beta1=None, weight_decay=1e-2)
+    if state is not None:
+        optimizer.load_state_dict(copy.deepcopy(state))  # loading keeps the saved tensors: they would change
+    for step in range(steps):
+        for i, param in enumerate(params):
+            param.grad = torch.randn(param.shape, generator=torch.Generator().manual_seed(10 * step + i))
+        optimizer.step()
+    return [p.detach() for p in params], optimizer
+
+
+def test_adafactor_factors_a_convolution_as_a_matrix():
+    from transformers.optimization import Adafactor
+
+    torch.manual_seed(0)
+    conv, linear, bias = torch.randn(64, 32, 3, 3), torch.randn(48, 32), torch.randn(64)
+    ours, optimizer = adafactor_steps(MatrixAdafactor, [conv, linear, bias])
+    theirs, _ = adafactor_steps(Adafactor, [conv, linear, bias])
+    state = [optimizer.state[p] for group in optimizer.param_groups for p in group["params"]]
+    # One statistic per output channel and one per input position: 64 + 288 numbers, not 2 x 64 x 32 x 3.
+    assert state[0]["exp_avg_sq_row"].shape == (64,) and state[0]["exp_avg_sq_col"].shape == (288,)
+    assert torch.equal(ours[1], theirs[1]) and torch.equal(ours[2], theirs[2])  # the rest as transformers does it
+    assert 1e-4 < float((ours[0] - conv).abs().mean()) and float((ours[0] - theirs[0]).abs().max()) > 1e-6
+
+
+def test_the_adafactor_option_keeps_a_small_state_for_a_convolution(base, photos):
+    from dreambooth_ext.train.optim import make_optimizer
+
+    conv = torch.nn.Parameter(torch.randn(64, 32, 3, 3))
+    conv.grad = torch.randn_like(conv)
+    optimizer = make_optimizer(config(base, photos, optimizer="adafactor"),
+                               [{"params": [conv], "lr": 1e-3, "weight_decay": 0.0}], torch.device("cpu"))
+    optimizer.step()
+    held = sum(v.numel() for v in optimizer.state[conv].values() if isinstance(v, torch.Tensor))
+    assert held < 400  # 64 + 288 statistics (factored over the last two dimensions: 12,288)
+
+
+def test_adafactor_continues_a_state_saved_by_transformers_adafactor():
+    from transformers.optimization import Adafactor
+
+    conv = torch.randn(32, 16, 3, 3, generator=torch.Generator().manual_seed(1))
+    _, old = adafactor_steps(Adafactor, [conv], steps=1)
+    continued, optimizer = adafactor_steps(MatrixAdafactor, [conv], steps=2, state=old.state_dict())
+    assert next(iter(optimizer.state.values()))["exp_avg_sq_row"].shape == (32, 16, 3)  # kept as it was saved
+    theirs, _ = adafactor_steps(Adafactor, [conv], steps=2, state=old.state_dict())
+    assert torch.equal(continued[0], theirs[0])
 
 
 def test_stochastic_rounding_is_unbiased_on_average():

@@ -27,10 +27,10 @@ def param_groups(config: Config, unet: torch.nn.Module,
 
 def make_optimizer(config: Config, groups: list[dict], device: torch.device) -> torch.optim.Optimizer:
     if config.optimizer == "adafactor":
-        from transformers.optimization import Adafactor
+        from .adafactor import MatrixAdafactor
 
         # A fixed learning rate (the run's schedule drives it), no first moment: factored second moments only.
-        return Adafactor(groups, scale_parameter=False, relative_step=False, warmup_init=False, beta1=None)
+        return MatrixAdafactor(groups, scale_parameter=False, relative_step=False, warmup_init=False, beta1=None)
     kwargs = {"betas": (config.adam_beta1, config.adam_beta2), "eps": config.adam_epsilon}
     if config.optimizer == "adamw_8bit":
         require_8bit_adam(device)
