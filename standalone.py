@@ -9,8 +9,8 @@
 
 The environment (.venv beside this file) gets what the command needs, at the WebUI v1.10.1 versions pinned in
 constraints.txt: the engine (requirements.txt) for demo and train, gradio too for ui
-(requirements-ui.txt), the test tools too for test (requirements-test.txt). It is set up again only when
-those files change.
+(requirements-ui.txt), the test tools too for test (requirements-test.txt, and DeepSpeed built against the
+venv's torch). It is set up again only when those change.
 """
 
 from __future__ import annotations
@@ -30,6 +30,9 @@ VENV = Path(os.environ.get("DREAMBOOTH_VENV", ROOT / ".venv"))
 NEEDS = {"engine": ("requirements.txt",), "ui": ("requirements.txt", "requirements-ui.txt"),
          "test": ("requirements.txt", "requirements-ui.txt", "requirements-test.txt")}
 COMMAND_NEEDS = {"test": "test", "ui": "ui"}  # every other command: the engine alone
+# Built against the venv's torch (their build imports it, so no isolated build that could fetch another torch);
+# their own dependencies are in the requirement files. DeepSpeed: the tests of its ZeRO launch.
+BUILT_HERE = {"test": ("deepspeed==0.14.4",)}
 
 
 def venv_python() -> Path:
@@ -48,7 +51,9 @@ def ensure_environment(kind: str) -> None:
     """The venv with what `kind` needs; a set installed before (and unchanged since) is not installed again."""
     stamp = VENV / ".dreambooth-stamp.json"
     files = NEEDS[kind]
-    digest = hashlib.sha256(b"".join((ROOT / f).read_bytes() for f in ("constraints.txt", *files))).hexdigest()
+    built = BUILT_HERE.get(kind, ())
+    digest = hashlib.sha256(b"".join((ROOT / f).read_bytes() for f in ("constraints.txt", *files))
+                            + " ".join(built).encode()).hexdigest()
     done = json.loads(stamp.read_text()) if stamp.is_file() else {}
     if done.get(kind) == digest and venv_python().exists():
         return
@@ -58,6 +63,8 @@ def ensure_environment(kind: str) -> None:
     if not venv_python().exists():
         venv.EnvBuilder(with_pip=True).create(VENV)
     pip(*[arg for f in files for arg in ("-r", str(ROOT / f))])
+    if built:
+        pip("--no-build-isolation", "--no-deps", *built)
     done[kind] = digest
     stamp.write_text(json.dumps(done))
 

@@ -56,16 +56,15 @@ def environment() -> dict[str, str]:
                 OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 
 
-def train(processes: int, args: list[str]) -> subprocess.CompletedProcess:
-    done = subprocess.run(command(processes, args), capture_output=True, text=True, env=environment(),
-                          timeout=600)
+def train(processes: int, args: list[str], launch=command) -> subprocess.CompletedProcess:
+    done = subprocess.run(launch(processes, args), capture_output=True, text=True, env=environment(), timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     return done
 
 
-def train_until_stopped(processes: int, args: list[str], stop_file: Path) -> int:
+def train_until_stopped(processes: int, args: list[str], stop_file: Path, launch=command) -> int:
     """Start, ask it to stop once training has begun (the tab's way: a stop file), return the step it saved."""
-    proc = subprocess.Popen(command(processes, [*args, "--progress-json", "--stop-file", str(stop_file)]),
+    proc = subprocess.Popen(launch(processes, [*args, "--progress-json", "--stop-file", str(stop_file)]),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment())
     last = None
     try:
@@ -170,3 +169,67 @@ def test_the_gpus_option_launches_the_processes_itself(data, one_process, tmp_pa
     result = unet(tmp_path / "Stable-diffusion" / "p" / f"p_{STEPS}.safetensors")
     assert largest_difference(result, one_process) < 1e-5
     assert (tmp_path / "dreambooth" / "p" / "launch.log").is_file()
+
+
+# -- DeepSpeed ZeRO stage 2 with the optimizer on the CPU ------------------------------------------------------
+
+
+def zero_command(processes: int, args: list[str]) -> list[str]:
+    """`accelerate launch` with DeepSpeed ZeRO stage 2 and the optimizer offloaded to the CPU, as
+    configs/accelerate_deepspeed_zero2_offload.yaml sets it up."""
+    command = launch_command(list(range(processes)), args)
+    at = command.index("--multi_gpu")
+    config = ["--config_file", str(ROOT / "configs" / "accelerate_deepspeed_zero2_offload.yaml")]
+    return command[:at] + config + command[at + 1:]
+
+
+def test_deepspeed_zero2_offload_takes_the_steps_of_one_process_and_resumes(data, one_process, tmp_path):
+    out = tmp_path / "zero"
+    done = train(2, flags(data, out, "--save_every_n_steps", "4"), launch=zero_command)
+    assert "DeepSpeed ZeRO stage 2 on 2 process(es), the optimizer on the CPU" in done.stderr
+    result = unet(out / "Stable-diffusion" / "p" / f"p_{STEPS}.safetensors")
+    assert largest_difference(result, unet(data["base"])) > 1e-2
+    assert largest_difference(result, one_process) < 1e-5
+
+    stopped = tmp_path / "stopped"
+    step = train_until_stopped(2, flags(data, stopped), tmp_path / "stop", launch=zero_command)
+    refused = subprocess.run(command(1, flags(data, stopped, "--resume")), capture_output=True, text=True,
+                             env=environment(), timeout=600)
+    assert refused.returncode != 0 and "made by 2 DeepSpeed process(es)" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    done = train(2, flags(data, stopped, "--resume"), launch=zero_command)
+    assert f"Resuming p at step {step}" in done.stderr
+    resumed = unet(stopped / "Stable-diffusion" / "p" / f"p_{STEPS}.safetensors")
+    assert largest_difference(resumed, one_process) < 1e-5
+
+
+def test_what_deepspeed_cannot_do_is_refused_with_its_fix(data, tmp_path, monkeypatch):
+    from dreambooth_ext.config import from_dict
+    from dreambooth_ext.errors import DreamboothError
+    from dreambooth_ext.train import zero
+    from dreambooth_ext.train.parallel import SingleProcess
+
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+    with pytest.raises(DreamboothError, match="use --zero_stage 2"):
+        zero.zero_launch()
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "cpu")
+    assert zero.zero_launch() == zero.ZeroSettings(2, "cpu")
+
+    config = from_dict({"project_name": "p", "base_model": str(data["base"]), "optimizer": "adafactor",
+                        "fused_backward": True, "max_grad_norm": 0.0,
+                        "concepts": [{"instance_dir": str(data["instance"]), "token": "zwx", "class_word": "toy"}]})
+    with pytest.raises(DreamboothError) as refused:
+        zero.check_zero(config, SingleProcess())
+    assert "turn it off" in str(refused.value) and "use adamw" in str(refused.value)
+    monkeypatch.setattr(zero.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(DreamboothError, match="pip install"):
+        zero.check_zero(config, SingleProcess())
+
+    with pytest.raises(DreamboothError, match="made without DeepSpeed"):
+        zero.check_zero_resume({"state": {}, "param_groups": []}, SingleProcess())
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED")
+    with pytest.raises(DreamboothError, match="--num_processes 2"):
+        zero.check_zero_resume({"zero_parts": [{}, {}]}, SingleProcess())
+    zero.check_zero_resume({"state": {}, "param_groups": []}, SingleProcess())  # plain state, plain run

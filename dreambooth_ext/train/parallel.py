@@ -122,17 +122,18 @@ def join_processes(device_option: str) -> SingleProcess:
     """This process's place among the processes `accelerate launch` started (SingleProcess without it)."""
     if launched_processes() <= 1:
         return SingleProcess()
-    for kind in ("DEEPSPEED", "FSDP"):
-        if os.environ.get(f"ACCELERATE_USE_{kind}", "").lower() == "true":
-            raise DreamboothError(f"accelerate launch with {kind.lower()} is not supported: the engine steps its "
-                                  "own optimizer. Launch with --multi_gpu (plain data-parallel) instead.")
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        raise DreamboothError("accelerate launch with FSDP is not supported: launch with --multi_gpu (plain "
+                              "data-parallel), or with DeepSpeed ZeRO stage 2 for cards too small for the model.")
     try:
         from accelerate import PartialState
     except ImportError as exc:
         raise DreamboothError("Started by a launcher with several processes, but the accelerate package is "
                               "missing: pip install accelerate (the WebUI ships it).") from exc
     options = {"backend": "gloo"} if sys.platform == "win32" else {}  # no NCCL on Windows
-    state = PartialState(cpu=device_option == "cpu", timeout=WAIT, **options)
+    # Without a GPU the processes meet on the CPU (gloo), also under a DeepSpeed launch.
+    cpu = device_option == "cpu" or not torch.cuda.is_available()
+    state = PartialState(cpu=cpu, timeout=WAIT, **options)
     log.debug("Process %d of %d on %s", state.process_index, state.num_processes, state.device)
     return DataParallel(state)
 

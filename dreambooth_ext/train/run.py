@@ -52,8 +52,9 @@ from .state import (
     save_state,
     trainable_weights,
 )
-from .stepper import Stepper
+from .stepper import make_stepper
 from .trained import Saving, trained_kind
+from .zero import check_zero, check_zero_resume, zero_launch
 
 log = logging.getLogger(__name__)
 
@@ -166,6 +167,8 @@ class TrainingRun(RunControl):
         instances = collect_instance_examples(config)  # bad image folders fail here, before any model loads
         self._check_dataset(config, instances)
         check_parallel(config, self.processes)
+        if zero_launch() is not None:
+            check_zero(config, self.processes)
         device = self.processes.device or resolve_device(config.device)
         precision = resolve_precision(config.mixed_precision, device)
         if config.fused_backward and precision.use_grad_scaler:
@@ -181,6 +184,8 @@ class TrainingRun(RunControl):
                 self._remove_leftovers(config, work_dir)
             self.processes.wait_for_all()
             state = load_state(work_dir / "state") if self.resume else None
+            if state is not None:
+                check_zero_resume(state.optimizer, self.processes)
             return self._train(config, instances, device, precision, work_dir, state)
 
     def _train(self, config: Config, instances: list[Example], device: torch.device, precision: Precision,
@@ -393,7 +398,8 @@ class _Loop:
         config = self.config
         text_encoders = self.bundle.text_encoders if config.train_text_encoder else ()
         groups = param_groups(config, self.bundle.unet, text_encoders)
-        self.stepper = Stepper(config, groups, self.device, self.precision, self.total_steps, self.processes)
+        self.stepper = make_stepper(config, groups, self.trained, self.device, self.precision, self.total_steps,
+                                    self.processes)
         self.ema = None
         if config.ema:
             self.ema = EMA(self.bundle.unet, config.ema_decay, "cpu" if config.ema_on_cpu else self.device)
@@ -582,17 +588,18 @@ class _Loop:
                                 it_per_s=rate, eta_s=eta, memory_gib=memory, memory_kind=where))
 
     def _periodic(self, step: int) -> None:
+        """Samples and saves, by the main process (the others go on to the next step, and wait there for it)."""
         config = self.config
-        if not self.processes.is_main:
-            return  # the others go on to the next step, and wait there for the main process
-        if config.sample_every_n_steps and step % config.sample_every_n_steps == 0:
+        main = self.processes.is_main
+        if main and config.sample_every_n_steps and step % config.sample_every_n_steps == 0:
             self._sample(step)
         if config.save_every_n_steps and step % config.save_every_n_steps == 0:
-            self._save_model(step)
+            if main:
+                self._save_model(step)
             self._save_state(step)
 
     def _cancel(self, step: int) -> RunResult:
-        if step > 0 and self.processes.is_main:
+        if step > 0:
             self._save_state(step)
         self.result.status, self.result.step = "cancelled", step
         self.run._emit(Progress("cancelled", step=step, total_steps=self.total_steps,
@@ -600,8 +607,11 @@ class _Loop:
         return self.result
 
     def _save_state(self, step: int) -> None:
-        self.run._emit(Progress("saving", step=step, total_steps=self.total_steps, message="Saving training state"))
+        """Called by every process (under DeepSpeed each holds a part of the optimizer); the main one writes."""
         optimizer, lr_scheduler, scaler = self.stepper.state_dict()
+        if not self.processes.is_main:
+            return
+        self.run._emit(Progress("saving", step=step, total_steps=self.total_steps, message="Saving training state"))
         state = TrainingState(
             step=step, weights=trainable_weights(self.trained),
             ema={k: v.cpu() for k, v in self.ema.state_dict().items()} if self.ema else None,

@@ -22,6 +22,7 @@ from ..config import Config
 from .devices import Precision
 from .optim import apply_changed_options, make_lr_scheduler, make_optimizer
 from .parallel import SingleProcess
+from .zero import ZeroStepper, zero_launch
 
 
 def stochastic_round_to_bf16(values: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -49,6 +50,15 @@ class _Masters:
             storage.copy_(stochastic_round_to_bf16(param.data))
             param.data = storage
             param.grad = None
+
+
+def make_stepper(config: Config, groups: list[dict], modules: dict[str, torch.nn.Module], device: torch.device,
+                 precision: Precision, total_steps: int, processes: SingleProcess) -> Stepper | ZeroStepper:
+    """The run's Stepper: DeepSpeed's under an `accelerate launch` with DeepSpeed, else the engine's own."""
+    settings = zero_launch()
+    if settings is not None:
+        return ZeroStepper(config, groups, modules, device, precision, total_steps, processes, settings)
+    return Stepper(config, groups, device, precision, total_steps, processes)
 
 
 class Stepper:
