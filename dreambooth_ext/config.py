@@ -174,6 +174,12 @@ OPTIONS: tuple[Option, ...] = (
          "Train on several GPUs at once (data-parallel, same result as one GPU): their numbers, e.g. 0,1, or all. "
          "The run is `accelerate launch` in processes of its own, which read the checkpoint file, not the "
          "WebUI's model in memory. Empty: one device, the one above."),
+    _opt("deepspeed_offload", "bool", False, "memory",
+         "Train through DeepSpeed ZeRO stage 2 with the optimizer's state and step in system RAM, for cards too "
+         "small for a full fine-tune: the GPU keeps the model and its activations; RAM needs about 16 bytes per "
+         "trained weight (SD1.5 14 GB, SDXL 41 GB) and each step is slower. Runs as `accelerate launch` in "
+         "processes of its own on the checkpoint file (as gpus does: on those GPUs, or on one). Needs the "
+         "deepspeed package, optimizer adamw, weights_dtype fp32, no fused_backward."),
     _opt("mixed_precision", "choice", "auto", "memory",
          "Compute in fp16/bf16 with fp32 master weights. auto: fp16 on CUDA, none on CPU.",
          choices=("auto", "no", "fp16", "bf16")),
@@ -389,6 +395,23 @@ def gpu_list(value: str) -> list[int] | None:
     return numbers
 
 
+def zero_problems(config: Config) -> list[str]:
+    """What DeepSpeed ZeRO cannot train, each with its fix."""
+    problems = []
+    if config.fused_backward:
+        problems.append("fused_backward: DeepSpeed steps the optimizer itself; turn fused_backward off")
+    if config.weights_dtype != "fp32":
+        problems.append(f"weights_dtype = {config.weights_dtype}: DeepSpeed keeps its own fp32 copy of the weights; "
+                        "set weights_dtype fp32 (mixed_precision bf16 computes in bf16)")
+    if config.optimizer != "adamw":
+        problems.append(f"optimizer = {config.optimizer}: DeepSpeed hands the optimizer flat pieces of the weights "
+                        "(Adafactor cannot factor them, 8-bit AdamW does not run on them); use adamw")
+    if config.train_text_encoder and config.stop_text_encoder < 1:
+        problems.append(f"stop_text_encoder = {config.stop_text_encoder:g}: DeepSpeed would go on updating the text "
+                        "encoder with zero gradients; set it to 1 or turn train_text_encoder off")
+    return problems
+
+
 def validate(config: Config) -> Config:
     """Check the options together; raises ConfigError listing every problem. Returns the config."""
     problems: list[str] = []
@@ -424,6 +447,8 @@ def validate(config: Config) -> Config:
         if config.fused_backward:
             problems.append("gpus with fused_backward: a fused backward updates each weight before the GPUs' "
                             "gradients could be averaged; turn fused_backward off")
+    if config.deepspeed_offload:
+        problems.extend(f"deepspeed_offload with {problem}" for problem in zero_problems(config))
     if config.max_train_steps == 0 and config.num_train_epochs == 0:
         problems.append("max_train_steps = 0 and num_train_epochs = 0: set one of them to say when to stop")
     if not config.project_name.strip() or not _is_plain_name(config.project_name):

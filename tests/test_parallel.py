@@ -3,6 +3,7 @@ with the same global batch, one set of files, and a stopped run resumes on any n
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import subprocess
@@ -175,12 +176,23 @@ def test_the_gpus_option_launches_the_processes_itself(data, one_process, tmp_pa
 
 
 def zero_command(processes: int, args: list[str]) -> list[str]:
-    """`accelerate launch` with DeepSpeed ZeRO stage 2 and the optimizer offloaded to the CPU, as
-    configs/accelerate_deepspeed_zero2_offload.yaml sets it up."""
-    command = launch_command(list(range(processes)), args)
-    at = command.index("--multi_gpu")
-    config = ["--config_file", str(ROOT / "configs" / "accelerate_deepspeed_zero2_offload.yaml")]
-    return command[:at] + config + command[at + 1:]
+    """`accelerate launch` with configs/accelerate_deepspeed_zero2_offload.yaml: ZeRO stage 2, optimizer on the
+    CPU."""
+    return launch_command(list(range(processes)), args, zero=True)
+
+
+def test_the_deepspeed_offload_option_launches_deepspeed_on_one_gpu(data, one_process, tmp_path, capsys):
+    """`train --deepspeed_offload` from a plain command: the engine starts `accelerate launch` with the shipped
+    ZeRO-2 configuration on one GPU (here the CPU) and ends with the weights of a plain run."""
+    from dreambooth_ext import cli
+
+    assert cli.main(flags(data, tmp_path, "--deepspeed_offload")) == 0
+    err = capsys.readouterr().err
+    assert "Starting 1 training process(es) (GPU 0, through DeepSpeed ZeRO-2 with the optimizer in RAM)" in err
+    log = (tmp_path / "dreambooth" / "p" / "launch.log").read_text()
+    assert "DeepSpeed ZeRO stage 2 on 1 process(es), the optimizer on the CPU" in log
+    result = unet(tmp_path / "Stable-diffusion" / "p" / f"p_{STEPS}.safetensors")
+    assert largest_difference(result, one_process) < 1e-5
 
 
 def test_deepspeed_zero2_offload_takes_the_steps_of_one_process_and_resumes(data, one_process, tmp_path):
@@ -204,7 +216,7 @@ def test_deepspeed_zero2_offload_takes_the_steps_of_one_process_and_resumes(data
 
 
 def test_what_deepspeed_cannot_do_is_refused_with_its_fix(data, tmp_path, monkeypatch):
-    from dreambooth_ext.config import from_dict
+    from dreambooth_ext.config import ConfigError, from_dict, validate
     from dreambooth_ext.errors import DreamboothError
     from dreambooth_ext.train import zero
     from dreambooth_ext.train.parallel import SingleProcess
@@ -222,10 +234,13 @@ def test_what_deepspeed_cannot_do_is_refused_with_its_fix(data, tmp_path, monkey
                         "concepts": [{"instance_dir": str(data["instance"]), "token": "zwx", "class_word": "toy"}]})
     with pytest.raises(DreamboothError) as refused:
         zero.check_zero(config, SingleProcess())
-    assert "turn it off" in str(refused.value) and "use adamw" in str(refused.value)
+    assert "turn fused_backward off" in str(refused.value) and "use adamw" in str(refused.value)
     monkeypatch.setattr(zero.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(DreamboothError, match="pip install"):
         zero.check_zero(config, SingleProcess())
+
+    with pytest.raises(ConfigError, match="deepspeed_offload with optimizer = adafactor"):
+        validate(dataclasses.replace(config, deepspeed_offload=True))
 
     with pytest.raises(DreamboothError, match="made without DeepSpeed"):
         zero.check_zero_resume({"state": {}, "param_groups": []}, SingleProcess())

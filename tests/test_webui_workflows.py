@@ -422,6 +422,35 @@ def test_without_two_gpus_the_tab_hides_the_several_gpus_choice(extension):
     assert extension.tab.widgets["gpus"].visible is False
 
 
+def test_deepspeed_offload_from_the_tab_trains_in_a_child_process(make_webui, tmp_path, monkeypatch):
+    """Shown where deepspeed is installed (the test setup installs it): the run goes to `accelerate launch` with
+    the ZeRO-2 offload configuration on the loaded model's file, and its result is listed."""
+    webui = make_webui()
+    extension = Extension(webui, tmp_path / "with")
+    try:
+        assert extension.tab.widgets["deepspeed_offload"].visible
+        outputs = extension.start("zero", deepspeed_offload=True, max_train_steps=3)
+        status = extension.status()
+        assert status["state"] == "finished" and status["step"] == 3, outputs[-1]
+        (result,) = status["checkpoints"]
+        assert any(title.startswith("zero/zero_3.safetensors") for title in webui.sd_models.checkpoint_tiles())
+        log = (Path(result).parents[2] / "dreambooth" / "zero" / "launch.log").read_text()
+        assert "DeepSpeed ZeRO stage 2 on 1 process(es)" in log
+    finally:
+        extension.module.jobs.shutdown(30)
+
+
+def test_without_deepspeed_the_tab_hides_its_option(webui, tmp_path, monkeypatch):
+    from dreambooth_ext.ui import adapter
+
+    monkeypatch.setattr(adapter, "deepspeed_installed", lambda: False)
+    extension = Extension(webui, tmp_path)
+    try:
+        assert extension.tab.widgets["deepspeed_offload"].visible is False
+    finally:
+        extension.module.jobs.shutdown(30)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Item 6: expected refusals are refusals, not crashes
 

@@ -1,4 +1,5 @@
-"""A run on several GPUs from a process that holds one (the WebUI's, or a plain command line): the `gpus` option.
+"""A run on several GPUs, or through DeepSpeed, from a process that holds one GPU (the WebUI's, or a plain command
+line): the `gpus` and `deepspeed_offload` options.
 
 The run is the same command a user types, `accelerate launch -m dreambooth_ext train`, started as a child
 process on the base model's file (not a model in memory), with its progress read back from JSON lines and shown
@@ -20,8 +21,10 @@ from pathlib import Path
 from ..config import Config, gpu_list, to_dict, validate
 from ..errors import DreamboothError
 from ..hosts.base import Host
+from .devices import device_name
 from .parallel import SingleProcess, launched_processes
 from .run import Progress, RunControl, RunResult, TrainingRun
+from .zero import ZERO_CONFIG, require_deepspeed, zero_launch
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the folder holding dreambooth_ext
 
@@ -32,7 +35,8 @@ def training_run(config: Config, host: Host, *, resume: bool = False,
     """The run for `config`: in this process (one of `processes` when a launcher started several), or in
     processes of its own when it names several GPUs and no launcher started this one."""
     processes = processes or SingleProcess()
-    if config.gpus.strip() and processes.count == 1 and launched_processes() <= 1:
+    several = config.gpus.strip() or config.deepspeed_offload
+    if several and processes.count == 1 and launched_processes() <= 1 and zero_launch() is None:
         return ChildRun(config, host, resume=resume, on_progress=on_progress)
     return TrainingRun(config, host, resume=resume, on_progress=on_progress if processes.is_main else None,
                        processes=processes)
@@ -57,14 +61,22 @@ def gpu_ids(config: Config) -> list[int]:
     return wanted
 
 
-def launch_command(gpus: list[int], train_args: list[str]) -> list[str]:
-    """`accelerate launch` of `python -m dreambooth_ext train_args...` on `gpus`, one process each."""
+def launch_command(gpus: list[int], train_args: list[str], *, zero: bool = False) -> list[str]:
+    """`accelerate launch` of `python -m dreambooth_ext train_args...` on `gpus`, one process each; `zero`:
+    through DeepSpeed ZeRO stage 2 with the optimizer offloaded (the configuration in configs/)."""
     with socket.socket() as free:  # a free port for the processes to meet on
         free.bind(("127.0.0.1", 0))
         port = free.getsockname()[1]
-    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "1",
+    kind = ["--config_file", str(ZERO_CONFIG)] if zero else ["--multi_gpu"]
+    return [sys.executable, "-m", "accelerate.commands.launch", *kind, "--num_machines", "1",
             "--num_processes", str(len(gpus)), "--gpu_ids", ",".join(map(str, gpus)), "--main_process_port",
             str(port), "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "dreambooth_ext", *train_args]
+
+
+def one_gpu(config: Config) -> list[int]:
+    """The GPU of the device option (cuda:N), for a run in a process of its own on one GPU."""
+    name = device_name(config.device)
+    return [int(name.partition(":")[2] or 0)] if name.startswith("cuda") else [0]
 
 
 class ChildRun(RunControl):
@@ -85,7 +97,9 @@ class ChildRun(RunControl):
 
     def run(self) -> RunResult:
         config = validate(self.config)
-        gpus = gpu_ids(config)
+        gpus = gpu_ids(config) if config.gpus.strip() else one_gpu(config)
+        if config.deepspeed_offload:
+            require_deepspeed()
         base, vae = self.host.base_files(config)
         work_dir = self.host.work_dir(config.project_name)
         work_dir.mkdir(parents=True, exist_ok=True)
@@ -93,12 +107,16 @@ class ChildRun(RunControl):
         self.stop_file.unlink(missing_ok=True)
         if self.cancelled:
             self.stop_file.touch()
-        child = dataclasses.replace(config, base_model=str(base), vae=str(vae or ""), gpus="", device="auto")
-        self._emit(Progress("loading", message=f"Starting {len(gpus)} training processes (GPUs "
-                                               f"{', '.join(map(str, gpus))}) on {base.name}"))
+        child = dataclasses.replace(config, base_model=str(base), vae=str(vae or ""), gpus="", device="auto",
+                                    deepspeed_offload=False)  # the launch itself brings DeepSpeed to the child
+        how = ", through DeepSpeed ZeRO-2 with the optimizer in RAM" if config.deepspeed_offload else ""
+        self._emit(Progress("loading", message=f"Starting {len(gpus)} training process(es) (GPU"
+                                               f"{'s' if len(gpus) > 1 else ''} {', '.join(map(str, gpus))}{how}) "
+                                               f"on {base.name}"))
         self.host.release_device(None)  # the host's GPU is likely one of them
         try:
-            return self._follow(launch_command(gpus, self._train_args(child, work_dir)), work_dir / "launch.log")
+            command = launch_command(gpus, self._train_args(child, work_dir), zero=config.deepspeed_offload)
+            return self._follow(command, work_dir / "launch.log")
         finally:
             self.host.restore_device()
 

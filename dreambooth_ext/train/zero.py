@@ -16,11 +16,12 @@ import logging
 import math
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..config import Config
+from ..config import Config, zero_problems
 from ..errors import DreamboothError
 from .devices import Precision
 from .optim import apply_changed_options, make_lr_scheduler, make_optimizer
@@ -28,6 +29,8 @@ from .parallel import SingleProcess
 
 log = logging.getLogger(__name__)
 
+# The accelerate configuration the engine launches with (deepspeed_offload) and documents for launching by hand.
+ZERO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "accelerate_deepspeed_zero2_offload.yaml"
 INSTALL = "pip install \"deepspeed>=0.12,<0.15\" (the versions that work with the WebUI's pydantic 1)"
 
 
@@ -65,22 +68,19 @@ def zero_launch() -> ZeroSettings | None:
     return ZeroSettings(stage, offload)
 
 
+def deepspeed_installed() -> bool:
+    return importlib.util.find_spec("deepspeed") is not None
+
+
+def require_deepspeed() -> None:
+    if not deepspeed_installed():
+        raise DreamboothError(f"DeepSpeed is not installed: {INSTALL}.")
+
+
 def check_zero(config: Config, processes: SingleProcess) -> None:
     """What cannot run through DeepSpeed, refused with its fix before any model loads."""
-    if importlib.util.find_spec("deepspeed") is None:
-        raise DreamboothError(f"accelerate launch asked for DeepSpeed, but it is not installed: {INSTALL}.")
-    problems = []
-    if config.fused_backward:
-        problems.append("fused_backward steps each weight itself: turn it off (DeepSpeed steps the optimizer)")
-    if config.weights_dtype != "fp32":
-        problems.append("weights_dtype bf16: DeepSpeed keeps its own fp32 copy of the weights; set weights_dtype "
-                        "fp32 and mixed_precision bf16")
-    if config.optimizer != "adamw":
-        problems.append(f"optimizer {config.optimizer}: DeepSpeed hands the optimizer flat pieces of the weights "
-                        "(Adafactor cannot factor them, 8-bit AdamW does not run on them); use adamw")
-    if config.train_text_encoder and config.stop_text_encoder < 1:
-        problems.append("stop_text_encoder below 1: DeepSpeed would go on updating the text encoder with zero "
-                        "gradients; set it to 1 or turn train_text_encoder off")
+    require_deepspeed()
+    problems = zero_problems(config)
     samples = config.train_batch_size * (2 if config.prior_preservation else 1)
     if samples < processes.count:
         problems.append(f"each step has {samples} sample(s) for {processes.count} processes, and every process "

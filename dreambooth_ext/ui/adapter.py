@@ -17,6 +17,7 @@ from ..errors import DreamboothError
 from ..hosts.base import Host
 from ..hosts.files import FolderHost
 from ..train.devices import device_choices
+from ..train.zero import deepspeed_installed
 
 
 def _same(fn: Callable) -> Callable:
@@ -49,6 +50,8 @@ class HostAdapter:
     load_after_training: Callable[[], bool] = lambda: False
     # The devices a run can train on, for the tab's device choice ("cuda:1 (name, free memory)" ...)
     device_choices: Callable[[], list[str]] = lambda: device_choices()
+    # Whether the deepspeed package is here (the tab shows deepspeed_offload only then)
+    deepspeed_installed: Callable[[], bool] = lambda: deepspeed_installed()
 
     def prepare_checked(self, config: Config, title: str | None) -> tuple[Config, Host]:
         """`prepare`, then the host's checks that need no weights: a refusal comes before any run starts."""

@@ -112,8 +112,12 @@ class DreamboothTab:
         return {"device": devices, "gpus": ["", "all", *sets] if count >= 2 else []}
 
     def _hidden_options(self) -> frozenset[str]:
-        """Options that can do nothing on this machine: several GPUs without two of them."""
-        return frozenset() if self._device_suggestions()["gpus"] else frozenset({"gpus"})
+        """Options that can do nothing on this machine: several GPUs without two of them, DeepSpeed where it is
+        not installed."""
+        hidden = set() if self._device_suggestions()["gpus"] else {"gpus"}
+        if not self.adapter.deepspeed_installed():
+            hidden.add("deepspeed_offload")
+        return frozenset(hidden)
 
     def _ungrouped_options(self) -> None:
         rest = [o for o in self.options if o.name not in self.widgets]
