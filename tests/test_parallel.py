@@ -188,7 +188,7 @@ def test_the_deepspeed_offload_option_launches_deepspeed_on_one_gpu(data, one_pr
 
     assert cli.main(flags(data, tmp_path, "--deepspeed_offload")) == 0
     err = capsys.readouterr().err
-    assert "Starting 1 training process(es) (GPU 0, through DeepSpeed ZeRO-2 with the optimizer in RAM)" in err
+    assert "Starting 1 training process (GPU 0, through DeepSpeed ZeRO-2 with the optimizer in RAM)" in err
     log = (tmp_path / "dreambooth" / "p" / "launch.log").read_text()
     assert "DeepSpeed ZeRO stage 2 on 1 process(es), the optimizer on the CPU" in log
     result = unet(tmp_path / "Stable-diffusion" / "p" / f"p_{STEPS}.safetensors")

@@ -110,8 +110,9 @@ class ChildRun(RunControl):
         child = dataclasses.replace(config, base_model=str(base), vae=str(vae or ""), gpus="", device="auto",
                                     deepspeed_offload=False)  # the launch itself brings DeepSpeed to the child
         how = ", through DeepSpeed ZeRO-2 with the optimizer in RAM" if config.deepspeed_offload else ""
-        self._emit(Progress("loading", message=f"Starting {len(gpus)} training process(es) (GPU"
-                                               f"{'s' if len(gpus) > 1 else ''} {', '.join(map(str, gpus))}{how}) "
+        several = len(gpus) > 1
+        self._emit(Progress("loading", message=f"Starting {len(gpus)} training process{'es' if several else ''} "
+                                               f"(GPU{'s' if several else ''} {', '.join(map(str, gpus))}{how}) "
                                                f"on {base.name}"))
         self.host.release_device(None)  # the host's GPU is likely one of them
         try:
