@@ -235,7 +235,7 @@ def test_what_deepspeed_cannot_do_is_refused_with_its_fix(data, tmp_path, monkey
     with pytest.raises(DreamboothError) as refused:
         zero.check_zero(config, SingleProcess())
     assert "turn fused_backward off" in str(refused.value) and "use adamw" in str(refused.value)
-    monkeypatch.setattr(zero.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(zero, "deepspeed_installed", lambda: False)
     with pytest.raises(DreamboothError, match="pip install"):
         zero.check_zero(config, SingleProcess())
 

@@ -91,6 +91,10 @@ def resolve_precision(mode: str, device: torch.device) -> Precision:
     raise DreamboothError(f"mixed_precision = {mode!r}: use auto, no, fp16 or bf16")
 
 
+def deepspeed_installed() -> bool:
+    return importlib.util.find_spec("deepspeed") is not None
+
+
 def bitsandbytes_problem(device: torch.device) -> str | None:
     """Why 8-bit AdamW cannot run here, or None when it can."""
     if importlib.util.find_spec("bitsandbytes") is None:

@@ -11,7 +11,6 @@ processes (with DeepSpeed).
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import math
 import os
@@ -23,7 +22,7 @@ import torch
 
 from ..config import Config, zero_problems
 from ..errors import DreamboothError
-from .devices import Precision
+from .devices import Precision, deepspeed_installed
 from .optim import apply_changed_options, make_lr_scheduler, make_optimizer
 from .parallel import SingleProcess
 
@@ -66,10 +65,6 @@ def zero_launch() -> ZeroSettings | None:
     if problems:
         raise DreamboothError("Cannot train with this DeepSpeed launch: " + "; ".join(problems) + ".")
     return ZeroSettings(stage, offload)
-
-
-def deepspeed_installed() -> bool:
-    return importlib.util.find_spec("deepspeed") is not None
 
 
 def require_deepspeed() -> None:

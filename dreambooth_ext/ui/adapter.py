@@ -16,8 +16,7 @@ from ..config import Config
 from ..errors import DreamboothError
 from ..hosts.base import Host
 from ..hosts.files import FolderHost
-from ..train.devices import device_choices
-from ..train.zero import deepspeed_installed
+from ..train.devices import deepspeed_installed, device_choices
 
 
 def _same(fn: Callable) -> Callable:
