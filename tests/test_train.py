@@ -284,7 +284,7 @@ def test_engine_never_imports_diffusers_pipelines():
             "load_bundle(tiny_checkpoint())\n"
             "print([m for m in sys.modules if m.startswith('diffusers.pipelines')])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "[]"
+    assert out.strip().splitlines()[-1] == "[]"  # the last line: DeepSpeed, when installed, logs to stdout
 
 
 def test_optimizer_state_round_trips_through_safetensors_and_json(tmp_path):
