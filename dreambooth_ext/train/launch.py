@@ -33,7 +33,7 @@ def training_run(config: Config, host: Host, *, resume: bool = False,
                  on_progress: Callable[[Progress], None] | None = None,
                  processes: SingleProcess | None = None) -> TrainingRun | ChildRun:
     """The run for `config`: in this process (one of `processes` when a launcher started several), or in
-    processes of its own when it names several GPUs and no launcher started this one."""
+    processes of its own when it names several GPUs or DeepSpeed and no launcher started this one."""
     processes = processes or SingleProcess()
     several = config.gpus.strip() or config.deepspeed_offload
     if several and processes.count == 1 and launched_processes() <= 1 and zero_launch() is None:
