@@ -138,6 +138,11 @@ def join_processes(device_option: str) -> SingleProcess:
     return DataParallel(state)
 
 
+def samples_per_batch(config) -> int:
+    """How many samples each micro-batch has, instance and class together: what the processes share."""
+    return config.train_batch_size * (2 if config.prior_preservation else 1)
+
+
 def check_parallel(config, processes: SingleProcess) -> None:
     """Options that cannot run on several processes, refused with their fix before any model loads."""
     if processes.count <= 1:
@@ -151,7 +156,7 @@ def check_parallel(config, processes: SingleProcess) -> None:
                         "choose the GPUs with accelerate launch --gpu_ids")
     if problems:
         raise DreamboothError(f"Cannot train on {processes.count} processes: " + "; ".join(problems) + ".")
-    samples = config.train_batch_size * (2 if config.prior_preservation else 1)
+    samples = samples_per_batch(config)
     if samples < processes.count:
         log.warning("Each step has %d sample(s) for %d processes: some processes wait idle. Raise train_batch_size "
                     "to use them all.", samples, processes.count)

@@ -24,7 +24,7 @@ from ..config import Config, zero_problems
 from ..errors import DreamboothError
 from .devices import Precision, deepspeed_installed
 from .optim import apply_changed_options, make_lr_scheduler, make_optimizer
-from .parallel import SingleProcess
+from .parallel import SingleProcess, samples_per_batch
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ def check_zero(config: Config, processes: SingleProcess) -> None:
     """What cannot run through DeepSpeed, refused with its fix before any model loads."""
     require_deepspeed()
     problems = zero_problems(config)
-    samples = config.train_batch_size * (2 if config.prior_preservation else 1)
+    samples = samples_per_batch(config)
     if samples < processes.count:
         problems.append(f"each step has {samples} sample(s) for {processes.count} processes, and every process "
                         "must have one: raise train_batch_size or use fewer processes")
@@ -102,7 +102,7 @@ def check_zero_resume(saved_optimizer: Any, processes: SingleProcess) -> None:
 def deepspeed_config(config: Config, precision: Precision, settings: ZeroSettings, device: torch.device,
                      processes: SingleProcess) -> dict[str, Any]:
     """DeepSpeed's configuration, from the run's own options."""
-    samples = config.train_batch_size * (2 if config.prior_preservation else 1)
+    samples = samples_per_batch(config)
     offload = {"device": settings.offload_optimizer, "pin_memory": device.type == "cuda"}
     return {
         "train_micro_batch_size_per_gpu": max(1, math.ceil(samples / processes.count)),
