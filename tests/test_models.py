@@ -478,6 +478,20 @@ class _FakeUnet(torch.nn.Module):
         return types.SimpleNamespace(sample=x * self.scale)
 
 
+@pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
+def test_a_fp16_checkpoint_loads_to_exactly_its_fp32_values(tiny, family):
+    sd = {k: (v.half() if v.is_floating_point() and k != "betas" else v) for k, v in tiny(family).items()}
+    bundle = load_bundle(dict(sd), prediction_type="epsilon")
+    assert all(p.dtype == torch.float32 for m in (bundle.unet, bundle.vae, *bundle.text_encoders)
+               for p in m.parameters())
+    assert not any(m.training for m in (bundle.unet, bundle.vae, *bundle.text_encoders))
+    out = export.build_checkpoint(bundle, bundle.unet, bundle.text_encoders, bundle.vae, precision="fp32")
+    model_keys = [k for k in sd if k.startswith(("model.", "first_stage_model.", "cond_stage_model.",
+                                                 "conditioner."))]
+    different = [k for k in model_keys if not torch.equal(out[k], sd[k].float())]
+    assert len(model_keys) > 100 and different == []
+
+
 def test_prediction_type_probe():
     assert probe_v_prediction(_FakeUnet(-3.0)) == pytest.approx(-2.0)
     assert resolve_prediction_type(family_named("sd2"), "auto", unet=_FakeUnet(-3.0)) == "v_prediction"
