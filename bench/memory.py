@@ -17,8 +17,13 @@ SDXL (`--model sdxl`): its real 2.6B-weight UNet alone (latents and text embeddi
 cached shapes, as in bench/gpu.py), fp32 everywhere, gradient checkpointing on, at --resolution (the fp32
 weights alone are 10.3 GB: 24 GB of RAM does not hold a full fp32 AdamW run). Measured: Adafactor + fused
 backward, and LoRA rank 16; computed from them: bf16 weights (the trained weights' and, for LoRA, the frozen
-base's bytes halved). The transient (activations, gradients in flight) is scaled to 1024 px by the latent area,
-and counted in fp32, so the figure is an upper bound for a bf16 run.
+base's bytes halved). Two figures for what a step holds besides the weights and the optimizer's state:
+  - resident: the resident-memory peak, as for SD1.5: it also counts the CPU allocator's cached blocks and
+    oneDNN's scratch memory, which a GPU run does not have (an upper bound);
+  - tensors: the tensors alive at one step's peak, counted by torch's MemTracker (the tensor-level view a GPU's
+    caching allocator serves; it agrees with the bytes autograd saves for backward).
+Activations are scaled to 1024 px by the latent area (gradients are not: they do not grow with the picture) and
+shown in fp32 and at half, for bf16 autocast; the goals are judged on the tensors with bf16 activations.
 
     python bench/memory.py [--resolution 512] [--steps 3] [--measure-bf16]   (about 25 minutes on 2 CPU cores)
     python bench/memory.py --model sdxl [--resolution 512] [--steps 2]      (about 10 minutes)
@@ -119,7 +124,8 @@ SDXL_SETUPS = {"Adafactor + fused backward": "lean", "LoRA rank 16": "lora"}
 
 
 def run_sdxl(args, name: str) -> dict:
-    """One SDXL setup, fp32, on the UNet alone (bench/gpu.py's step); the same figures as run_one."""
+    """One SDXL setup, fp32, on the UNet alone (bench/gpu.py's step); the same figures as run_one, and the tensors
+    alive at the step's peak."""
     import gpu
 
     run = gpu.Run("sdxl", SDXL_SETUPS[name], torch.device("cpu"), tiny=False, fp32=True,
@@ -129,6 +135,8 @@ def run_sdxl(args, name: str) -> dict:
     trained = [p for p in run.unet.parameters() if p.requires_grad]
     figures = {"weights": sum(p.numel() * p.element_size() for p in trained),
                "weights_count": sum(p.numel() for p in trained),
+               "largest_weight": max(p.numel() * p.element_size() for p in trained),
+               "fused": bool(getattr(run.stepper, "_per_param", None)),
                "frozen": sum(p.numel() * p.element_size() for p in run.unet.parameters() if not p.requires_grad),
                "optimizer": _optimizer_bytes(run.stepper), "start": _rss()}
     _reset_peak()
@@ -137,7 +145,28 @@ def run_sdxl(args, name: str) -> dict:
         run.step(batch)
     figures["transient"] = _peak_mib() * 1024 ** 2 - figures["start"]
     figures["seconds"] = time.perf_counter() - started
+    figures["in_flight"] = tensors_in_flight(run, batch)
     return figures
+
+
+def tensors_in_flight(run, batch: dict) -> int:
+    """Bytes of the tensors alive at one step's peak besides the weights and the optimizer's state (activations,
+    gradients, temporaries), counted tensor by tensor with torch's MemTracker: what a GPU's allocator must hold,
+    without the CPU allocator's and oneDNN's own memory that the resident-memory figure also counts."""
+    from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
+
+    class Tracker(MemTracker):
+        def _track_module_params_and_buffers(self, module, install_grad_hooks=True):
+            # Its gradient hooks cannot go on frozen weights; gradients are then counted as in flight.
+            return super()._track_module_params_and_buffers(module, install_grad_hooks=False)
+
+    tracker = Tracker()
+    tracker.track_external(run.unet, *(getattr(run.stepper, "_per_param", None) or [run.stepper.optimizer]))
+    with tracker:
+        run.step(batch)
+    peak = tracker.get_tracker_snapshot("peak")[torch.device("cpu")]
+    held = sum(peak.get(kind, 0) for kind in (_MemRefType.PARAM, _MemRefType.BUFFER, _MemRefType.OPT))
+    return peak["Total"] - held
 
 
 def sdxl_report(rows: dict[str, dict], resolution: int) -> None:
@@ -146,26 +175,31 @@ def sdxl_report(rows: dict[str, dict], resolution: int) -> None:
     table = {
         "Adafactor + fused backward, fp32 weights": lean,
         "bf16 weights (stochastic rounding) + Adafactor + fused backward (computed)": {
-            **lean, "weights": lean["weights_count"] * 2},
+            **lean, "weights": lean["weights_count"] * 2, "largest_weight": lean["largest_weight"] / 2},
         "LoRA rank 16, fp32 base": lora,
         "LoRA rank 16, bf16 base (computed)": {**lora, "frozen": lora["frozen"] / 2},
     }
     goals = {"bf16 weights (stochastic rounding) + Adafactor + fused backward (computed)": 12.0,
              "LoRA rank 16, bf16 base (computed)": 8.0}
     print(f"SDXL UNet, measured at {resolution} px (batch 1 + 1 class image, gradient checkpointing, fp32 on the "
-          f"CPU), transient scaled x{scale:g} to 1024 px; GB. 'GPU est.' counts the transient in fp32 (an upper "
-          "bound); 'bf16 act.' counts it at half (computed: what bf16 autocast keeps)")
-    print(f"{'options':75} {'weights':>8} {'frozen':>7} {'optim':>7} {'transient':>9} {'GPU est.':>9} "
-          f"{'bf16 act.':>9}  goal")
+          f"CPU), scaled x{scale:g} to 1024 px; GB.")
+    print("  resident: the process's resident-memory peak (CPU allocator and oneDNN memory included: an upper "
+          "bound); tensors: the tensors alive at the step's peak (torch's MemTracker), what a GPU's allocator must "
+          "hold. Each with activations in fp32 and, after the slash, at half (what bf16 autocast keeps).")
+    print(f"{'options':75} {'weights':>8} {'frozen':>7} {'optim':>6} {'resident':>13} {'tensors':>13}  goal "
+          "(on tensors, bf16 activations)")
     for name, figures in table.items():
-        transient = max(0.0, figures["transient"]) * scale
         fixed = figures["weights"] + figures.get("frozen", 0) + figures["optimizer"] + CUDA_CONTEXT
-        gpu, halved = (fixed + transient) / GB, (fixed + transient / 2) / GB
+        resident = max(0.0, figures["transient"]) * scale
+        grads = figures["largest_weight"] if figures["fused"] else figures["weights"]  # do not grow with size
+        activations = max(0.0, figures["in_flight"] - grads) * scale
+        estimates = [(fixed + resident) / GB, (fixed + resident / 2) / GB,
+                     (fixed + grads + activations) / GB, (fixed + grads + activations / 2) / GB]
         goal = goals.get(name)
-        verdict = f"<= {goal}: {'met' if gpu <= goal else 'NOT met'} ({'met' if halved <= goal else 'NOT met'} " \
-                  "with bf16 activations)" if goal else ""
+        verdict = f"<= {goal}: {'met' if estimates[3] <= goal else 'NOT met'}" if goal else ""
         print(f"{name:75} {figures['weights'] / GB:8.2f} {figures.get('frozen', 0) / GB:7.2f} "
-              f"{figures['optimizer'] / GB:7.2f} {transient / GB:9.2f} {gpu:9.2f} {halved:9.2f}  {verdict}")
+              f"{figures['optimizer'] / GB:6.2f} {estimates[0]:6.1f} /{estimates[1]:5.1f} "
+              f"{estimates[2]:6.1f} /{estimates[3]:5.1f}  {verdict}")
 
 
 def _optimizer_bytes(stepper) -> int:

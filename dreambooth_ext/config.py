@@ -192,8 +192,8 @@ OPTIONS: tuple[Option, ...] = (
          "1.7 + 1.7 GB, SDXL 5.1 + 5.1 GB; every update is rounded stochastically so small ones are not lost. "
          "Needs mixed_precision bf16.", choices=("fp32", "bf16")),
     _opt("compile_unet", "bool", False, "memory",
-         "Compile the UNet with torch.compile: faster steps after a compile of a minute or more (several on a "
-         "CPU), so it pays on long runs; no memory saving."),
+         "Compile the UNet with torch.compile (a compile of a minute or more before the first step). On a GPU it "
+         "usually makes steps faster, so it pays on long runs; on a CPU it measured no faster. No memory saving."),
     _opt("gradient_checkpointing", "choice", "auto", "memory",
          "Recompute activations in the backward pass: much less memory, about 20% slower on a GPU (a fifth to a "
          "third on a CPU). auto: on with a GPU, where memory runs out first; off on a CPU, where time does.",

@@ -25,3 +25,27 @@ def test_the_gpu_bench_step_trains_what_it_says(model, setup):
     moved = [n for n, p in run.unet.named_parameters() if p.requires_grad and not torch.equal(p, before[n])]
     assert moved
     assert gpu.count_flops(run) > 0
+
+
+@pytest.mark.parametrize("setup", ["lean", "lora"])
+def test_the_memory_bench_counts_at_least_what_autograd_keeps_for_backward(setup):
+    import gpu
+    import memory
+
+    run = gpu.Run("sdxl", setup, torch.device("cpu"), tiny=True, fp32=True, latent=16)
+    run.unet.disable_gradient_checkpointing()
+    batch = run.batch(2)
+    run.step(batch)  # the optimizer's state exists from here on, as in the bench
+    weights = {p.untyped_storage().data_ptr() for p in run.unet.parameters()}
+    saved: dict[int, int] = {}
+
+    def keep(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in weights:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+        run.unet(batch["latents"], batch["timesteps"], **batch["kwargs"])
+    in_flight = memory.tensors_in_flight(run, batch)  # LoRA: frozen weights take no gradient hooks
+    assert sum(saved.values()) > 1e6 and in_flight >= sum(saved.values())
