@@ -26,7 +26,7 @@ Activations are scaled to 1024 px by the latent area (gradients are not: they do
 shown in fp32 and at half, for bf16 autocast; the goals are judged on the tensors with bf16 activations.
 
     python bench/memory.py [--resolution 512] [--steps 3] [--measure-bf16]   (about 25 minutes on 2 CPU cores)
-    python bench/memory.py --model sdxl [--resolution 512] [--steps 2]      (about 10 minutes)
+    python bench/memory.py --model sdxl [--resolution 512] [--steps 3]      (about 70 minutes)
 """
 
 from __future__ import annotations
