@@ -136,7 +136,7 @@ def run_sdxl(args, name: str) -> dict:
     figures = {"weights": sum(p.numel() * p.element_size() for p in trained),
                "weights_count": sum(p.numel() for p in trained),
                "largest_weight": max(p.numel() * p.element_size() for p in trained),
-               "fused": bool(getattr(run.stepper, "_per_param", None)),
+               "fused": len(_optimizers(run.stepper)) > 1,  # the fused backward: one optimizer per weight
                "frozen": sum(p.numel() * p.element_size() for p in run.unet.parameters() if not p.requires_grad),
                "optimizer": _optimizer_bytes(run.stepper), "start": _rss()}
     _reset_peak()
@@ -161,7 +161,7 @@ def tensors_in_flight(run, batch: dict) -> int:
             return super()._track_module_params_and_buffers(module, install_grad_hooks=False)
 
     tracker = Tracker()
-    tracker.track_external(run.unet, *(getattr(run.stepper, "_per_param", None) or [run.stepper.optimizer]))
+    tracker.track_external(run.unet, *_optimizers(run.stepper))
     with tracker:
         run.step(batch)
     peak = tracker.get_tracker_snapshot("peak")[torch.device("cpu")]
@@ -202,10 +202,14 @@ def sdxl_report(rows: dict[str, dict], resolution: int) -> None:
               f"{estimates[2]:6.1f} /{estimates[3]:5.1f}  {verdict}")
 
 
+def _optimizers(stepper) -> list:
+    """The run's optimizers: one, or one per weight with the fused backward."""
+    return getattr(stepper, "_per_param", None) or [stepper.optimizer]
+
+
 def _optimizer_bytes(stepper) -> int:
-    optimizers = getattr(stepper, "_per_param", None) or [stepper.optimizer]
     total = 0
-    for optimizer in optimizers:
+    for optimizer in _optimizers(stepper):
         for state in optimizer.state.values():
             total += sum(v.numel() * v.element_size() for v in state.values() if isinstance(v, torch.Tensor))
     return total
