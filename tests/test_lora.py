@@ -181,3 +181,36 @@ def test_a_resumed_lora_run_equals_an_uninterrupted_one(bases, photos, tmp_path)
     with pytest.raises(Exception, match="lora_rank = 8"):
         TrainingRun(lora_config(bases["sd1"], photos, max_train_steps=4), FolderHost(tmp_path / "other"),
                     resume=True).run()
+
+
+@pytest.mark.parametrize("base", [torch.nn.Linear(32, 64), torch.nn.Conv2d(32, 64, 3, padding=1)],
+                         ids=["linear", "conv"])
+def test_an_adapter_on_a_bf16_base_under_autocast_makes_no_fp32_copy_of_its_input(base):
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from dreambooth_ext.models.lora import LoRALayer
+
+    class Copies(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.fp32 = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func is torch.ops.aten._to_copy.default and out.dtype == torch.float32:
+                self.fp32.append(tuple(out.shape))
+            return out
+
+    layer = LoRALayer(base.to(torch.bfloat16).requires_grad_(False), rank=4, alpha=4)
+    torch.nn.init.normal_(layer.up.weight)
+    x = torch.randn(2, 32, 8, 8) if isinstance(base, torch.nn.Conv2d) else torch.randn(2, 16, 32)
+    x = x.to(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16), Copies() as copies:
+        out = layer(x)
+    assert tuple(x.shape) not in copies.fp32  # the input's fp32 copy (the adapter's weights may be cast, not x)
+    out.float().sum().backward()
+    assert layer.down.weight.grad.dtype == torch.float32 and layer.down.weight.grad.abs().sum() > 0
+    # Without autocast, the adapter computes in its own fp32 and gives the same result within bf16's precision.
+    expected = layer.base(x).float() + layer.up(layer.down(x.float())) * layer.scale
+    assert torch.allclose(layer(x).float(), expected, rtol=2e-2, atol=2e-2)
+    assert torch.allclose(out.float(), expected, rtol=5e-2, atol=5e-2)

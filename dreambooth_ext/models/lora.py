@@ -54,12 +54,21 @@ class LoRALayer(nn.Module):
         return self.alpha / self.rank
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        update = self.up(self.down(self.dropout(x).to(self.down.weight.dtype)))
-        return self.base(x) + (update * self.scale).to(x.dtype)
+        h = self.dropout(x)
+        if not _autocasting(h.device.type):  # under autocast, down casts its input itself (no fp32 copy of x)
+            h = h.to(self.down.weight.dtype)
+        return self.base(x) + (self.up(self.down(h)) * self.scale).to(x.dtype)
 
     def delta(self) -> torch.Tensor:
         """scale * up @ down in the shape of the base weight (what merging adds to it)."""
         return delta_of(self, self.down.weight, self.up.weight)
+
+
+def _autocasting(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch before 2.4 (the WebUI's 2.1): no device argument
+        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
 
 
 def delta_of(layer: LoRALayer, down: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
