@@ -290,7 +290,8 @@ def test_joepennas_flags_caption_like_his_json(tmp_path, photos, caplog):
 
 
 def test_pip_install_of_the_project_gives_a_working_engine(tmp_path):
-    """`pip install .`: the package carries what the tokenizer needs (no open-clip-torch, no model hub)."""
+    """`pip install .`: the package carries what the tokenizer needs (no open-clip-torch, no model hub) and the
+    accelerate configurations its launches use."""
     import shutil
     import site
     import subprocess
@@ -313,6 +314,8 @@ def test_pip_install_of_the_project_gives_a_working_engine(tmp_path):
     check = ("import dreambooth_ext, sys\nfrom dreambooth_ext.models.tokenizer import load_tokenizer\n"
              "assert 'site-packages' in dreambooth_ext.__file__, dreambooth_ext.__file__\n"
              "sys.modules['open_clip'] = None  # whatever the environment has, the package's own file is used\n"
+             "from dreambooth_ext.train.launch import MULTI_GPU_CONFIG, ZERO_CONFIG\n"
+             "assert MULTI_GPU_CONFIG.is_file() and ZERO_CONFIG.is_file()  # the launches' configurations\n"
              "t = load_tokenizer()\nprint(len(t), t('photo of ohwx toy').input_ids)")
     run = subprocess.run([str(python), "-c", check], capture_output=True, text=True, cwd=tmp_path, timeout=300,
                          env={"HOME": str(tmp_path), "PATH": "/usr/bin:/bin", "XDG_CACHE_HOME": str(tmp_path / "c")})

@@ -16,7 +16,7 @@ from PIL import Image
 
 from dreambooth_ext.models.checkpoint import read_checkpoint
 from dreambooth_ext.models.tiny import save_tiny_checkpoint
-from dreambooth_ext.train.launch import launch_command
+from dreambooth_ext.train.launch import child_environment, launch_command
 from dreambooth_ext.train.run import Progress
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,7 +49,7 @@ def command(processes: int, args: list[str]) -> list[str]:
     """One process as a plain command; several through `accelerate launch --multi_gpu` (the engine's own)."""
     if processes == 1:
         return [sys.executable, "-m", "dreambooth_ext", *args]
-    return launch_command(list(range(processes)), args)
+    return launch_command(processes, args)
 
 
 def environment() -> dict[str, str]:
@@ -172,13 +172,41 @@ def test_the_gpus_option_launches_the_processes_itself(data, one_process, tmp_pa
     assert (tmp_path / "dreambooth" / "p" / "launch.log").is_file()
 
 
+def test_the_launch_ignores_the_users_accelerate_defaults_and_runs_on_the_gpus_chosen(tmp_path, monkeypatch):
+    """accelerate's own processing of the engine's launch (the WebUI's accelerate 0.21): a default configuration
+    of the user's (CPU, fp16, a dynamo backend, other GPUs) does not reach it, and its processes see exactly the
+    GPUs chosen, mapped through this process's CUDA_VISIBLE_DEVICES (0.21 leaves --gpu_ids out of it)."""
+    import accelerate.commands.config.config_args as config_args
+    import accelerate.commands.launch as accelerate_launch
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    defaults = tmp_path / "default_config.yaml"
+    defaults.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_GPU\nuse_cpu: true\n"
+                        "mixed_precision: fp16\nnum_processes: 8\ngpu_ids: 4,5\n"
+                        "dynamo_config:\n  dynamo_backend: INDUCTOR\n")
+    monkeypatch.setattr(accelerate_launch, "default_config_file", str(defaults))
+    monkeypatch.setattr(config_args, "default_config_file", str(defaults))
+    launches = {}
+    for zero in (False, True):
+        args = accelerate_launch.launch_command_parser().parse_args(launch_command(2, ["train"], zero=zero)[3:])
+        accelerate_launch._validate_launch_command(args)
+        assert (args.use_deepspeed, args.multi_gpu or args.use_deepspeed) == (zero, True)
+        assert (args.use_cpu, args.mixed_precision, args.dynamo_backend.lower()) == (False, "no", "no")
+        assert args.num_processes == 2
+        launches[zero] = args
+    for name, value in child_environment([1, 3], {"CUDA_VISIBLE_DEVICES": "4,5,6,7"}).items():
+        monkeypatch.setenv(name, value)
+    assert prepare_multi_gpu_env(launches[False])["CUDA_VISIBLE_DEVICES"] == "5,7"
+    assert child_environment([0, 2], {})["CUDA_VISIBLE_DEVICES"] == "0,2"
+
+
 # -- DeepSpeed ZeRO stage 2 with the optimizer on the CPU ------------------------------------------------------
 
 
 def zero_command(processes: int, args: list[str]) -> list[str]:
-    """`accelerate launch` with configs/accelerate_deepspeed_zero2_offload.yaml: ZeRO stage 2, optimizer on the
-    CPU."""
-    return launch_command(list(range(processes)), args, zero=True)
+    """`accelerate launch` with dreambooth_ext/configs/accelerate_deepspeed_zero2_offload.yaml: ZeRO stage 2,
+    optimizer on the CPU."""
+    return launch_command(processes, args, zero=True)
 
 
 def test_the_deepspeed_offload_option_launches_deepspeed_on_one_gpu(data, one_process, tmp_path, capsys):

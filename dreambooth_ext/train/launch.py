@@ -61,16 +61,31 @@ def gpu_ids(config: Config) -> list[int]:
     return wanted
 
 
-def launch_command(gpus: list[int], train_args: list[str], *, zero: bool = False) -> list[str]:
-    """`accelerate launch` of `python -m dreambooth_ext train_args...` on `gpus`, one process each; `zero`:
-    through DeepSpeed ZeRO stage 2 with the optimizer offloaded (the configuration in configs/)."""
+MULTI_GPU_CONFIG = ZERO_CONFIG.parent / "accelerate_multi_gpu.yaml"
+
+
+def launch_command(processes: int, train_args: list[str], *, zero: bool = False) -> list[str]:
+    """`accelerate launch` of `python -m dreambooth_ext train_args...` in `processes` processes, one per visible GPU
+    (child_environment chooses them); `zero`: through DeepSpeed ZeRO stage 2 with the optimizer offloaded. Always
+    with a configuration file of ours, so the user's default accelerate configuration is not read."""
     with socket.socket() as free:  # a free port for the processes to meet on
         free.bind(("127.0.0.1", 0))
         port = free.getsockname()[1]
-    kind = ["--config_file", str(ZERO_CONFIG)] if zero else ["--multi_gpu"]
-    return [sys.executable, "-m", "accelerate.commands.launch", *kind, "--num_machines", "1",
-            "--num_processes", str(len(gpus)), "--gpu_ids", ",".join(map(str, gpus)), "--main_process_port",
-            str(port), "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "dreambooth_ext", *train_args]
+    config = ZERO_CONFIG if zero else MULTI_GPU_CONFIG
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--num_machines", "1",
+            "--num_processes", str(processes), "--gpu_ids", "all", "--main_process_port", str(port),
+            "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "dreambooth_ext", *train_args]
+
+
+def child_environment(gpus: list[int], environ: dict[str, str] | None = None) -> dict[str, str]:
+    """This process's environment for the launch on `gpus` (numbered as torch sees them here): the engine on the
+    import path, and CUDA_VISIBLE_DEVICES naming those GPUs, mapped through this process's own
+    CUDA_VISIBLE_DEVICES. (accelerate 0.21, the WebUI's, puts --gpu_ids in ZE_AFFINITY_MASK, not here.)"""
+    environ = dict(os.environ if environ is None else environ)
+    visible = [part.strip() for part in environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if part.strip()]
+    chosen = [visible[n] if n < len(visible) else str(n) for n in gpus]
+    return dict(environ, CUDA_VISIBLE_DEVICES=",".join(chosen), PYTHONUNBUFFERED="1",
+                PYTHONPATH=os.pathsep.join([str(PACKAGE_ROOT), environ.get("PYTHONPATH", "")]))
 
 
 def one_gpu(config: Config) -> list[int]:
@@ -116,8 +131,8 @@ class ChildRun(RunControl):
                                                f"on {base.name}"))
         self.host.release_device(None)  # the host's GPU is likely one of them
         try:
-            command = launch_command(gpus, self._train_args(child, work_dir), zero=config.deepspeed_offload)
-            return self._follow(command, work_dir / "launch.log")
+            command = launch_command(len(gpus), self._train_args(child, work_dir), zero=config.deepspeed_offload)
+            return self._follow(command, child_environment(gpus), work_dir / "launch.log")
         finally:
             self.host.restore_device()
 
@@ -132,9 +147,7 @@ class ChildRun(RunControl):
                 "--lora-dir", str(self.host.lora_path(project, 0).parent.parent)]
         return [*args, "--resume"] if self.resume else args
 
-    def _follow(self, command: list[str], log_path: Path) -> RunResult:
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(PACKAGE_ROOT), os.environ.get("PYTHONPATH", "")]),
-                   PYTHONUNBUFFERED="1")
+    def _follow(self, command: list[str], env: dict[str, str], log_path: Path) -> RunResult:
         result = RunResult("failed", 0, 0)
         with open(log_path, "w", encoding="utf-8") as log_file:
             process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log_file, text=True, env=env)

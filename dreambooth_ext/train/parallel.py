@@ -153,7 +153,7 @@ def check_parallel(config, processes: SingleProcess) -> None:
                         "gradients could be averaged: turn fused_backward off")
     if device_name(config.device) not in ("auto", "cpu"):
         problems.append(f"device is {config.device}, but each process takes its own GPU: set device to auto and "
-                        "choose the GPUs with accelerate launch --gpu_ids")
+                        "choose the GPUs with the gpus option (or CUDA_VISIBLE_DEVICES)")
     if problems:
         raise DreamboothError(f"Cannot train on {processes.count} processes: " + "; ".join(problems) + ".")
     samples = samples_per_batch(config)

@@ -1,5 +1,6 @@
 """DeepSpeed ZeRO (stage 1 or 2, the optimizer's state and step optionally on the CPU) for cards too small for a
-full fine-tune: started by `accelerate launch` with a DeepSpeed configuration (configs/ ships one).
+full fine-tune: started by `accelerate launch` with a DeepSpeed configuration (dreambooth_ext/configs/ ships
+one).
 
 Each process keeps the whole model, but the optimizer's state and its fp32 copy of the weights are split between
 the processes (and with `offload_optimizer_device: cpu` kept in system RAM, where the optimizer steps). The engine
@@ -29,7 +30,7 @@ from .parallel import SingleProcess, samples_per_batch
 log = logging.getLogger(__name__)
 
 # The accelerate configuration the engine launches with (deepspeed_offload) and documents for launching by hand.
-ZERO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "accelerate_deepspeed_zero2_offload.yaml"
+ZERO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "accelerate_deepspeed_zero2_offload.yaml"
 INSTALL = "pip install \"deepspeed>=0.12,<0.15\" (the versions that work with the WebUI's pydantic 1)"
 
 
@@ -46,8 +47,8 @@ def zero_launch() -> ZeroSettings | None:
     if os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none").lower() not in ("", "none"):
         raise DreamboothError("accelerate launch was given a DeepSpeed config file; the engine builds DeepSpeed's "
                               "configuration from its own options. Launch with --zero_stage and "
-                              "--offload_optimizer_device (or configs/accelerate_deepspeed_zero2_offload.yaml) "
-                              "instead.")
+                              "--offload_optimizer_device (or --config_file "
+                              "dreambooth_ext/configs/accelerate_deepspeed_zero2_offload.yaml) instead.")
     try:
         stage = int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2"))
     except ValueError:
