@@ -456,7 +456,10 @@ class _Loop:
         self.result.step = step
         if self.processes.is_main:
             self._sample(step)
-            self._save_model(step)
+        with self.stepper.exact_weights():
+            if self.processes.is_main:
+                self._save_model(step)
+        if self.processes.is_main:
             shutil.rmtree(self.work_dir / "state", ignore_errors=True)  # finished: the state is no longer needed
         self.run._emit(Progress("finished", step=step, total_steps=self.total_steps,
                                 checkpoint=self.result.checkpoints[-1] if self.result.checkpoints else None,
@@ -594,8 +597,9 @@ class _Loop:
         if main and config.sample_every_n_steps and step % config.sample_every_n_steps == 0:
             self._sample(step)
         if config.save_every_n_steps and step % config.save_every_n_steps == 0:
-            if main:
-                self._save_model(step)
+            with self.stepper.exact_weights():  # every process: DeepSpeed gathers its fp32 weights
+                if main:
+                    self._save_model(step)
             self._save_state(step)
 
     def _cancel(self, step: int) -> RunResult:

@@ -12,6 +12,7 @@ processes (with DeepSpeed).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -129,10 +130,20 @@ class ZeroStepper:
         import deepspeed
 
         self.config, self.processes = config, processes
+        self.params = [p for group in groups for p in group["params"]]
+        # In bf16/fp16 DeepSpeed computes with copies of the weights in that format, and keeps fp32 ones in its
+        # optimizer; it would make those from the low-precision copies, losing the model's own low bits.
+        self.lowered = precision.autocast_dtype is not None
+        own = [p.detach().to("cpu", copy=True) for p in self.params] if self.lowered else []
         self.base = make_optimizer(config, groups, device)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=torch.nn.ModuleDict(modules), optimizer=self.base,
             config=deepspeed_config(config, precision, settings, device, processes))
+        if own:
+            from deepspeed.utils import safe_set_full_fp32_param
+
+            for param, value in zip(self.params, own, strict=True):
+                safe_set_full_fp32_param(param, value)  # this process's part of it
         self.lr_scheduler = make_lr_scheduler(config, self.base, total_steps)
         log.info("Training through DeepSpeed ZeRO stage %d on %d process(es), the optimizer on the %s",
                  settings.stage, processes.count, "CPU" if settings.offload_optimizer == "cpu" else "device")
@@ -170,6 +181,28 @@ class ZeroStepper:
                 own.copy_(saved.to(own.device, own.dtype))
         self.lr_scheduler.load_state_dict(lr_scheduler)
         return apply_changed_options(self.config, self.base, self.lr_scheduler)
+
+    @contextlib.contextmanager
+    def exact_weights(self):
+        """While it lasts, the trained modules of the main process hold DeepSpeed's fp32 weights (on the CPU), not
+        the bf16/fp16 copies it computes with: what an export must write. Every process enters it together (each
+        weight is gathered from the processes' parts)."""
+        if not self.lowered:
+            yield
+            return
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        swapped = []
+        try:
+            for param in self.params:
+                full = safe_get_full_fp32_param(param).cpu()
+                if self.processes.is_main:
+                    swapped.append((param, param.data))
+                    param.data = full
+            yield
+        finally:
+            for param, data in swapped:
+                param.data = data
 
     def close(self) -> None:
         pass
