@@ -117,6 +117,17 @@ def test_two_processes_take_the_steps_of_one(data, one_process, tmp_path):
     assert largest_difference(unet(other / "Stable-diffusion" / "p" / f"p_{STEPS}.safetensors"), one_process) > 1e-3
 
 
+def test_a_batch_smaller_than_the_processes_takes_the_steps_of_one(data, tmp_path):
+    """One sample per step on two processes: the second has none, runs no backward pass, and contributes zeros
+    (the exchange waits until after the pass, as the processes do not all run it)."""
+    args = ("--train_batch_size", "1", "--prior_preservation", "false", "--max_train_steps", "4")
+    train(1, flags(data, tmp_path / "one", *args))
+    done = train(2, flags(data, tmp_path / "two", *args))
+    assert "some processes wait idle" in done.stderr
+    one, two = (unet(tmp_path / out / "Stable-diffusion" / "p" / "p_4.safetensors") for out in ("one", "two"))
+    assert largest_difference(one, unet(data["base"])) > 1e-2 and largest_difference(one, two) < 1e-5
+
+
 def test_a_run_stopped_on_two_processes_resumes_on_one_and_on_two(data, one_process, tmp_path):
     stopped = tmp_path / "stopped"
     step = train_until_stopped(2, flags(data, stopped), tmp_path / "stop")
@@ -155,6 +166,51 @@ def test_gradients_are_exchanged_in_buckets_and_come_back_whole(monkeypatch, tmp
         assert all(torch.equal(p.grad, e) for p, e in zip(params, expected, strict=False))
         assert params[3].grad is None
         assert processes.share(list("abcde")) == list("abcde") and processes.any(True)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_gradients_are_exchanged_while_the_backward_pass_runs(monkeypatch, tmp_path):
+    """Around a backward pass every process runs, each bucket's exchange starts as soon as the pass has completed
+    its gradients (the output layer's first), while the pass goes on; average_gradients waits for them and the
+    gradients come back whole. Other passes exchange nothing; a weight without a gradient keeps none."""
+    import torch.distributed as dist
+
+    from dreambooth_ext.train import parallel
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        class State:
+            num_processes, process_index, is_main_process, device = 1, 0, True, torch.device("cpu")
+
+        processes = parallel.DataParallel(State())
+        monkeypatch.setattr(parallel, "BUCKET_ELEMENTS", 5)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Tanh(), torch.nn.Linear(4, 4), torch.nn.Tanh(),
+                                    torch.nn.Linear(4, 1))
+        unused = torch.nn.Parameter(torch.zeros(3))
+        hooks = processes.watch([list(model.parameters()), [unused]])
+        completed, started = [], []  # gradients the pass has completed; how many there were at each exchange
+        hooks += [p.register_post_accumulate_grad_hook(completed.append) for p in model.parameters()]
+        exchange = dist.all_reduce
+
+        def recording(tensor, *args, **kwargs):
+            started.append(len(completed))
+            return exchange(tensor, *args, **kwargs)
+
+        monkeypatch.setattr(dist, "all_reduce", recording)
+        x = torch.randn(8, 4)
+        model(x).sum().backward()  # an earlier micro-batch: nothing exchanged
+        assert started == []
+        expected = [2 * p.grad for p in model.parameters()]
+        completed.clear()
+        with processes.exchanging():
+            model(x).sum().backward()
+        assert started and started[0] <= 2  # the output layer's bucket left before the other layers' gradients
+        processes.average_gradients([*model.parameters(), unused])
+        assert all(torch.allclose(p.grad, e) for p, e in zip(model.parameters(), expected, strict=True))
+        assert unused.grad is None
+        for hook in hooks:
+            hook.remove()
     finally:
         dist.destroy_process_group()
 

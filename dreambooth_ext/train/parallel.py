@@ -11,6 +11,7 @@ One process without a launcher is `SingleProcess`, which changes nothing.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import os
@@ -40,6 +41,14 @@ class SingleProcess:
     def share(self, items: Sequence) -> list:
         return list(items)
 
+    def watch(self, groups: Sequence[Sequence[torch.nn.Parameter]]) -> list:
+        """Ready the weights' gradients for exchange during the backward pass; returns the hooks' handles."""
+        return []
+
+    def exchanging(self) -> contextlib.AbstractContextManager:
+        """Around a backward pass that every process runs: gradients are exchanged while it goes on."""
+        return contextlib.nullcontext()
+
     def average_gradients(self, params: Sequence[torch.nn.Parameter]) -> None:
         pass
 
@@ -62,37 +71,93 @@ class DataParallel(SingleProcess):
         self.index = state.process_index
         self.is_main = state.is_main_process
         self.device = state.device
+        self._buckets: list[list[torch.Tensor]] = []
+        self._bucket_of: dict[int, int] = {}
+        self._exchange: _Exchange | None = None
 
     def share(self, items: Sequence) -> list:
         """This process's contiguous part of `items` (sizes differ by at most one; a part may be empty)."""
         n = len(items)
         return list(items[self.index * n // self.count:(self.index + 1) * n // self.count])
 
+    def watch(self, groups: Sequence[Sequence[torch.nn.Parameter]]) -> list:
+        """Buckets of weights whose gradients are exchanged together while the backward pass runs, in the order
+        the pass completes them: each group's weights from last to first (a model's output layers get their
+        gradients first), the groups in order (the UNet's before the text encoder's, which feeds it)."""
+        order = [param for group in groups for param in reversed(list(group))]
+        self._buckets = _buckets(order)
+        self._bucket_of = {id(param): i for i, bucket in enumerate(self._buckets) for param in bucket}
+        return [param.register_post_accumulate_grad_hook(self._ready) for param in order]
+
+    @contextlib.contextmanager
+    def exchanging(self):
+        """Around the step's last backward pass when every process runs it (so all of them complete the same
+        gradients, in the same order): each bucket is averaged, asynchronously, as soon as the pass has
+        completed its gradients and those of the buckets before it; average_gradients waits for them."""
+        exchange = _Exchange([len(bucket) for bucket in self._buckets])
+        self._exchange = exchange
+        try:
+            yield
+        finally:
+            exchange.armed = False
+
+    def _ready(self, param: torch.Tensor) -> None:
+        exchange = self._exchange
+        if exchange is None or not exchange.armed:
+            return  # an earlier micro-batch, or a pass some process does not run: exchanged after it
+        if id(param) in exchange.seen:
+            raise DreamboothError("A weight received two gradients in one backward pass, which the gradient "
+                                  "exchange between processes cannot follow; train on one process.")
+        exchange.seen.add(id(param))
+        index = self._bucket_of[id(param)]
+        exchange.missing[index] -= 1
+        while exchange.launched_up_to < len(self._buckets) and not exchange.missing[exchange.launched_up_to]:
+            self._launch(exchange, exchange.launched_up_to)
+
+    def _launch(self, exchange: _Exchange, index: int) -> None:
+        """Start averaging bucket `index` (its weights that have gradients: the same ones on every process)."""
+        exchange.launched_up_to = index + 1
+        grads = [param.grad for param in self._buckets[index] if param.grad is not None]
+        if grads:
+            flat = torch.cat([g.reshape(-1) for g in grads]) if len(grads) > 1 else grads[0].reshape(-1)
+            exchange.pending.append((torch.distributed.all_reduce(flat, async_op=True), flat, grads))
+
     def average_gradients(self, params: Sequence[torch.nn.Parameter]) -> None:
-        """Every weight's gradient averaged over the processes, exchanged in buckets (per dtype and device) of
-        at most BUCKET_ELEMENTS. A process
-        that had no sample in this step contributes zeros; a weight no process has a gradient for (a text
-        encoder whose training has stopped) keeps none, so the optimizer leaves it alone as it would in one."""
+        """Every weight's gradient averaged over the processes: the exchange the backward pass started, finished
+        here; else (a pass some process had no sample for) exchanged now in buckets of at most BUCKET_ELEMENTS.
+        A process that had no sample in this step contributes zeros; a weight no process has a gradient for (a
+        text encoder whose training has stopped) keeps none, so the optimizer leaves it alone as it would in
+        one."""
+        exchange, self._exchange = self._exchange, None
+        if exchange is not None:
+            for index in range(exchange.launched_up_to, len(self._buckets)):
+                self._launch(exchange, index)
+            for work, flat, grads in exchange.pending:
+                work.wait()
+                self._take_average(flat, grads)
+            return
         present = torch.tensor([param.grad is not None for param in params], dtype=torch.float32,
                                device=self.device)
         torch.distributed.all_reduce(present, op=torch.distributed.ReduceOp.MAX)
-        kinds: dict[tuple, list[torch.Tensor]] = {}
+        grads = []
         for param, anywhere in zip(params, present.tolist(), strict=True):
-            if not anywhere:
-                continue
-            if param.grad is None:
-                param.grad = torch.zeros_like(param)
-            kinds.setdefault((param.grad.dtype, param.grad.device), []).append(param.grad)
-        for grads in kinds.values():
-            for bucket in _buckets(grads):
-                flat = torch.cat([g.reshape(-1) for g in bucket]) if len(bucket) > 1 else bucket[0].reshape(-1)
-                torch.distributed.all_reduce(flat)
-                flat /= self.count
-                offset = 0
-                for grad in bucket:
-                    if flat.data_ptr() != grad.data_ptr():
-                        grad.copy_(flat[offset:offset + grad.numel()].view_as(grad))
-                    offset += grad.numel()
+            if anywhere:
+                if param.grad is None:
+                    param.grad = torch.zeros_like(param)
+                grads.append(param.grad)
+        for bucket in _buckets(grads):
+            flat = torch.cat([g.reshape(-1) for g in bucket]) if len(bucket) > 1 else bucket[0].reshape(-1)
+            torch.distributed.all_reduce(flat)
+            self._take_average(flat, bucket)
+
+    def _take_average(self, flat: torch.Tensor, grads: list[torch.Tensor]) -> None:
+        """The summed bucket `flat` divided by the processes, back into its gradients (unless it is one)."""
+        flat /= self.count
+        offset = 0
+        for grad in grads:
+            if flat.data_ptr() != grad.data_ptr():
+                grad.copy_(flat[offset:offset + grad.numel()].view_as(grad))
+            offset += grad.numel()
 
     def mean(self, values: torch.Tensor) -> torch.Tensor:
         total = values.detach().clone()
@@ -165,14 +230,29 @@ def check_parallel(config, processes: SingleProcess) -> None:
 BUCKET_ELEMENTS = 32 * 1024 * 1024  # gradients exchanged together: a copy of this size at most (128 MB in fp32)
 
 
-def _buckets(grads: list[torch.Tensor]) -> list[list[torch.Tensor]]:
-    """Consecutive groups of gradients of at most BUCKET_ELEMENTS in all (a larger one alone)."""
+class _Exchange:
+    """One backward pass's exchange: how many gradients each bucket still waits for, the buckets started (in
+    order: every process starts the same ones in the same order) and their pending averages."""
+
+    def __init__(self, sizes: list[int]):
+        self.armed = True
+        self.missing = sizes
+        self.seen: set[int] = set()
+        self.launched_up_to = 0
+        self.pending: list[tuple] = []
+
+
+def _buckets(tensors: Sequence[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """Consecutive groups of tensors of one dtype and device, of at most BUCKET_ELEMENTS in all (a larger one
+    alone)."""
     buckets: list[list[torch.Tensor]] = [[]]
     size = 0
-    for grad in grads:
-        if buckets[-1] and size + grad.numel() > BUCKET_ELEMENTS:
+    for tensor in tensors:
+        bucket = buckets[-1]
+        if bucket and (size + tensor.numel() > BUCKET_ELEMENTS or (tensor.dtype, tensor.device) !=
+                       (bucket[0].dtype, bucket[0].device)):
             buckets.append([])
             size = 0
-        buckets[-1].append(grad)
-        size += grad.numel()
+        buckets[-1].append(tensor)
+        size += tensor.numel()
     return buckets

@@ -487,7 +487,7 @@ class _Loop:
             if loss is None:
                 continue  # this process has no sample in this micro-batch (several processes, a short batch)
             loss = loss / accumulation
-            self.stepper.backward(loss, last=k == accumulation - 1)
+            self.stepper.backward(loss, last=k == accumulation - 1, every_process=self._every_process_has(micro))
             total = total + loss.detach()
         self.stepper.step()
         if self.ema is not None:
@@ -526,6 +526,10 @@ class _Loop:
             samples = self._feed(kind).latents([index for _, index in picked], positions, micro, self.device)
             groups.append((samples, [(kind, position) for position in positions]))
         return groups, counts
+
+    def _every_process_has(self, micro: int) -> bool:
+        """Whether every process has samples in this micro-batch (each has a contiguous share of it)."""
+        return sum(self._my_picks(micro)[1]) >= self.processes.count
 
     def _my_picks(self, micro: int) -> tuple[dict[bool, list[tuple[int, int]]], tuple[int, int]]:
         """Per kind (False: instance, True: class), this process's (position, example index) pairs of the

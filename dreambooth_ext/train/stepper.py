@@ -89,20 +89,24 @@ class Stepper:
                            for i, param in enumerate(self.params)]
         else:
             self.optimizer = make_optimizer(config, groups, device)
+            self._hooks = self.processes.watch([group["params"] for group in groups])
         self.lr_scheduler = make_lr_scheduler(config, self.optimizer, total_steps)
         self._sync_learning_rates()
 
     # -- the step -----------------------------------------------------------------------------------------
 
-    def backward(self, loss: torch.Tensor, *, last: bool) -> None:
+    def backward(self, loss: torch.Tensor, *, last: bool, every_process: bool = False) -> None:
         """Backward of one micro-batch's loss (already divided by the accumulation steps); `last`: the step's
-        final micro-batch, after which a fused backward updates the weights."""
+        final micro-batch, after which a fused backward updates the weights; `every_process`: every process runs
+        this pass (each had samples), so on several the gradients are exchanged while it runs."""
         if self.fused:
             self._stepping = last
-        if self.scaler is not None:
-            self.scaler.scale(loss).backward()
-        else:
-            loss.backward()
+        exchange = self.processes.exchanging() if last and every_process else contextlib.nullcontext()
+        with exchange:
+            if self.scaler is not None:
+                self.scaler.scale(loss).backward()
+            else:
+                loss.backward()
 
     def step(self) -> None:
         """The optimizer step after the last micro-batch (done already, weight by weight, with fused backward)."""

@@ -148,7 +148,7 @@ class ZeroStepper:
         log.info("Training through DeepSpeed ZeRO stage %d on %d process(es), the optimizer on the %s",
                  settings.stage, processes.count, "CPU" if settings.offload_optimizer == "cpu" else "device")
 
-    def backward(self, loss: torch.Tensor, *, last: bool) -> None:
+    def backward(self, loss: torch.Tensor, *, last: bool, every_process: bool = False) -> None:
         """Backward of one micro-batch's loss, already divided by the accumulation steps; DeepSpeed steps the
         optimizer after the step's last one (it counts them)."""
         self.engine.backward(loss, scale_wrt_gas=False)
