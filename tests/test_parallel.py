@@ -185,17 +185,27 @@ def test_gradients_are_exchanged_while_the_backward_pass_runs(monkeypatch, tmp_p
 
         processes = parallel.DataParallel(State())
         monkeypatch.setattr(parallel, "BUCKET_ELEMENTS", 5)
+        monkeypatch.setattr(parallel, "IN_FLIGHT", 2)  # each holds a copy of its gradients: at most 2 at once
         model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Tanh(), torch.nn.Linear(4, 4), torch.nn.Tanh(),
                                     torch.nn.Linear(4, 1))
         unused = torch.nn.Parameter(torch.zeros(3))
         hooks = processes.watch([list(model.parameters()), [unused]])
         completed, started = [], []  # gradients the pass has completed; how many there were at each exchange
         hooks += [p.register_post_accumulate_grad_hook(completed.append) for p in model.parameters()]
-        exchange = dist.all_reduce
+        exchange, in_flight = dist.all_reduce, []
+
+        class Work:  # counts the exchanges not yet waited for
+            def __init__(self, work):
+                self.work = work
+                in_flight.append(in_flight[-1] + 1 if in_flight else 1)
+
+            def wait(self):
+                in_flight.append(in_flight[-1] - 1)
+                return self.work.wait()
 
         def recording(tensor, *args, **kwargs):
             started.append(len(completed))
-            return exchange(tensor, *args, **kwargs)
+            return Work(exchange(tensor, *args, **kwargs))
 
         monkeypatch.setattr(dist, "all_reduce", recording)
         x = torch.randn(8, 4)
@@ -206,6 +216,7 @@ def test_gradients_are_exchanged_while_the_backward_pass_runs(monkeypatch, tmp_p
         with processes.exchanging():
             model(x).sum().backward()
         assert started and started[0] <= 2  # the output layer's bucket left before the other layers' gradients
+        assert len(started) == 5 and max(in_flight) == 2
         processes.average_gradients([*model.parameters(), unused])
         assert all(torch.allclose(p.grad, e) for p, e in zip(model.parameters(), expected, strict=True))
         assert unused.grad is None

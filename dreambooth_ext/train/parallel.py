@@ -11,6 +11,7 @@ One process without a launcher is `SingleProcess`, which changes nothing.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import datetime
 import logging
@@ -118,9 +119,16 @@ class DataParallel(SingleProcess):
         """Start averaging bucket `index` (its weights that have gradients: the same ones on every process)."""
         exchange.launched_up_to = index + 1
         grads = [param.grad for param in self._buckets[index] if param.grad is not None]
-        if grads:
-            flat = torch.cat([g.reshape(-1) for g in grads]) if len(grads) > 1 else grads[0].reshape(-1)
-            exchange.pending.append((torch.distributed.all_reduce(flat, async_op=True), flat, grads))
+        if not grads:
+            return
+        while len(exchange.pending) >= IN_FLIGHT:  # each holds a copy of its gradients: the oldest ends first
+            self._finish(*exchange.pending.popleft())
+        flat = torch.cat([g.reshape(-1) for g in grads]) if len(grads) > 1 else grads[0].reshape(-1)
+        exchange.pending.append((torch.distributed.all_reduce(flat, async_op=True), flat, grads))
+
+    def _finish(self, work, flat: torch.Tensor, grads: list[torch.Tensor]) -> None:
+        work.wait()
+        self._take_average(flat, grads)
 
     def average_gradients(self, params: Sequence[torch.nn.Parameter]) -> None:
         """Every weight's gradient averaged over the processes: the exchange the backward pass started, finished
@@ -132,9 +140,8 @@ class DataParallel(SingleProcess):
         if exchange is not None:
             for index in range(exchange.launched_up_to, len(self._buckets)):
                 self._launch(exchange, index)
-            for work, flat, grads in exchange.pending:
-                work.wait()
-                self._take_average(flat, grads)
+            while exchange.pending:
+                self._finish(*exchange.pending.popleft())
             return
         present = torch.tensor([param.grad is not None for param in params], dtype=torch.float32,
                                device=self.device)
@@ -228,6 +235,7 @@ def check_parallel(config, processes: SingleProcess) -> None:
 
 
 BUCKET_ELEMENTS = 32 * 1024 * 1024  # gradients exchanged together: a copy of this size at most (128 MB in fp32)
+IN_FLIGHT = 4  # buckets exchanged at once during a backward pass (the next one waits for the oldest to end)
 
 
 class _Exchange:
@@ -239,7 +247,7 @@ class _Exchange:
         self.missing = sizes
         self.seen: set[int] = set()
         self.launched_up_to = 0
-        self.pending: list[tuple] = []
+        self.pending: collections.deque[tuple] = collections.deque()
 
 
 def _buckets(tensors: Sequence[torch.Tensor]) -> list[list[torch.Tensor]]:
