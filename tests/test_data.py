@@ -16,13 +16,10 @@ from dreambooth_ext.data.buckets import make_buckets, nearest_bucket
 from dreambooth_ext.data.captions import caption_for_image, class_caption
 from dreambooth_ext.data.dataset import (
     BatchPlan,
-    Example,
     collect_class_examples,
     collect_instance_examples,
-    crop_generator,
     find_images,
     flip_decision,
-    load_batch,
 )
 from dreambooth_ext.data.images import (
     fit_image,
@@ -373,31 +370,12 @@ def test_batch_plan_is_resumable_and_seeded():
     assert [other.batch(i) for i in range(40)] != uninterrupted
 
 
-def test_flip_and_crop_are_deterministic():
+def test_flips_are_deterministic():
     decisions = [flip_decision(3, i, i % 5, 0.3) for i in range(2000)]
     assert decisions == [flip_decision(3, i, i % 5, 0.3) for i in range(2000)]
     assert 0.25 < sum(decisions) / len(decisions) < 0.35
     assert not any(flip_decision(3, i, 0, 0.0) for i in range(100))
     assert all(flip_decision(3, i, 0, 1.0) for i in range(100))
     assert decisions != [flip_decision(4, i, i % 5, 0.3) for i in range(2000)]
-    a, b = crop_generator(1, 2, 3), crop_generator(1, 2, 3)
-    assert torch.equal(torch.rand(4, generator=a), torch.rand(4, generator=b))
-    assert not torch.equal(torch.rand(4, generator=crop_generator(1, 2, 4)),
-                           torch.rand(4, generator=crop_generator(1, 2, 3)))
 
 
-def test_load_batch(tmp_path):
-    examples = []
-    for i in range(3):
-        array = np.zeros((20, 40, 3), dtype=np.uint8)
-        array[:, : 10 * (i + 1)] = 255
-        path = tmp_path / f"{i}.png"
-        Image.fromarray(array).save(path)
-        examples.append(Example(path=path, caption=f"cap {i}", concept=0, is_class=False, size=(16, 16)))
-    pixels, captions = load_batch(examples, [2, 0], index=5, seed=1, flip_p=0.5, crop="random")
-    assert pixels.shape == (2, 3, 16, 16) and captions == ["cap 2", "cap 0"]
-    again, _ = load_batch(examples, [2, 0], index=5, seed=1, flip_p=0.5, crop="random")
-    assert torch.equal(pixels, again)
-    mixed = examples + [Example(path=examples[0].path, caption="x", concept=0, is_class=False, size=(32, 16))]
-    with pytest.raises(ValueError, match="sizes"):
-        load_batch(mixed, [0, 3], index=0, seed=1, flip_p=0.0, crop="center")

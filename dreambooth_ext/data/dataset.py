@@ -17,7 +17,6 @@ from ..errors import DreamboothError
 from ..inputs import IMAGE_EXTENSIONS, check_instance_folders, image_files
 from .buckets import make_buckets, nearest_bucket
 from .captions import caption_for_image, class_caption
-from .images import prepare_image
 
 logger = logging.getLogger(__name__)
 
@@ -182,11 +181,6 @@ def flip_decision(seed: int, index: int, example: int, flip_p: float) -> bool:
     return _derive_seed("flip", seed, index, example) / 2**63 < flip_p
 
 
-def crop_generator(seed: int, index: int, example: int) -> torch.Generator:
-    """A generator for the random crop of example `example` in batch `index`, seeded deterministically."""
-    return torch.Generator().manual_seed(_derive_seed("crop", seed, index, example))
-
-
 class BatchPlan:
     """Which examples form micro-batch number `index`: same-size batches, shuffled anew each epoch.
 
@@ -235,17 +229,3 @@ class BatchPlan:
             order = [group[j] for j in torch.randperm(len(group), generator=generator).tolist()]
             batches.extend(order[k:k + self.batch_size] for k in range(0, len(order), self.batch_size))
         return [batches[j] for j in torch.randperm(len(batches), generator=generator).tolist()]
-
-
-def load_batch(examples: list[Example], indices: list[int], *, index: int, seed: int, flip_p: float,
-               crop: str) -> tuple[torch.Tensor, list[str]]:
-    """Pixels [B, 3, H, W] in [-1, 1] and captions of examples `indices`, flips and crops fixed by (seed, index)."""
-    if not indices:
-        raise ValueError("load_batch needs at least one example index")
-    sizes = {examples[i].size for i in indices}
-    if len(sizes) > 1:
-        raise ValueError(f"examples {indices} have different sizes {sorted(sizes)}; a batch needs one size")
-    pixels = [prepare_image(examples[i].path, examples[i].size, crop=crop,
-                            flip=flip_decision(seed, index, i, flip_p), generator=crop_generator(seed, index, i))
-              for i in indices]
-    return torch.stack(pixels), [examples[i].caption for i in indices]
