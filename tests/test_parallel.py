@@ -290,14 +290,15 @@ def test_the_deepspeed_offload_option_launches_deepspeed_on_one_gpu(data, one_pr
     assert largest_difference(result, one_process) < 1e-5
 
 
-def test_deepspeed_in_bf16_starts_from_and_exports_the_fp32_weights(data, tmp_path):
+@pytest.mark.parametrize("ema", ["false", "true"])
+def test_deepspeed_in_bf16_starts_from_and_exports_the_fp32_weights(data, tmp_path, ema):
     """DeepSpeed's bf16 mode computes with bf16 copies of the weights and keeps fp32 ones in its optimizer: those
-    start from the model's own fp32 weights (not from the bf16 copies) and are what the run exports. With a
-    negligible learning rate the result is the base model to fp32 precision, not the base rounded to bf16 (two
-    processes: each holds half of the fp32 weights)."""
+    start from the model's own fp32 weights (not from the bf16 copies) and are what the run exports, or what the
+    EMA averages. With a negligible learning rate the result is the base model to fp32 precision, not the base
+    rounded to bf16 (two processes: each holds half of the fp32 weights)."""
     out = tmp_path / "bf16"
-    train(2, flags(data, out, "--mixed_precision", "bf16", "--learning_rate", "1e-12", "--max_train_steps", "2"),
-          launch=zero_command)
+    train(2, flags(data, out, "--mixed_precision", "bf16", "--learning_rate", "1e-12", "--max_train_steps", "2",
+                   "--ema", ema), launch=zero_command)
     base = unet(data["base"])
     assert largest_difference(base, {k: v.bfloat16().float() for k, v in base.items()}) > 1e-4  # it can tell
     assert largest_difference(unet(out / "Stable-diffusion" / "p" / "p_2.safetensors"), base) < 1e-6

@@ -25,13 +25,38 @@ class EMA:
                        for name, p in module.named_parameters() if p.requires_grad}
 
     @torch.no_grad()
-    def update(self, module: torch.nn.Module) -> None:
+    def update(self, module: torch.nn.Module, parts: dict[int, tuple[int, torch.Tensor]] | None = None) -> None:
+        """One step of the average. `parts` (DeepSpeed computing with bf16/fp16 copies of the weights): this
+        process's parts of the fp32 weights, id(weight) -> (offset in the flattened weight, values), averaged
+        instead of the copies; the rest of each average is left to the process holding it (made_whole)."""
         self.updates += 1
         keep = warmed_up_decay(self.decay, self.updates)
         for name, param in module.named_parameters():
             shadow = self.shadow.get(name)
-            if shadow is not None:
+            if shadow is None:
+                continue
+            if parts is None:
                 shadow.mul_(keep).add_(param.detach().to(self.device, torch.float32), alpha=1.0 - keep)
+            elif id(param) in parts:
+                start, values = parts[id(param)]
+                piece = shadow.view(-1).narrow(0, start, values.numel())
+                piece.mul_(keep).add_(values.to(self.device, torch.float32), alpha=1.0 - keep)
+
+    @torch.no_grad()
+    def made_whole(self, module: torch.nn.Module, parts: dict[int, tuple[int, torch.Tensor]] | None,
+                   device: torch.device) -> None:
+        """After updates from `parts` on several processes: each average put together from the parts every
+        process holds (all of them call it together), so that every process has all of it."""
+        for name, param in module.named_parameters():
+            shadow = self.shadow.get(name)
+            if shadow is None:
+                continue
+            whole = torch.zeros(shadow.numel(), dtype=torch.float32, device=device)
+            if id(param) in parts:
+                start, values = parts[id(param)]
+                whole.narrow(0, start, values.numel()).copy_(shadow.view(-1).narrow(0, start, values.numel()))
+            torch.distributed.all_reduce(whole)
+            shadow.view(-1).copy_(whole)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return dict(self.shadow)

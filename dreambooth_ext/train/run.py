@@ -454,6 +454,7 @@ class _Loop:
             if step < self.total_steps:
                 self._periodic(step)
         self.result.step = step
+        self._whole_ema()
         if self.processes.is_main:
             self._sample(step)
         with self.stepper.exact_weights():
@@ -491,7 +492,7 @@ class _Loop:
             total = total + loss.detach()
         self.stepper.step()
         if self.ema is not None:
-            self.ema.update(self.bundle.unet)
+            self.ema.update(self.bundle.unet, self.stepper.fp32_parts())
         return total
 
     def _micro_batch_loss(self, micro: int, *, train_text: bool) -> torch.Tensor | None:
@@ -598,16 +599,27 @@ class _Loop:
         """Samples and saves, by the main process (the others go on to the next step, and wait there for it)."""
         config = self.config
         main = self.processes.is_main
-        if main and config.sample_every_n_steps and step % config.sample_every_n_steps == 0:
+        sample = config.sample_every_n_steps and step % config.sample_every_n_steps == 0
+        save = config.save_every_n_steps and step % config.save_every_n_steps == 0
+        if sample or save:
+            self._whole_ema()
+        if main and sample:
             self._sample(step)
-        if config.save_every_n_steps and step % config.save_every_n_steps == 0:
+        if save:
             with self.stepper.exact_weights():  # every process: DeepSpeed gathers its fp32 weights
                 if main:
                     self._save_model(step)
             self._save_state(step)
 
+    def _whole_ema(self) -> None:
+        """Every process: the EMA made whole where each process averaged only its part of DeepSpeed's weights."""
+        parts = self.stepper.fp32_parts()
+        if self.ema is not None and parts is not None and self.processes.count > 1:
+            self.ema.made_whole(self.bundle.unet, parts, self.processes.device or self.device)
+
     def _cancel(self, step: int) -> RunResult:
         if step > 0:
+            self._whole_ema()
             self._save_state(step)
         self.result.status, self.result.step = "cancelled", step
         self.run._emit(Progress("cancelled", step=step, total_steps=self.total_steps,

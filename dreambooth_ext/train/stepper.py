@@ -180,6 +180,10 @@ class Stepper:
             self.scaler.load_state_dict(scaler)
         return changed
 
+    def fp32_parts(self) -> None:
+        """The weights' fp32 parts when the modules hold lower-precision copies (never here: see ZeroStepper)."""
+        return None
+
     def exact_weights(self) -> contextlib.AbstractContextManager:
         """While it lasts, the trained modules hold the weights to export (here they always do)."""
         return contextlib.nullcontext()

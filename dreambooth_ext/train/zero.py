@@ -182,6 +182,18 @@ class ZeroStepper:
         self.lr_scheduler.load_state_dict(lr_scheduler)
         return apply_changed_options(self.config, self.base, self.lr_scheduler)
 
+    def fp32_parts(self) -> dict[int, tuple[int, torch.Tensor]] | None:
+        """When DeepSpeed computes with bf16/fp16 copies of the weights: this process's parts of its fp32 weights,
+        id(weight) -> (offset in the flattened weight, values); None when the weights themselves are fp32."""
+        if not self.lowered:
+            return None
+        parts = {}
+        for param in self.params:
+            mapping = getattr(param, "_hp_mapping", None)  # DeepSpeed's link from a weight to its fp32 part
+            if mapping is not None:
+                parts[id(param)] = (mapping.lp_fragment_address.start, mapping.hp_fragment)
+        return parts
+
     @contextlib.contextmanager
     def exact_weights(self):
         """While it lasts, the trained modules of the main process hold DeepSpeed's fp32 weights (on the CPU), not
