@@ -123,7 +123,7 @@ class DataParallel(SingleProcess):
             return
         while len(exchange.pending) >= IN_FLIGHT:  # each holds a copy of its gradients: the oldest ends first
             self._finish(*exchange.pending.popleft())
-        flat = torch.cat([g.reshape(-1) for g in grads]) if len(grads) > 1 else grads[0].reshape(-1)
+        flat = _flat(grads)
         exchange.pending.append((torch.distributed.all_reduce(flat, async_op=True), flat, grads))
 
     def _finish(self, work, flat: torch.Tensor, grads: list[torch.Tensor]) -> None:
@@ -153,7 +153,7 @@ class DataParallel(SingleProcess):
                     param.grad = torch.zeros_like(param)
                 grads.append(param.grad)
         for bucket in _buckets(grads):
-            flat = torch.cat([g.reshape(-1) for g in bucket]) if len(bucket) > 1 else bucket[0].reshape(-1)
+            flat = _flat(bucket)
             torch.distributed.all_reduce(flat)
             self._take_average(flat, bucket)
 
@@ -248,6 +248,11 @@ class _Exchange:
         self.seen: set[int] = set()
         self.launched_up_to = 0
         self.pending: collections.deque[tuple] = collections.deque()
+
+
+def _flat(grads: list[torch.Tensor]) -> torch.Tensor:
+    """The gradients as one vector: a copy, or the only one itself (its average is then written in place)."""
+    return torch.cat([g.reshape(-1) for g in grads]) if len(grads) > 1 else grads[0].reshape(-1)
 
 
 def _buckets(tensors: Sequence[torch.Tensor]) -> list[list[torch.Tensor]]:
