@@ -290,6 +290,17 @@ def test_the_deepspeed_offload_option_launches_deepspeed_on_one_gpu(data, one_pr
     assert largest_difference(result, one_process) < 1e-5
 
 
+def test_the_weights_deepspeed_starts_from_are_kept_exactly_in_half_the_memory_where_they_fit_fp16():
+    from dreambooth_ext.train.zero import _kept
+
+    from_fp16 = torch.randn(64).half().float()
+    kept = _kept(from_fp16)
+    assert kept.dtype == torch.float16 and torch.equal(kept.float(), from_fp16)
+    trained = torch.randn(64)
+    kept = _kept(trained)
+    assert kept.dtype == torch.float32 and torch.equal(kept, trained) and kept.data_ptr() != trained.data_ptr()
+
+
 @pytest.mark.parametrize("ema", ["false", "true"])
 def test_deepspeed_in_bf16_starts_from_and_exports_the_fp32_weights(data, tmp_path, ema):
     """DeepSpeed's bf16 mode computes with bf16 copies of the weights and keeps fp32 ones in its optimizer: those

@@ -134,7 +134,7 @@ class ZeroStepper:
         # In bf16/fp16 DeepSpeed computes with copies of the weights in that format, and keeps fp32 ones in its
         # optimizer; it would make those from the low-precision copies, losing the model's own low bits.
         self.lowered = precision.autocast_dtype is not None
-        own = [p.detach().to("cpu", copy=True) for p in self.params] if self.lowered else []
+        own = [_kept(p) for p in self.params] if self.lowered else []
         self.base = make_optimizer(config, groups, device)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=torch.nn.ModuleDict(modules), optimizer=self.base,
@@ -207,10 +207,10 @@ class ZeroStepper:
         swapped = []
         try:
             for param in self.params:
-                full = safe_get_full_fp32_param(param).cpu()
+                full = safe_get_full_fp32_param(param)
                 if self.processes.is_main:
                     swapped.append((param, param.data))
-                    param.data = full
+                    param.data = full.cpu()
             yield
         finally:
             for param, data in swapped:
@@ -218,6 +218,14 @@ class ZeroStepper:
 
     def close(self) -> None:
         pass
+
+
+def _kept(param: torch.Tensor) -> torch.Tensor:
+    """A copy of a weight's values in system RAM, in fp16 where that holds them exactly (a model loaded from an
+    fp16 file: most are), else in fp32."""
+    value = param.detach()
+    half = value.to(torch.float16)
+    return half.cpu() if torch.equal(half.float(), value) else value.to("cpu", copy=True)
 
 
 def _on_cpu(value: Any) -> Any:
