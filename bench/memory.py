@@ -153,12 +153,22 @@ def tensors_in_flight(run, batch: dict) -> int:
     """Bytes of the tensors alive at one step's peak besides the weights and the optimizer's state (activations,
     gradients, temporaries), counted tensor by tensor with torch's MemTracker: what a GPU's allocator must hold,
     without the CPU allocator's and oneDNN's own memory that the resident-memory figure also counts."""
-    from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
+    from copy import deepcopy
+
+    from torch.distributed._tools.mem_tracker import _TOTAL_KEY, MemTracker, _MemRefType
 
     class Tracker(MemTracker):
         def _track_module_params_and_buffers(self, module, install_grad_hooks=True):
             # Its gradient hooks cannot go on frozen weights; gradients are then counted as in flight.
             return super()._track_module_params_and_buffers(module, install_grad_hooks=False)
+
+        def _update_peak_stats(self, peak_state) -> None:
+            # The whole step's peak only: torch's also updates every active module's own peak after each
+            # operation, which walks all modules every time (minutes on a model with many).
+            for device, snapshot in self._curr_mem_snap.items():
+                if self._peak_mem.get(device, 0) < snapshot[_TOTAL_KEY]:
+                    self._peak_mem[device] = snapshot[_TOTAL_KEY]
+                    self._peak_mem_snap[device] = deepcopy(snapshot)
 
     tracker = Tracker()
     tracker.track_external(run.unet, *_optimizers(run.stepper))
