@@ -3,12 +3,16 @@
 For each combination of memory options, a run of a few steps on an SD1.5-shaped model (its real 860M-weight UNet,
 random weights) at 512 px, batch 1 + 1 class image, gradient checkpointing on, in a process of its own:
   - trained weights, optimizer state: summed from the run's own tensors after its first step;
-  - transient: the process's resident-memory high-water mark during the later steps minus its memory at their
-    start, freed heap memory handed back first (activations, gradients, temporaries);
-  - expected GPU peak = trained weights + optimizer state + transient + 0.5 GB (CUDA context). The VAE and text
+  - what a step holds besides them (activations, gradients, temporaries), two ways: resident, the process's
+    resident-memory high-water mark during the later steps minus its memory at their start, freed heap memory
+    handed back first (it also counts the CPU allocator's cached blocks and oneDNN's scratch memory, which a GPU
+    run does not have: an upper bound); tensors, the tensors alive at one more step's peak, counted by torch's
+    MemTracker (the tensor-level view a GPU's caching allocator serves; it agrees with the bytes autograd saves
+    for backward);
+  - expected GPU peak = trained weights + optimizer state + that + 0.5 GB (CUDA context). The VAE and text
     encoder are not counted: with latents and captions cached they leave the GPU before training. Activations are
-    measured in fp32 where the run computes in fp32, so for a GPU run in fp16/bf16 the figure is an upper bound;
-    the 'bf16 act.' column counts the transient at half (computed: what bf16 autocast keeps).
+    measured in fp32 where the run computes in fp32; each figure is also shown with them at half (what bf16
+    autocast keeps), and the goal is judged on the tensors with bf16 activations.
 8-bit AdamW runs only on CUDA; its row is the fp32 AdamW row with 2 bytes of state per weight instead of 8. bf16
 compute is emulated (very slow) on CPUs without AVX-512 BF16, so unless --measure-bf16 is given, the bf16-weights
 row is the fused row with the weights' bytes halved (its activations stay those of the fp32 run: an upper bound).
@@ -17,13 +21,8 @@ SDXL (`--model sdxl`): its real 2.6B-weight UNet alone (latents and text embeddi
 cached shapes, as in bench/gpu.py), fp32 everywhere, gradient checkpointing on, at --resolution (the fp32
 weights alone are 10.3 GB: 24 GB of RAM does not hold a full fp32 AdamW run). Measured: Adafactor + fused
 backward, and LoRA rank 16; computed from them: bf16 weights (the trained weights' and, for LoRA, the frozen
-base's bytes halved). Two figures for what a step holds besides the weights and the optimizer's state:
-  - resident: the resident-memory peak, as for SD1.5: it also counts the CPU allocator's cached blocks and
-    oneDNN's scratch memory, which a GPU run does not have (an upper bound);
-  - tensors: the tensors alive at one step's peak, counted by torch's MemTracker (the tensor-level view a GPU's
-    caching allocator serves; it agrees with the bytes autograd saves for backward).
-Activations are scaled to 1024 px by the latent area (gradients are not: they do not grow with the picture) and
-shown in fp32 and at half, for bf16 autocast; the goals are judged on the tensors with bf16 activations.
+base's bytes halved). The same two figures as for SD1.5, with activations scaled to 1024 px by the latent area
+(gradients are not: they do not grow with the picture).
 
     python bench/memory.py [--resolution 512] [--steps 3] [--measure-bf16]   (about 25 minutes on 2 CPU cores)
     python bench/memory.py --model sdxl [--resolution 512] [--steps 3]      (about 70 minutes)
@@ -93,14 +92,18 @@ def run_one(args, overrides: dict) -> dict:
     engine._Loop.__init__ = keep
 
     def on_progress(progress) -> None:
-        if progress.phase == "training" and progress.step == 1:
-            loop = loops[-1]
+        if progress.phase != "training":
+            return
+        loop = loops[-1]
+        if progress.step == 1:
             trained = [p for m in loop.trained.values() for p in m.parameters() if p.requires_grad]
-            figures["weights"] = sum(p.numel() * p.element_size() for p in trained)
-            figures["weights_count"] = sum(p.numel() for p in trained)
-            figures["optimizer"] = _optimizer_bytes(loop.stepper)
+            figures.update(_weight_figures(trained, loop.stepper))
             figures["start"] = _rss()
             _reset_peak()
+        elif progress.step == args.steps:  # the resident peak of the steps so far, then one step's tensors
+            figures["transient"] = _peak_mib() * 1024 ** 2 - figures["start"]
+            figures["in_flight"] = tensors_in_flight(loop.bundle.unet, _optimizers(loop.stepper),
+                                                     lambda: loop._optimizer_step(args.steps, train_text=False))
 
     data = {"project_name": "mem", "base_model": args.base, "resolution": args.resolution,
             "max_train_steps": args.steps, "prior_preservation": True, "seed": 0, "sample_every_n_steps": 0,
@@ -112,11 +115,8 @@ def run_one(args, overrides: dict) -> dict:
         host = FolderHost(out)
         host.publish = lambda path: None
         started = time.perf_counter()
-        try:
-            engine.TrainingRun(from_dict(data), host, on_progress=on_progress).run()
-        finally:
-            figures["transient"] = _peak_mib() * 1024 ** 2 - figures.get("start", 0)
-            figures["seconds"] = time.perf_counter() - started
+        engine.TrainingRun(from_dict(data), host, on_progress=on_progress).run()
+        figures["seconds"] = time.perf_counter() - started
     return figures
 
 
@@ -133,26 +133,24 @@ def run_sdxl(args, name: str) -> dict:
     batch = run.batch(2)  # batch 1 + 1 class image
     run.step(batch)
     trained = [p for p in run.unet.parameters() if p.requires_grad]
-    figures = {"weights": sum(p.numel() * p.element_size() for p in trained),
-               "weights_count": sum(p.numel() for p in trained),
-               "largest_weight": max(p.numel() * p.element_size() for p in trained),
-               "fused": len(_optimizers(run.stepper)) > 1,  # the fused backward: one optimizer per weight
+    figures = {**_weight_figures(trained, run.stepper),
                "frozen": sum(p.numel() * p.element_size() for p in run.unet.parameters() if not p.requires_grad),
-               "optimizer": _optimizer_bytes(run.stepper), "start": _rss()}
+               "start": _rss()}
     _reset_peak()
     started = time.perf_counter()
     for _ in range(args.steps):
         run.step(batch)
     figures["transient"] = _peak_mib() * 1024 ** 2 - figures["start"]
     figures["seconds"] = time.perf_counter() - started
-    figures["in_flight"] = tensors_in_flight(run, batch)
+    figures["in_flight"] = tensors_in_flight(run.unet, _optimizers(run.stepper), lambda: run.step(batch))
     return figures
 
 
-def tensors_in_flight(run, batch: dict) -> int:
-    """Bytes of the tensors alive at one step's peak besides the weights and the optimizer's state (activations,
-    gradients, temporaries), counted tensor by tensor with torch's MemTracker: what a GPU's allocator must hold,
-    without the CPU allocator's and oneDNN's own memory that the resident-memory figure also counts."""
+def tensors_in_flight(module: torch.nn.Module, optimizers: list, step) -> int:
+    """Bytes of the tensors alive at the peak of `step()` (one training step of `module`) besides the weights and
+    the optimizers' state (activations, gradients, temporaries), counted tensor by tensor with torch's MemTracker:
+    what a GPU's allocator must hold, without the CPU allocator's and oneDNN's own memory that the resident-memory
+    figure also counts."""
     from copy import deepcopy
 
     from torch.distributed._tools.mem_tracker import _TOTAL_KEY, MemTracker, _MemRefType
@@ -171,9 +169,9 @@ def tensors_in_flight(run, batch: dict) -> int:
                     self._peak_mem_snap[device] = deepcopy(snapshot)
 
     tracker = Tracker()
-    tracker.track_external(run.unet, *_optimizers(run.stepper))
+    tracker.track_external(module, *optimizers)
     with tracker:
-        run.step(batch)
+        step()
     peak = tracker.get_tracker_snapshot("peak")[torch.device("cpu")]
     held = sum(peak.get(kind, 0) for kind in (_MemRefType.PARAM, _MemRefType.BUFFER, _MemRefType.OPT))
     return peak["Total"] - held
@@ -199,17 +197,32 @@ def sdxl_report(rows: dict[str, dict], resolution: int) -> None:
     print(f"{'options':75} {'weights':>8} {'frozen':>7} {'optim':>6} {'resident':>13} {'tensors':>13}  goal "
           "(on tensors, bf16 activations)")
     for name, figures in table.items():
-        fixed = figures["weights"] + figures.get("frozen", 0) + figures["optimizer"] + CUDA_CONTEXT
-        resident = max(0.0, figures["transient"]) * scale
-        grads = figures["largest_weight"] if figures["fused"] else figures["weights"]  # do not grow with size
-        activations = max(0.0, figures["in_flight"] - grads) * scale
-        estimates = [(fixed + resident) / GB, (fixed + resident / 2) / GB,
-                     (fixed + grads + activations) / GB, (fixed + grads + activations / 2) / GB]
+        estimates = _estimates(figures, scale)
         goal = goals.get(name)
         verdict = f"<= {goal}: {'met' if estimates[3] <= goal else 'NOT met'}" if goal else ""
         print(f"{name:75} {figures['weights'] / GB:8.2f} {figures.get('frozen', 0) / GB:7.2f} "
               f"{figures['optimizer'] / GB:6.2f} {estimates[0]:6.1f} /{estimates[1]:5.1f} "
               f"{estimates[2]:6.1f} /{estimates[3]:5.1f}  {verdict}")
+
+
+def _weight_figures(trained: list[torch.Tensor], stepper) -> dict:
+    """What the trained weights, their gradients and the optimizer's state take."""
+    return {"weights": sum(p.numel() * p.element_size() for p in trained),
+            "weights_count": sum(p.numel() for p in trained),
+            "largest_weight": max(p.numel() * p.element_size() for p in trained),
+            "fused": len(_optimizers(stepper)) > 1,  # the fused backward: one optimizer per weight
+            "optimizer": _optimizer_bytes(stepper)}
+
+
+def _estimates(figures: dict, scale: float = 1.0) -> list[float]:
+    """Expected GPU peaks, GB: from the resident peak, and from the tensors, each with activations in fp32 and
+    at half (bf16). Activations grow with the picture's area (`scale`), gradients do not."""
+    fixed = figures["weights"] + figures.get("frozen", 0) + figures["optimizer"] + CUDA_CONTEXT
+    resident = max(0.0, figures["transient"]) * scale
+    grads = figures["largest_weight"] if figures["fused"] else figures["weights"]
+    activations = max(0.0, figures["in_flight"] - grads) * scale
+    return [(fixed + resident) / GB, (fixed + resident / 2) / GB, (fixed + grads + activations) / GB,
+            (fixed + grads + activations / 2) / GB]
 
 
 def _optimizers(stepper) -> list:
@@ -223,10 +236,6 @@ def _optimizer_bytes(stepper) -> int:
         for state in optimizer.state.values():
             total += sum(v.numel() * v.element_size() for v in state.values() if isinstance(v, torch.Tensor))
     return total
-
-
-def expected_gpu(figures: dict) -> float:
-    return figures["weights"] + figures["optimizer"] + max(0.0, figures["transient"]) + CUDA_CONTEXT
 
 
 def prepare(folder: Path, args) -> dict[str, str]:
@@ -283,22 +292,24 @@ def main() -> None:
                                  "--classes", paths["classes"])
     adam = rows["fp32 AdamW"]
     if BF16 not in rows:
-        rows[BF16 + " (computed)"] = {**rows[FUSED], "weights": rows[FUSED]["weights_count"] * 2}
+        fused = rows[FUSED]
+        rows[BF16 + " (computed)"] = {**fused, "weights": fused["weights_count"] * 2,
+                                      "largest_weight": fused["largest_weight"] / 2}
     rows = {"fp32 AdamW": adam, "8-bit AdamW (computed)": {**adam, "optimizer": adam["weights_count"] * 2},
             **{k: v for k, v in rows.items() if k != "fp32 AdamW"}}
     print(f"SD1.5 full fine-tune, {args.resolution} px, batch 1 + 1 class image, gradient checkpointing, "
-          f"{args.steps} steps on the CPU; GB")
-    print(f"{'options':75} {'weights':>8} {'optim':>7} {'transient':>9} {'GPU est.':>9} {'bf16 act.':>9}  goal <= 8 "
-          "(with bf16 activations)")
+          f"{args.steps} steps on the CPU; GB.")
+    print("  resident: from the process's resident-memory peak (CPU allocator and oneDNN memory included: an upper "
+          "bound); tensors: from the tensors alive at a step's peak (torch's MemTracker), what a GPU's allocator "
+          "must hold. Each with activations in fp32 and, after the slash, at half (what bf16 autocast keeps).")
+    print(f"{'options':75} {'weights':>8} {'optim':>7} {'resident':>13} {'tensors':>13}  goal <= 8 (on tensors, "
+          "bf16 activations)")
     for name, figures in rows.items():
-        gpu = expected_gpu(figures) / GB
-        halved = (expected_gpu(figures) - max(0.0, figures["transient"]) / 2) / GB
-        met = ("met" if gpu <= GOALS_GB["sd15"] else "-") + (" (met)" if halved <= GOALS_GB["sd15"] else " (-)")
+        estimates = _estimates(figures)
+        verdict = "met" if estimates[3] <= GOALS_GB["sd15"] else "NOT met"
         print(f"{name:75} {figures['weights'] / GB:8.2f} {figures['optimizer'] / GB:7.2f} "
-              f"{max(0.0, figures['transient']) / GB:9.2f} {gpu:9.2f} {halved:9.2f}  {met}")
-    print("The transient is measured with the CPU's attention, which holds each 4096x4096 attention matrix; a GPU's "
-          "memory-efficient attention does not, so the GPU figures are upper bounds.")
-
+              f"{estimates[0]:6.1f} /{estimates[1]:5.1f} {estimates[2]:6.1f} /{estimates[3]:5.1f}  {verdict}")
+    print("Not counted: the CUDA allocator's fragmentation and cuDNN's workspaces (bench/gpu.py measures a GPU).")
 
 if __name__ == "__main__":
     main()

@@ -1,4 +1,4 @@
-"""The GPU benchmark's step runs (small shapes, on the CPU), so it works the day a GPU runs it."""
+"""The benchmarks run (small shapes, on the CPU), so they work the day a GPU or a long run measures with them."""
 
 from __future__ import annotations
 
@@ -47,5 +47,27 @@ def test_the_memory_bench_counts_at_least_what_autograd_keeps_for_backward():
 
     with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
         run.unet(batch["latents"], batch["timesteps"], **batch["kwargs"])
-    in_flight = memory.tensors_in_flight(run, batch)
+    in_flight = memory.tensors_in_flight(run.unet, memory._optimizers(run.stepper), lambda: run.step(batch))
     assert sum(saved.values()) > 1e6 and in_flight >= sum(saved.values())
+
+
+def test_the_memory_bench_measures_a_training_run(tmp_path):
+    """The SD1.5 rows' run (here on the tiny model): the run's own weights and optimizer, its resident peak, and
+    the tensors of one more step under the tracker."""
+    from argparse import Namespace
+
+    import memory
+    from PIL import Image
+
+    from dreambooth_ext.models.tiny import save_tiny_checkpoint
+
+    base = save_tiny_checkpoint(tmp_path / "tiny.safetensors", "sd1", seed=0)
+    for name, color in (("images", (200, 40, 40)), ("classes", (40, 120, 200))):
+        (tmp_path / name).mkdir()
+        Image.new("RGB", (64, 64), color).save(tmp_path / name / "a.png")
+    args = Namespace(base=str(base), images=str(tmp_path / "images"), classes=str(tmp_path / "classes"),
+                     resolution=64, steps=2)
+    figures = memory.run_one(args, memory.COMBINATIONS[memory.FUSED])
+    assert figures["fused"] and figures["weights"] > figures["largest_weight"] > 0 and figures["optimizer"] > 0
+    assert figures["in_flight"] > figures["largest_weight"] and "transient" in figures
+    assert all(f > 0 for f in memory._estimates(figures))
