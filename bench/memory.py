@@ -24,8 +24,8 @@ backward, and LoRA rank 16; computed from them: bf16 weights (the trained weight
 base's bytes halved). The same two figures as for SD1.5, with activations scaled to 1024 px by the latent area
 (gradients are not: they do not grow with the picture).
 
-    python bench/memory.py [--resolution 512] [--steps 3] [--measure-bf16]   (about 25 minutes on 2 CPU cores)
-    python bench/memory.py --model sdxl [--resolution 512] [--steps 3]      (about 70 minutes)
+    python bench/memory.py [--resolution 512] [--steps 3] [--measure-bf16]   (about 20 minutes on 2 CPU cores)
+    python bench/memory.py --model sdxl [--resolution 512] [--steps 3]      (about an hour)
 """
 
 from __future__ import annotations
