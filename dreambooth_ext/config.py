@@ -193,7 +193,8 @@ OPTIONS: tuple[Option, ...] = (
          "Needs mixed_precision bf16.", choices=("fp32", "bf16")),
     _opt("compile_unet", "bool", False, "memory",
          "Compile the UNet with torch.compile (a compile of a minute or more before the first step). On a GPU it "
-         "usually makes steps faster, so it pays on long runs; on a CPU it measured no faster. No memory saving."),
+         "usually makes steps faster, so it pays on long runs; on a CPU it measured no faster. No memory saving. "
+         "Needs torch 2.2 or newer (the tab hides it before)."),
     _opt("gradient_checkpointing", "choice", "auto", "memory",
          "Recompute activations in the backward pass: much less memory, about 20% slower on a GPU (a fifth to a "
          "third on a CPU). auto: on with a GPU, where memory runs out first; off on a CPU, where time does.",

@@ -242,6 +242,41 @@ def test_8bit_adam_is_refused_clearly_where_unavailable(tiny_sd1, instance_dir, 
         train(make_config(tiny_sd1, instance_dir, optimizer="adamw_8bit"), tmp_path)
 
 
+def test_compile_unet_is_refused_before_loading_where_torch_cannot_compile_a_module(tiny_sd1, instance_dir, tmp_path,
+                                                                                    monkeypatch):
+    monkeypatch.delattr(torch.nn.Module, "compile")  # torch before 2.2 (the WebUI's default is 2.1)
+    host = FolderHost(tmp_path)
+    host.load_base = lambda config: pytest.fail("the model loaded before the refusal")
+    with pytest.raises(DreamboothError, match="compile_unet cannot be used: it needs torch 2.2 or newer"):
+        TrainingRun(make_config(tiny_sd1, instance_dir, compile_unet=True), host).run()
+
+
+def test_torch_before_2_4_trains_with_its_default_adamw_on_a_cpu_and_scales_fp16_losses(monkeypatch):
+    """torch 2.1 (the WebUI's default) has the fused AdamW kernel for CUDA only, and fp16's loss scaler in
+    torch.cuda.amp only."""
+    from dreambooth_ext.train.optim import make_optimizer
+    from dreambooth_ext.train.stepper import grad_scaler
+
+    class OldAdamW(torch.optim.AdamW):
+        def __init__(self, params, fused=None, **kwargs):
+            if fused:
+                raise RuntimeError("`fused=True` requires all the params to be floating point Tensors of "
+                                   "supported devices: ['cuda'].")
+            super().__init__(params, **kwargs)
+
+    monkeypatch.setattr(torch.optim, "AdamW", OldAdamW)
+    weight = torch.nn.Parameter(torch.ones(3))
+    optimizer = make_optimizer(from_dict({"optimizer": "adamw"}), [{"params": [weight], "lr": 0.1}],
+                               torch.device("cpu"))
+    assert isinstance(optimizer, OldAdamW) and not optimizer.defaults.get("fused")
+    weight.grad = torch.ones(3)
+    optimizer.step()
+    assert weight.detach().lt(1).all()
+    monkeypatch.delattr(torch.amp, "GradScaler")
+    with pytest.warns((UserWarning, FutureWarning)):  # on this machine: no CUDA, and deprecated since 2.4
+        assert isinstance(grad_scaler(), torch.cuda.amp.GradScaler)
+
+
 def test_fp16_on_cpu_is_refused_with_the_fix(tiny_sd1, instance_dir, tmp_path):
     with pytest.raises(DreamboothError, match="bf16 or no"):
         train(make_config(tiny_sd1, instance_dir, mixed_precision="fp16", device="cpu"), tmp_path)

@@ -441,12 +441,20 @@ def test_deepspeed_offload_from_the_tab_trains_in_a_child_process(make_webui, tm
 
 
 def test_without_deepspeed_the_tab_hides_its_option(webui, tmp_path, monkeypatch):
+    """And compile_unet where torch cannot compile a module (before 2.2, e.g. the WebUI's default 2.1)."""
     from dreambooth_ext.ui import adapter
 
+    extension = Extension(webui, tmp_path / "all")
+    try:
+        assert extension.tab.widgets["compile_unet"].visible is not False
+    finally:
+        extension.module.jobs.shutdown(30)
     monkeypatch.setattr(adapter, "deepspeed_installed", lambda: False)
-    extension = Extension(webui, tmp_path)
+    monkeypatch.delattr(torch.nn.Module, "compile")
+    extension = Extension(webui, tmp_path / "fewer")
     try:
         assert extension.tab.widgets["deepspeed_offload"].visible is False
+        assert extension.tab.widgets["compile_unet"].visible is False
     finally:
         extension.module.jobs.shutdown(30)
 

@@ -112,6 +112,19 @@ def require_8bit_adam(device: torch.device) -> None:
                                   "torch and train on a CUDA GPU.")
 
 
+def compile_problem() -> str | None:
+    """Why compile_unet cannot run with this torch, or None when it can."""
+    if not hasattr(torch.nn.Module, "compile"):
+        return f"it needs torch 2.2 or newer (nn.Module.compile) and this environment has torch {torch.__version__}"
+    return None
+
+
+def require_compile() -> None:
+    problem = compile_problem()
+    if problem:
+        raise MissingFeatureError(f"compile_unet cannot be used: {problem}. Turn compile_unet off.")
+
+
 def free_memory(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.empty_cache()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -9,6 +10,8 @@ from diffusers.optimization import get_scheduler
 
 from ..config import Config
 from .devices import require_8bit_adam
+
+log = logging.getLogger(__name__)
 
 
 def param_groups(config: Config, unet: torch.nn.Module,
@@ -37,8 +40,13 @@ def make_optimizer(config: Config, groups: list[dict], device: torch.device) -> 
         import bitsandbytes as bnb  # only importable where require_8bit_adam passed
 
         return bnb.optim.AdamW8bit(groups, **kwargs)
-    # torch's fused AdamW kernel (CPU and CUDA): several times faster than the per-weight loop, same maths.
-    return torch.optim.AdamW(groups, fused=device.type in ("cpu", "cuda"), **kwargs)
+    # torch's fused AdamW kernel: several times faster than the per-weight loop, same maths.
+    if device.type in ("cpu", "cuda"):
+        try:
+            return torch.optim.AdamW(groups, fused=True, **kwargs)
+        except RuntimeError:  # torch before 2.4 (the WebUI's 2.1) has the kernel for CUDA only
+            log.info("torch %s has no fused AdamW for %s: using its default one", torch.__version__, device)
+    return torch.optim.AdamW(groups, **kwargs)
 
 
 def make_lr_scheduler(config: Config, optimizer: torch.optim.Optimizer, total_steps: int):

@@ -34,6 +34,7 @@ from .devices import (
     free_memory,
     memory_in_use,
     require_8bit_adam,
+    require_compile,
     resolve_device,
     resolve_precision,
 )
@@ -176,6 +177,8 @@ class TrainingRun(RunControl):
                                   f"{config.mixed_precision} is fp16 on {device}): set mixed_precision to bf16")
         if config.optimizer == "adamw_8bit":
             require_8bit_adam(device)
+        if config.compile_unet:
+            require_compile()
         work_dir = self.host.work_dir(config.project_name)
         main = self.processes.is_main
         with project_lock(work_dir, config.project_name) if main else contextlib.nullcontext():

@@ -35,6 +35,12 @@ def stochastic_round_to_bf16(values: torch.Tensor, generator: torch.Generator | 
     return rounded.view(torch.float32).to(torch.bfloat16)
 
 
+def grad_scaler():
+    """fp16's loss scaler on CUDA: torch.amp's (torch 2.3 and later), else torch.cuda.amp's (the WebUI's 2.1)."""
+    scaler = getattr(torch.amp, "GradScaler", None)
+    return scaler("cuda") if scaler is not None else torch.cuda.amp.GradScaler()
+
+
 class _Masters:
     """fp32 working copies of bf16 weights for the duration of an optimizer step, rounded back stochastically."""
 
@@ -70,7 +76,7 @@ class Stepper:
         self.config = config
         self.processes = processes or SingleProcess()
         self.params = [p for group in groups for p in group["params"]]
-        self.scaler = torch.amp.GradScaler("cuda") if precision.use_grad_scaler else None
+        self.scaler = grad_scaler() if precision.use_grad_scaler else None
         self.fused = config.fused_backward
         if self.fused:
             # One optimizer per weight, stepped from its hook; the schedule runs on an optimizer of the same kind

@@ -14,6 +14,7 @@ import gradio as gr
 from .. import config as schema
 from ..data.checks import check_dataset
 from ..errors import DreamboothError
+from ..train.devices import compile_problem
 from . import projects, render
 from .adapter import HostAdapter
 from .jobs import FINISHED, JobManager, error_message, log_failure
@@ -113,10 +114,12 @@ class DreamboothTab:
 
     def _hidden_options(self) -> frozenset[str]:
         """Options that can do nothing on this machine: several GPUs without two of them, DeepSpeed where it is
-        not installed."""
+        not installed, compiling the UNet with a torch that cannot."""
         hidden = set() if self._device_suggestions()["gpus"] else {"gpus"}
         if not self.adapter.deepspeed_installed():
             hidden.add("deepspeed_offload")
+        if compile_problem():
+            hidden.add("compile_unet")
         return frozenset(hidden)
 
     def _ungrouped_options(self) -> None:
