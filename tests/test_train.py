@@ -254,25 +254,28 @@ def test_compile_unet_is_refused_before_loading_where_torch_cannot_compile_a_mod
 def test_torch_before_2_4_trains_with_its_default_adamw_on_a_cpu_and_scales_fp16_losses(monkeypatch):
     """torch 2.1 (the WebUI's default) has the fused AdamW kernel for CUDA only, and fp16's loss scaler in
     torch.cuda.amp only."""
-    from dreambooth_ext.train.optim import make_optimizer
+    from dreambooth_ext.train.optim import fused_adamw_runs, make_optimizer
     from dreambooth_ext.train.stepper import grad_scaler
 
-    class OldAdamW(torch.optim.AdamW):
-        def __init__(self, params, fused=None, **kwargs):
-            if fused:
-                raise RuntimeError("`fused=True` requires all the params to be floating point Tensors of "
-                                   "supported devices: ['cuda'].")
-            super().__init__(params, **kwargs)
+    class OldAdamW(torch.optim.AdamW):  # torch 2.1 takes fused=True on the CPU and fails at the first step
+        def step(self, closure=None):
+            if self.defaults.get("fused"):
+                raise NotImplementedError("Could not run 'aten::_fused_adamw_' with arguments from the 'CPU' "
+                                          "backend.")
+            return super().step(closure)
 
     monkeypatch.setattr(torch.optim, "AdamW", OldAdamW)
-    weight = torch.nn.Parameter(torch.ones(3))
-    optimizer = make_optimizer(from_dict({"optimizer": "adamw"}), [{"params": [weight], "lr": 0.1}],
-                               torch.device("cpu"))
-    assert isinstance(optimizer, OldAdamW) and not optimizer.defaults.get("fused")
-    weight.grad = torch.ones(3)
-    optimizer.step()
-    assert weight.detach().lt(1).all()
-    monkeypatch.delattr(torch.amp, "GradScaler")
+    fused_adamw_runs.cache_clear()
+    try:
+        weight = torch.nn.Parameter(torch.ones(3))
+        optimizer = make_optimizer(from_dict({"optimizer": "adamw"}), [{"params": [weight], "lr": 0.1}],
+                                   torch.device("cpu"))
+        weight.grad = torch.ones(3)
+        optimizer.step()
+        assert not optimizer.defaults.get("fused") and weight.detach().lt(1).all()
+    finally:
+        fused_adamw_runs.cache_clear()
+    monkeypatch.delattr(torch.amp, "GradScaler", raising=False)  # torch 2.1 has none to remove
     with pytest.warns((UserWarning, FutureWarning)):  # on this machine: no CUDA, and deprecated since 2.4
         assert isinstance(grad_scaler(), torch.cuda.amp.GradScaler)
 

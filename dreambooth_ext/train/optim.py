@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any
 
@@ -41,12 +42,23 @@ def make_optimizer(config: Config, groups: list[dict], device: torch.device) -> 
 
         return bnb.optim.AdamW8bit(groups, **kwargs)
     # torch's fused AdamW kernel: several times faster than the per-weight loop, same maths.
-    if device.type in ("cpu", "cuda"):
-        try:
-            return torch.optim.AdamW(groups, fused=True, **kwargs)
-        except RuntimeError:  # torch before 2.4 (the WebUI's 2.1) has the kernel for CUDA only
-            log.info("torch %s has no fused AdamW for %s: using its default one", torch.__version__, device)
-    return torch.optim.AdamW(groups, **kwargs)
+    return torch.optim.AdamW(groups, fused=fused_adamw_runs(device.type), **kwargs)
+
+
+@functools.cache
+def fused_adamw_runs(device_type: str) -> bool:
+    """Whether torch's fused AdamW kernel runs on this kind of device: CUDA, and the CPU from torch 2.4 (the
+    WebUI's 2.1 accepts the option there and fails at the first step), found by one step on one weight."""
+    if device_type not in ("cpu", "cuda"):
+        return False
+    try:
+        weight = torch.zeros(1, device=device_type, requires_grad=True)
+        weight.grad = torch.zeros(1, device=device_type)
+        torch.optim.AdamW([weight], fused=True).step()
+        return True
+    except (RuntimeError, NotImplementedError):
+        log.info("torch %s has no fused AdamW for the %s: using its default one", torch.__version__, device_type)
+        return False
 
 
 def make_lr_scheduler(config: Config, optimizer: torch.optim.Optimizer, total_steps: int):
