@@ -42,22 +42,22 @@ def make_optimizer(config: Config, groups: list[dict], device: torch.device) -> 
 
         return bnb.optim.AdamW8bit(groups, **kwargs)
     # torch's fused AdamW kernel: several times faster than the per-weight loop, same maths.
-    return torch.optim.AdamW(groups, fused=fused_adamw_runs(device.type), **kwargs)
+    return torch.optim.AdamW(groups, fused=fused_adamw_runs(device), **kwargs)
 
 
 @functools.cache
-def fused_adamw_runs(device_type: str) -> bool:
-    """Whether torch's fused AdamW kernel runs on this kind of device: CUDA, and the CPU from torch 2.4 (the
-    WebUI's 2.1 accepts the option there and fails at the first step), found by one step on one weight."""
-    if device_type not in ("cpu", "cuda"):
+def fused_adamw_runs(device: torch.device) -> bool:
+    """Whether torch's fused AdamW kernel runs on this device: CUDA, and the CPU from torch 2.4 (the WebUI's
+    2.1 accepts the option there and fails at the first step), found by one step on one weight there."""
+    if device.type not in ("cpu", "cuda"):
         return False
     try:
-        weight = torch.zeros(1, device=device_type, requires_grad=True)
-        weight.grad = torch.zeros(1, device=device_type)
+        weight = torch.zeros(1, device=device, requires_grad=True)
+        weight.grad = torch.zeros(1, device=device)
         torch.optim.AdamW([weight], fused=True).step()
         return True
     except (RuntimeError, NotImplementedError):
-        log.info("torch %s has no fused AdamW for the %s: using its default one", torch.__version__, device_type)
+        log.info("torch %s has no fused AdamW for the %s: using its default one", torch.__version__, device.type)
         return False
 
 

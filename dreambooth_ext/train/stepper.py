@@ -85,7 +85,7 @@ class Stepper:
             placeholders = []
             for group in groups:
                 settings = {k: v for k, v in group.items() if k != "params"}
-                placeholders.append({**settings, "params": [torch.zeros(1, requires_grad=True)]})
+                placeholders.append({**settings, "params": [torch.zeros(1, requires_grad=True, device=device)]})
                 for param in group["params"]:
                     self._per_param.append(make_optimizer(config, [{**settings, "params": [param]}], device))
             self.optimizer = make_optimizer(config, placeholders, device)
