@@ -43,7 +43,7 @@ class EMA:
                 piece.mul_(keep).add_(values.to(self.device, torch.float32), alpha=1.0 - keep)
 
     @torch.no_grad()
-    def made_whole(self, module: torch.nn.Module, parts: dict[int, tuple[int, torch.Tensor]] | None,
+    def made_whole(self, module: torch.nn.Module, parts: dict[int, tuple[int, torch.Tensor]],
                    device: torch.device) -> None:
         """After updates from `parts` on several processes: each average put together from the parts every
         process holds (all of them call it together), so that every process has all of it."""

@@ -460,9 +460,7 @@ class _Loop:
         self._whole_ema()
         if self.processes.is_main:
             self._sample(step)
-        with self.stepper.exact_weights():
-            if self.processes.is_main:
-                self._save_model(step)
+        self._save_result(step)
         if self.processes.is_main:
             shutil.rmtree(self.work_dir / "state", ignore_errors=True)  # finished: the state is no longer needed
         self.run._emit(Progress("finished", step=step, total_steps=self.total_steps,
@@ -609,10 +607,14 @@ class _Loop:
         if main and sample:
             self._sample(step)
         if save:
-            with self.stepper.exact_weights():  # every process: DeepSpeed gathers its fp32 weights
-                if main:
-                    self._save_model(step)
+            self._save_result(step)
             self._save_state(step)
+
+    def _save_result(self, step: int) -> None:
+        """Every process (DeepSpeed gathers its fp32 weights from all of them); the main one writes."""
+        with self.stepper.exact_weights():
+            if self.processes.is_main:
+                self._save_model(step)
 
     def _whole_ema(self) -> None:
         """Every process: the EMA made whole where each process averaged only its part of DeepSpeed's weights."""

@@ -144,6 +144,7 @@ class ZeroStepper:
 
             for param, value in zip(self.params, own, strict=True):
                 safe_set_full_fp32_param(param, value)  # this process's part of it
+        self._parts = self._own_parts() if self.lowered else None
         self.lr_scheduler = make_lr_scheduler(config, self.base, total_steps)
         log.info("Training through DeepSpeed ZeRO stage %d on %d process(es), the optimizer on the %s",
                  settings.stage, processes.count, "CPU" if settings.offload_optimizer == "cpu" else "device")
@@ -184,9 +185,11 @@ class ZeroStepper:
 
     def fp32_parts(self) -> dict[int, tuple[int, torch.Tensor]] | None:
         """When DeepSpeed computes with bf16/fp16 copies of the weights: this process's parts of its fp32 weights,
-        id(weight) -> (offset in the flattened weight, values); None when the weights themselves are fp32."""
-        if not self.lowered:
-            return None
+        id(weight) -> (offset in the flattened weight, values: a view DeepSpeed updates in place); None when the
+        weights themselves are fp32."""
+        return self._parts
+
+    def _own_parts(self) -> dict[int, tuple[int, torch.Tensor]]:
         parts = {}
         for param in self.params:
             mapping = getattr(param, "_hp_mapping", None)  # DeepSpeed's link from a weight to its fp32 part
