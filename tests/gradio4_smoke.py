@@ -7,7 +7,9 @@ that takes torch & co. from the main .venv and adds Forge's gradio on top:
         > "$(/tmp/g4/bin/python -c 'import site; print(site.getsitepackages()[0])')/main_venv.pth"
     printf 'torch==2.13.0\ngradio==4.40.0\nfastapi==0.104.1\npydantic==2.8.2\n' > /tmp/g4-constraints.txt
     /tmp/g4/bin/pip install -c /tmp/g4-constraints.txt gradio==4.40.0
-    PYTHONPATH=.:tests /tmp/g4/bin/python tests/gradio4_smoke.py
+    PYTHONPATH=.:tests /tmp/g4/bin/python tests/gradio4_smoke.py [folder]
+
+Its models, pictures and runs go into `folder` (a temporary folder, removed at the end, when none is given).
 
 (pip leaves the main .venv alone: it reports "Not uninstalling gradio ... outside environment".)
 """
@@ -38,8 +40,14 @@ def check(condition: bool, what: str) -> None:
 
 
 def main() -> int:
+    if len(sys.argv) > 1:
+        return smoke(Path(sys.argv[1]))
+    with tempfile.TemporaryDirectory(prefix="db_g4_") as root:
+        return smoke(Path(root))
+
+
+def smoke(root: Path) -> int:
     check(gr.__version__.startswith("4."), f"gradio {gr.__version__} is 4.x")
-    root = Path(tempfile.mkdtemp(prefix="db_g4_"))
     models = make_models_dir(root)
     images = make_instance_images(root / "photos")
     adapter = folder_adapter(models, root / "work")

@@ -31,10 +31,10 @@ def _forge_venv():
     return cached_venv("forge-gradio4", (main_site + "\n".join(FORGE_PINS)).encode(), build)
 
 
-def test_tab_and_api_work_under_gradio_4():
+def test_tab_and_api_work_under_gradio_4(tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(TESTS)])}
     with _forge_venv() as venv:
-        result = subprocess.run([str(venv_python(venv)), str(TESTS / "gradio4_smoke.py")], capture_output=True,
-                                text=True, env=env, cwd=REPO, timeout=600)
+        result = subprocess.run([str(venv_python(venv)), str(TESTS / "gradio4_smoke.py"), str(tmp_path)],
+                                capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     assert "FAIL" not in result.stdout

@@ -226,17 +226,23 @@ def test_gradients_are_exchanged_while_the_backward_pass_runs(monkeypatch, tmp_p
         dist.destroy_process_group()
 
 
-def test_the_gpus_option_launches_the_processes_itself(data, one_process, tmp_path, capsys):
+def test_the_gpus_option_launches_the_processes_itself(data, one_process, tmp_path, capsys, monkeypatch):
     """`train --gpus 0,1` from a plain command: the engine starts `accelerate launch` on those GPUs (here, with
-    no GPU, the processes train on the CPU), shows its progress, and ends with the same weights."""
+    no GPU, the processes train on the CPU), shows its progress, and ends with the same weights; the launch
+    leaves nothing in the system's temporary folder."""
     from dreambooth_ext import cli
 
+    system_temp = tmp_path / "system-temp"
+    system_temp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(system_temp))
     assert cli.main(flags(data, tmp_path, "--gpus", "0,1")) == 0
+    assert list(system_temp.iterdir()) == []
     err = capsys.readouterr().err
     assert "Starting 2 training processes (GPUs 0, 1)" in err and f"step {STEPS}/{STEPS}" in err
     result = unet(tmp_path / "Stable-diffusion" / "p" / f"p_{STEPS}.safetensors")
     assert largest_difference(result, one_process) < 1e-5
     assert (tmp_path / "dreambooth" / "p" / "launch.log").is_file()
+    assert not (tmp_path / "dreambooth" / "p" / "launcher").exists()
 
 
 def test_the_launch_ignores_the_users_accelerate_defaults_and_runs_on_the_gpus_chosen(tmp_path, monkeypatch):

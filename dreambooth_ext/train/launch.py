@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -77,13 +78,18 @@ def launch_command(processes: int, train_args: list[str], *, zero: bool = False)
             "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "dreambooth_ext", *train_args]
 
 
-def child_environment(gpus: list[int], environ: dict[str, str] | None = None) -> dict[str, str]:
+def child_environment(gpus: list[int], environ: dict[str, str] | None = None, *,
+                      launcher_logs: Path | None = None) -> dict[str, str]:
     """This process's environment for the launch on `gpus` (numbered as torch sees them here): the engine on the
     import path, and CUDA_VISIBLE_DEVICES naming those GPUs, mapped through this process's own
-    CUDA_VISIBLE_DEVICES. (accelerate 0.21, the WebUI's, puts --gpu_ids in ZE_AFFINITY_MASK, not here.)"""
+    CUDA_VISIBLE_DEVICES. (accelerate 0.21, the WebUI's, puts --gpu_ids in ZE_AFFINITY_MASK, not here.)
+    `launcher_logs`: the folder for torch's launcher's own (PET_LOG_DIR; without one it leaves a torchelastic_
+    folder in the system's temporary folder at every launch)."""
     environ = dict(os.environ if environ is None else environ)
     visible = [part.strip() for part in environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if part.strip()]
     chosen = [visible[n] if n < len(visible) else str(n) for n in gpus]
+    if launcher_logs is not None:
+        environ["PET_LOG_DIR"] = str(launcher_logs)
     return dict(environ, CUDA_VISIBLE_DEVICES=",".join(chosen), PYTHONUNBUFFERED="1",
                 PYTHONPATH=os.pathsep.join([str(PACKAGE_ROOT), environ.get("PYTHONPATH", "")]))
 
@@ -130,10 +136,13 @@ class ChildRun(RunControl):
                                                f"(GPU{'s' if several else ''} {', '.join(map(str, gpus))}{how}) "
                                                f"on {base.name}"))
         self.host.release_device(None)  # the host's GPU is likely one of them
+        launcher_logs = work_dir / "launcher"  # empty unless a process fails; the errors are in launch.log
         try:
             command = launch_command(len(gpus), self._train_args(child, work_dir), zero=config.deepspeed_offload)
-            return self._follow(command, child_environment(gpus), work_dir / "launch.log")
+            return self._follow(command, child_environment(gpus, launcher_logs=launcher_logs),
+                                work_dir / "launch.log")
         finally:
+            shutil.rmtree(launcher_logs, ignore_errors=True)
             self.host.restore_device()
 
     def _train_args(self, child: Config, work_dir: Path) -> list[str]:
