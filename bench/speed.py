@@ -129,18 +129,19 @@ def run_engine(args, overrides: dict) -> dict:
                           "generate_class_images": False}]}
     data.update(overrides)
     stamps: list[float] = []
+    peaks: list[float] = []
 
     def on_progress(progress) -> None:
         if progress.phase == "training":
             stamps.append(time.perf_counter())
             if progress.step == WARMUP:
                 _reset_peak()
+            peaks.append(_peak_mib())  # the last one: the high-water mark at the last step (the save is no step)
 
     with tempfile.TemporaryDirectory() as out:
         TrainingRun(from_dict(data), FolderHost(out), on_progress=on_progress).run()
-        peak = _peak_mib()  # before saving: the save is not a training step
     steps = [b - a for a, b in zip(stamps, stamps[1:], strict=False)][WARMUP - 1:]
-    return {"step_s": statistics.median(steps), "peak_mib": peak}
+    return {"step_s": statistics.median(steps), "peak_mib": peaks[-1]}
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -71,3 +71,32 @@ def test_the_memory_bench_measures_a_training_run(tmp_path):
     assert figures["fused"] and figures["weights"] > figures["largest_weight"] > 0 and figures["optimizer"] > 0
     assert figures["in_flight"] > figures["largest_weight"] and "transient" in figures
     assert all(f > 0 for f in memory._estimates(figures))
+
+
+def test_the_speed_bench_reads_the_engines_peak_at_its_last_step_not_after_its_save(tmp_path, monkeypatch):
+    """The reference loop saves nothing: the engine's figure must not count the final save's memory either."""
+    from argparse import Namespace
+
+    import speed
+    from PIL import Image
+
+    from dreambooth_ext.models.tiny import save_tiny_checkpoint
+    from dreambooth_ext.train import run
+
+    base = save_tiny_checkpoint(tmp_path / "tiny.safetensors", "sd1", seed=0)
+    for name, color in (("images", (200, 40, 40)), ("classes", (40, 120, 200))):
+        (tmp_path / name).mkdir()
+        for i in range(2):
+            Image.new("RGB", (64, 64), color).save(tmp_path / name / f"{i}.png")
+    save = run._Loop._save_model
+
+    def save_holding_a_gigabyte(self, step):
+        held = torch.ones(256 * 2**20)  # 1 GiB, touched
+        save(self, step)
+        del held
+
+    monkeypatch.setattr(run._Loop, "_save_model", save_holding_a_gigabyte)
+    args = Namespace(base=str(base), images=str(tmp_path / "images"), classes=str(tmp_path / "classes"),
+                     resolution=64, steps=4)
+    figures = speed.run_engine(args, {})
+    assert figures["step_s"] > 0 and figures["peak_mib"] < speed._peak_mib() - 900
