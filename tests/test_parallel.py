@@ -24,6 +24,15 @@ UNET = "model.diffusion_model."
 STEPS = 8
 
 
+@pytest.fixture(scope="module", autouse=True)
+def launcher_logs(tmp_path_factory):
+    """torch's launcher keeps its log folders in pytest's folder (as it does in the engine's own launches), not
+    one more torchelastic_ folder in the system's temporary folder per launch."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PET_LOG_DIR", str(tmp_path_factory.mktemp("launcher")))
+        yield
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("data")
