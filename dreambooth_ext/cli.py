@@ -345,7 +345,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nError: {exc}", file=sys.stderr)
         return 2
     if result.status == "cancelled":
-        if result.step:
+        if args.command == "demo":
+            print(f"The demo stopped at step {result.step}; run it again to start it over.", file=sys.stderr)
+        elif result.step:
             print(f"Stopped at step {result.step}; the training state is saved: continue with --resume.",
                   file=sys.stderr)
         else:

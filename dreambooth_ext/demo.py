@@ -72,8 +72,10 @@ def demo_config(args: argparse.Namespace, work: Path) -> object:
 
 def run_demo(args: argparse.Namespace):
     from .cli import run_training
+    from .train.resuming import STATE_FOLDER, forget_state
 
     work = Path(args.work_dir or Path(args.models_dir) / "dreambooth") / "demo"
+    forget_state(work / STATE_FOLDER)  # the demo starts over each time (a stopped one is not resumed)
     config = demo_config(args, work)
     result = run_training(config, args)
     if result.status == "finished":

@@ -142,3 +142,32 @@ def test_credentials_parsing():
     assert parse_credentials(None) == {} and parse_credentials("") == {}
     with pytest.raises(DreamboothError, match="user:password"):
         parse_credentials("nocolon")
+
+
+def test_a_stopped_run_is_listed_and_start_and_resume_are_checked_before_they_begin(api, ui_images, ui_models):
+    """After a restart the stopped run is in the list with its options; Start on it (which would replace its state)
+    and Resume of a project with nothing stopped are refused as a 422, before anything runs."""
+    from dreambooth_ext.train.run import TrainingRun
+
+    data = quick_run_data("", ui_images, project="halfway", max_train_steps=3)
+    config, host = api.adapter.prepare(schema.from_dict(data), "tiny.safetensors")
+    holder = {}
+    holder["run"] = TrainingRun(config, host, on_progress=lambda p: p.step == 1 and holder["run"].cancel())
+    assert holder["run"].run().status == "cancelled"
+
+    listed = api.get(f"{PREFIX}/projects").json()["projects"]
+    assert [(p["name"], p["resumable"], p["stopped_at"]) for p in listed] == [("halfway", True, 1)]
+    assert schema.from_dict(api.get(f"{PREFIX}/projects/halfway").json()) == config
+
+    refused = api.post(f"{PREFIX}/start", json=data, params={"checkpoint": "tiny.safetensors"})
+    assert refused.status_code == 422 and "Resume continues it" in refused.json()["detail"]["problems"][0]
+    nothing = api.post(f"{PREFIX}/start", json=dict(data, project_name="fresh"),
+                       params={"checkpoint": "tiny.safetensors", "resume": True})
+    assert nothing.status_code == 422 and "no stopped run" in nothing.json()["detail"]["problems"][0]
+    assert api.get(f"{PREFIX}/status").json()["state"] == "idle"  # neither became a run
+
+    resumed = api.post(f"{PREFIX}/start", json=data, params={"checkpoint": "tiny.safetensors", "resume": True})
+    assert resumed.status_code == 200, resumed.text
+    status = wait_until_settled(api)
+    assert status["state"] == "finished" and status["step"] == 3, status
+    assert api.get(f"{PREFIX}/projects").json() == {"projects": []}  # finished: nothing stopped, nothing saved

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
-from dreambooth_ext.config import from_dict
+from dreambooth_ext.config import from_dict, to_dict
 from dreambooth_ext.errors import DreamboothError
 from dreambooth_ext.hosts.files import FolderHost
 from dreambooth_ext.models.checkpoint import read_checkpoint
@@ -137,8 +137,72 @@ def test_cancel_then_resume_matches_an_uninterrupted_run(tiny_sd1, instance_dir,
 
 
 def test_resume_without_saved_state_is_a_clear_error(tiny_sd1, instance_dir, tmp_path):
-    with pytest.raises(DreamboothError, match="nothing to resume"):
+    with pytest.raises(DreamboothError, match="has no stopped run to resume.*Start trains it from step 0"):
         train(make_config(tiny_sd1, instance_dir), tmp_path, resume=True)
+
+
+def stop_at(config, root: Path, step: int) -> Path:
+    """Run `config` under `root` and cancel it at `step`; returns its saved state's folder."""
+    holder = {}
+
+    def stop(p: Progress) -> None:
+        if p.phase == "training" and p.step == step:
+            holder["run"].cancel()
+
+    holder["run"] = TrainingRun(config, FolderHost(root / "models"), on_progress=stop)
+    assert holder["run"].run().status == "cancelled"
+    return root / "models" / "dreambooth" / config.project_name / "state"
+
+
+def test_start_on_a_project_with_a_stopped_run_is_refused_before_loading_and_keeps_its_state(
+        tiny_sd1, instance_dir, tmp_path):
+    config = make_config(tiny_sd1, instance_dir, max_train_steps=4)
+    state = stop_at(config, tmp_path, 2)
+    saved = (state / "weights.safetensors").read_bytes()
+    phases = []
+    with pytest.raises(DreamboothError, match="has a run stopped at step 2 of 4.*Resume continues it"):
+        train(config, tmp_path, on_progress=lambda p: phases.append(p.phase))
+    assert "loading" not in phases and (state / "weights.safetensors").read_bytes() == saved
+    assert train(config, tmp_path, resume=True)[1].status == "finished"
+    assert train(config, tmp_path)[1].status == "finished"  # finished: nothing stopped is left to protect
+
+
+def test_resume_on_another_base_model_is_refused_and_says_which_one_it_needs(tiny_sd1, instance_dir, tmp_path):
+    config = make_config(tiny_sd1, instance_dir, max_train_steps=4)
+    stop_at(config, tmp_path, 2)
+    other = save_tiny_checkpoint(tmp_path / "other.safetensors", family="sd1", seed=1)
+    moved = from_dict({**to_dict(config), "base_model": str(other)})
+    with pytest.raises(DreamboothError, match=r"stopped while training tiny_sd1.safetensors \[[0-9a-f]{10}\]; the "
+                                              r"model to train now is other.safetensors"):
+        train(moved, tmp_path, resume=True)
+    same = tmp_path / "same_weights.safetensors"  # the same file under another name is the same model
+    same.write_bytes(tiny_sd1.read_bytes())
+    assert train(from_dict({**to_dict(config), "base_model": str(same)}), tmp_path, resume=True)[1].step == 4
+
+
+def test_a_resume_with_changed_options_says_which_in_the_runs_warnings(tiny_sd1, instance_dir, tmp_path):
+    config = make_config(tiny_sd1, instance_dir, max_train_steps=4)
+    stop_at(config, tmp_path, 2)
+    warnings = []
+    changed = from_dict({**to_dict(config), "max_train_steps": 5, "flip_p": 0.5})
+    train(changed, tmp_path, resume=True, on_progress=lambda p: warnings.extend(p.warnings))
+    assert [w for w in warnings if "changed since the run stopped" in w] == [
+        "Resumed with options changed since the run stopped (used from here on): max_train_steps: 4 -> 5; "
+        "flip_p: 0.0 -> 0.5"]
+
+
+def test_progress_carries_each_steps_smoothed_loss_once_when_it_is_read(tiny_sd1, instance_dir, tmp_path):
+    """The loss is read from the device every few steps; each step's smoothed value reaches the page then (a
+    point per report would repeat the last read value, a staircase)."""
+    seen = []
+    _, result = train(make_config(tiny_sd1, instance_dir, max_train_steps=12), tmp_path,
+                      on_progress=lambda p: seen.extend(p.losses))
+    assert [step for step, _ in seen] == list(range(1, 13))
+    smoothed, expected = None, []
+    for _, value in result.losses:
+        smoothed = value if smoothed is None else 0.9 * smoothed + 0.1 * value
+        expected.append(smoothed)
+    assert [value for _, value in seen] == pytest.approx(expected)
 
 
 def test_periodic_saves_and_samples(tiny_sd1, instance_dir, tmp_path):

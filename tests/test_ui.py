@@ -252,6 +252,51 @@ def test_save_asks_before_overwriting_and_load_restores_the_form(tab_factory, ui
     assert "Loaded project" in loaded[-1]
 
 
+def test_after_a_restart_the_stopped_run_loads_into_the_form_and_start_on_it_is_refused(
+        tab_factory, ui_models, ui_images, tmp_path):
+    """A run cancelled and never saved as a project: a new page (or a restarted host) lists it, Load brings back
+    its options for Resume, and Start on it says why not instead of replacing its state."""
+    from dreambooth_ext.train.run import TrainingRun
+
+    adapter = folder_adapter(ui_models, tmp_path / "work")
+    data = quick_run_data(str(ui_models / "Stable-diffusion" / "tiny.safetensors"), ui_images, project="stopped",
+                          max_train_steps=3, learning_rate=3e-5)
+    config, host = adapter.prepare(schema.from_dict(data), None)
+    holder = {}
+    holder["run"] = TrainingRun(config, host, on_progress=lambda p: p.step == 1 and holder["run"].cancel())
+    assert holder["run"].run().status == "cancelled"
+
+    tab = tab_factory(adapter, JobManager())  # a restarted host: no last run in memory
+    assert tab.refresh_projects()[0]["choices"] == ["stopped"]
+    loaded = tab.load("stopped")
+    assert tab.collect(loaded[:-1]) == config
+    assert "stopped at step 1 of 3: Resume continues it" in loaded[-1]
+    outputs = tab.start("task(s)", DEFAULT_PICK, None, *loaded[:-1])
+    assert "Resume continues it" in outputs[-1] and tab.jobs.status()["state"] == "idle"
+    tab.resume("task(r)", DEFAULT_PICK, None, *loaded[:-1])
+    assert tab.jobs.status()["state"] == FINISHED and tab.jobs.status()["step"] == 3
+
+    bad = list(loaded[:-1])
+    bad[[o.name for o in schema.OPTIONS].index("resolution")] = 100
+    shown = tab.start("task(b)", DEFAULT_PICK, None, *bad)[-1]
+    # The refusal, then the last run under a line that says it is not about this refusal.
+    assert shown.index("multiple of 64") < shown.index("unchanged by this") < shown.index("<b>stopped</b>: finished")
+
+
+def test_the_chart_gets_the_steps_whose_loss_was_read_not_a_point_per_report():
+    from dreambooth_ext.train.run import Progress
+    from dreambooth_ext.ui.jobs import JobStatus
+
+    status = JobStatus()
+    status.apply(Progress("training", step=1, total_steps=20, loss=0.5, losses=((1, 0.5),)))
+    for step in range(2, 10):  # the loss is not read at these steps: the last read value is not repeated
+        status.apply(Progress("training", step=step, total_steps=20, loss=0.5))
+    status.apply(Progress("training", step=10, total_steps=20, loss=0.4,
+                          losses=tuple((s, 0.5 - s / 100) for s in range(2, 11))))
+    assert status.losses == [(1, 0.5)] + [(s, 0.5 - s / 100) for s in range(2, 11)]
+    assert status.loss == 0.4
+
+
 @pytest.mark.parametrize("name", ["..", "../escape", "/etc/passwd", "a\\b", "C:evil", "bad|name"])
 def test_project_names_that_are_paths_are_refused(tab_factory, ui_images, tmp_path, name):
     tab = tab_factory()

@@ -50,3 +50,25 @@ def test_tab_start_trains_the_loaded_model_through_the_host_queue(webui, tmp_pat
     assert status["state"] == "finished", (status, outputs[-1])
     assert "Time taken" in outputs[-1]  # the host's wrap_gradio_gpu_call ran around it
     assert Path(status["checkpoints"][-1]).is_file()
+
+
+def test_the_hosts_ui_config_file_does_not_freeze_the_forms_defaults(webui, tmp_path):
+    """The host saves every tab component's value in ui-config.json at its first start and sets it again at every
+    later one: an older version's default (resolution 512 before "the model's own size") would win over the
+    schema's forever. The tab's components opt out; the host's other fields still work as before."""
+    import json
+
+    from modules import shared
+
+    resolution = schema.OPTIONS_BY_NAME["resolution"]
+    old_file = {f"dreambooth/{resolution.label}/value": 512, "dreambooth/Start training/visible": False}
+    Path(shared.cmd_opts.ui_config_file).write_text(json.dumps(old_file), encoding="utf-8")
+    module, loader = load_extension()
+    (blocks, _, _), = [t for t in loader.build_ui() if t[2] == "dreambooth"]
+    components = list(blocks.blocks.values())
+    field = next(b for b in components if getattr(b, "label", None) == resolution.label)
+    assert field.value == resolution.default != 512
+    start = next(b for b in components if getattr(b, "elem_id", None) == "dreambooth_start")
+    assert start.visible
+    saved = json.loads(Path(shared.cmd_opts.ui_config_file).read_text(encoding="utf-8"))
+    assert {k for k in saved if k.startswith("dreambooth/")} == set(old_file)  # and nothing more is written there

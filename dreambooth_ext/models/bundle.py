@@ -60,6 +60,13 @@ class SourceInfo:
         return self._sha256
 
     @property
+    def known_sha256(self) -> str:
+        """The hash if it is known by now, without waiting for it ("" while it is being computed)."""
+        if self._hashing is not None and self._hashing.done():
+            return self.sha256
+        return self._sha256
+
+    @property
     def short_hash(self) -> str:
         return self._short_hash or (hash_prefix(self.sha256) if self.sha256 else "")
 

@@ -8,7 +8,6 @@ import dataclasses
 import json
 import logging
 import math
-import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -43,6 +42,7 @@ from .guard import check_writable, output_error, project_lock, write_errors
 from .loss import dreambooth_loss, min_snr_weights, per_sample_mse, training_target
 from .optim import group_options, param_groups
 from .parallel import SingleProcess, check_parallel
+from .resuming import STATE_FOLDER, check_run_choice, check_same_base, forget_state
 from .sampling import generate_images, placed
 from .state import (
     TrainingState,
@@ -81,7 +81,9 @@ class Progress:
     samples: tuple[Path, ...] = ()
     checkpoint: Path | None = None
     lora: Path | None = None
-    warnings: tuple[str, ...] = ()  # the dataset check's findings, reported once before loading
+    warnings: tuple[str, ...] = ()  # each reported once: the dataset check's findings, a resume's changed options
+    # The smoothed loss at each step whose loss was read since the last report (read every LOSS_READ_EVERY steps)
+    losses: tuple[tuple[int, float], ...] = ()
 
     LINE_PREFIX = "dreambooth-progress "  # marks progress lines among whatever else reaches a child's stdout
 
@@ -103,6 +105,7 @@ class Progress:
         data = {k: v for k, v in data.items() if k in known}
         data["samples"] = tuple(Path(p) for p in data.get("samples", ()))
         data["warnings"] = tuple(data.get("warnings", ()))
+        data["losses"] = tuple((int(step), float(loss)) for step, loss in data.get("losses", ()))
         for key in ("checkpoint", "lora"):
             data[key] = Path(data[key]) if data.get(key) else None
         return cls(**data)
@@ -183,10 +186,11 @@ class TrainingRun(RunControl):
         main = self.processes.is_main
         with project_lock(work_dir, config.project_name) if main else contextlib.nullcontext():
             if main:
+                check_run_choice(config.project_name, work_dir, resume=self.resume)
                 self._check_outputs(config, work_dir)
                 self._remove_leftovers(config, work_dir)
             self.processes.wait_for_all()
-            state = load_state(work_dir / "state") if self.resume else None
+            state = load_state(work_dir / STATE_FOLDER) if self.resume else None
             if state is not None:
                 check_zero_resume(state.optimizer, self.processes)
             return self._train(config, instances, device, precision, work_dir, state)
@@ -237,7 +241,7 @@ class TrainingRun(RunControl):
         """What a killed save of this project left half-written: hidden model files and a partial state."""
         for folder, _ in trained_kind(config).folders(self.host, config):
             remove_partial_files(folder, f"{config.project_name}_")
-        remove_partial_state(work_dir / "state")
+        remove_partial_state(work_dir / STATE_FOLDER)
 
     def _class_images(self, config: Config, bundle: ModelBundle, work_dir: Path, device: torch.device,
                       precision: Precision) -> list[Path]:
@@ -319,6 +323,15 @@ def _check_resumable(config: Config, state: TrainingState) -> None:
         raise DreamboothError(f"The saved training state was made with train_text_encoder {was}; a resumed run must "
                               f"keep it {was} (the optimizer state covers exactly the modules that were trained). "
                               "Set it back, or start again without resume.")
+
+
+def _changed_options(saved: dict, now: dict) -> str:
+    """'name: old -> new' for each option that differs between a stopped run's config and the resumed one's."""
+    changes = [f"{name}: {saved[name]!r} -> {value!r}" for name, value in now.items()
+               if name in saved and saved[name] != value and name != "concepts"]
+    if "concepts" in saved and saved["concepts"] != now.get("concepts"):
+        changes.append("concepts (the folders, prompts or class images)")
+    return "; ".join(changes)
 
 
 def _check_class_images(config: Config, classes: list[Example]) -> None:
@@ -409,10 +422,17 @@ class _Loop:
         if state is None:
             return 0
         _check_resumable(config, state)
+        if self.processes.is_main:  # the file's hash: once
+            source = self.bundle.source
+            check_same_base(config.project_name, state.meta.get("base"), source.name, source.sha256)
         restore_weights(self.trained, state.weights)
         changed = self.stepper.load_state_dict(state.optimizer, state.lr_scheduler, state.scaler)
         if changed:
             log.info("Resuming with changed options (used from here on): %s", "; ".join(changed))
+        changed_options = _changed_options(state.meta.get("config", {}), json.loads(json.dumps(to_dict(config))))
+        if changed_options:
+            self.run._emit(Progress("loading", message=f"Resuming at step {state.step}", warnings=(
+                "Resumed with options changed since the run stopped (used from here on): " + changed_options,)))
         if self.ema is not None:
             if state.ema is None:
                 raise DreamboothError("ema is on but the saved training state has no EMA weights; turn ema off "
@@ -437,7 +457,7 @@ class _Loop:
                     feed.close()
 
     def _train_from(self, step: int) -> RunResult:
-        started, start_step, self.smoothed = time.perf_counter(), step, None
+        started, start_step, self.smoothed, self.fresh_losses = time.perf_counter(), step, None, []
         pending: list[tuple[int, torch.Tensor]] = []
         te_stop = (math.ceil(self.config.stop_text_encoder * self.total_steps)
                    if self.config.train_text_encoder else 0)
@@ -462,7 +482,7 @@ class _Loop:
             self._sample(step)
         self._save_result(step)
         if self.processes.is_main:
-            shutil.rmtree(self.work_dir / "state", ignore_errors=True)  # finished: the state is no longer needed
+            forget_state(self.work_dir / STATE_FOLDER)  # finished: the state is no longer needed
         self.run._emit(Progress("finished", step=step, total_steps=self.total_steps,
                                 checkpoint=self.result.checkpoints[-1] if self.result.checkpoints else None,
                                 lora=self.result.loras[-1] if self.result.loras else None,
@@ -477,6 +497,7 @@ class _Loop:
         for (step, _), value in zip(pending, values, strict=True):
             self.smoothed = value if self.smoothed is None else 0.9 * self.smoothed + 0.1 * value
             self.result.losses.append((step, value))
+            self.fresh_losses.append((step, self.smoothed))
         pending.clear()
 
     def _optimizer_step(self, step: int, *, train_text: bool) -> torch.Tensor:
@@ -593,8 +614,9 @@ class _Loop:
         eta = (self.total_steps - step) / rate if rate else None
         lr = self.stepper.learning_rate
         memory, where = memory_in_use(self.device)
+        fresh, self.fresh_losses = tuple(self.fresh_losses), []
         self.run._emit(Progress("training", step=step, total_steps=self.total_steps, loss=loss, lr=lr,
-                                it_per_s=rate, eta_s=eta, memory_gib=memory, memory_kind=where))
+                                it_per_s=rate, eta_s=eta, memory_gib=memory, memory_kind=where, losses=fresh))
 
     def _periodic(self, step: int) -> None:
         """Samples and saves, by the main process (the others go on to the next step, and wait there for it)."""
@@ -627,9 +649,16 @@ class _Loop:
             self._whole_ema()
             self._save_state(step)
         self.result.status, self.result.step = "cancelled", step
-        self.run._emit(Progress("cancelled", step=step, total_steps=self.total_steps,
+        fresh, self.fresh_losses = tuple(self.fresh_losses), []
+        self.run._emit(Progress("cancelled", step=step, total_steps=self.total_steps, losses=fresh,
                                 message=f"Cancelled at step {step}; resume continues from there"))
         return self.result
+
+    def _base_record(self) -> dict:
+        """The model this run trains, as a resume checks it: its name, and its hash once known (a cancel soon after
+        the start does not wait for the file's hash)."""
+        source = self.bundle.source
+        return {"name": source.name, "sha256": source.known_sha256}
 
     def _save_state(self, step: int) -> None:
         """Called by every process (under DeepSpeed each holds a part of the optimizer); the main one writes."""
@@ -642,8 +671,8 @@ class _Loop:
             ema={k: v.cpu() for k, v in self.ema.state_dict().items()} if self.ema else None,
             optimizer=optimizer, lr_scheduler=lr_scheduler, scaler=scaler,
             meta={"project": self.config.project_name, "total_steps": self.total_steps,
-                  "config": to_dict(self.config)})
-        folder = self.work_dir / "state"
+                  "config": to_dict(self.config), "base": self._base_record()})
+        folder = self.work_dir / STATE_FOLDER
         try:
             save_state(folder, state)
         except write_errors() as exc:

@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from .. import __version__
 from ..errors import DreamboothError
+from .resuming import find_state
 
 STATE_FORMAT = 2
 TENSOR, TUPLE, ITEMS = "__tensor__", "__tuple__", "__items__"
@@ -125,20 +126,11 @@ def remove_partial_state(folder: Path) -> None:
     shutil.rmtree(Path(folder).with_name(Path(folder).name + ".partial"), ignore_errors=True)
 
 
-def find_state(folder: Path) -> Path | None:
-    """The saved state, also after a crash between the two renames of `save_state`."""
-    folder = Path(folder)
-    for candidate in (folder, folder.with_name(folder.name + ".old")):
-        if (candidate / "state.json").is_file():
-            return candidate
-    return None
-
-
 def load_state(folder: Path) -> TrainingState:
     found = find_state(folder)
     if found is None:
         raise DreamboothError(f"No saved training state in {folder}: there is nothing to resume. Start the run "
-                              "without resume, or set save_every_n_steps so future runs save resumable state.")
+                              "without resume.")
     meta = json.loads((found / "state.json").read_text(encoding="utf-8"))
     if meta.get("format") != STATE_FORMAT:
         raise DreamboothError(

@@ -17,6 +17,7 @@ from ..errors import DreamboothError
 from ..hosts.base import Host
 from ..hosts.files import FolderHost
 from ..train.devices import deepspeed_installed, device_choices
+from ..train.resuming import check_run_choice
 
 
 def _same(fn: Callable) -> Callable:
@@ -52,10 +53,12 @@ class HostAdapter:
     # Whether the deepspeed package is here (the tab shows deepspeed_offload only then)
     deepspeed_installed: Callable[[], bool] = lambda: deepspeed_installed()
 
-    def prepare_checked(self, config: Config, title: str | None) -> tuple[Config, Host]:
-        """`prepare`, then the host's checks that need no weights: a refusal comes before any run starts."""
+    def prepare_checked(self, config: Config, title: str | None, *, resume: bool = False) -> tuple[Config, Host]:
+        """`prepare`, then the checks that need no weights (the host's; Start or Resume against the project's
+        stopped run): a refusal comes before any run starts."""
         config, host = self.prepare(config, title)
         host.check(config)
+        check_run_choice(config.project_name, host.work_dir(config.project_name), resume=resume)
         return config, host
 
 

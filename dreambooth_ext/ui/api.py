@@ -80,7 +80,7 @@ def register_api(app: FastAPI, jobs: JobManager, host_adapter: HostAdapter, auth
         except DreamboothError as exc:
             raise HTTPException(status_code=409, detail={"message": error_message(exc)}) from None
         try:  # refusals that need no weights (unknown checkpoint, another family, fp8) come now, as a 422
-            prepared_config, host = host_adapter.prepare_checked(config, checkpoint)
+            prepared_config, host = host_adapter.prepare_checked(config, checkpoint, resume=resume)
         except DreamboothError as exc:
             raise _unprocessable([error_message(exc)], "The run cannot start") from None
         try:
@@ -116,14 +116,16 @@ def register_api(app: FastAPI, jobs: JobManager, host_adapter: HostAdapter, auth
         return {"projects": [projects.project_info(root, name) for name in projects.list_projects(root)]}
 
     def read_project(name: str) -> dict:
+        """A saved project's options, or those of its stopped run when it has one (what Resume continues)."""
         try:
-            path = projects.project_file(host_adapter.projects_dir(), name)
+            projects.check_project_name(name)
         except DreamboothError as exc:
             raise _unprocessable([error_message(exc)], "Invalid project name") from None
-        if not path.is_file():
+        root = host_adapter.projects_dir()
+        if name not in projects.list_projects(root):
             raise HTTPException(status_code=404, detail={"message": f"There is no saved project {name!r}"})
         try:
-            config = schema.load_json(path)
+            config = projects.load_project(root, name)
         except ConfigError as exc:
             raise _unprocessable(exc.problems, f"Project {name!r} cannot be read") from None
         return schema.to_dict(config)

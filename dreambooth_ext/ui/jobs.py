@@ -94,8 +94,8 @@ class JobStatus:
             self.it_per_s, self.eta_s = progress.it_per_s, progress.eta_s
             self.memory_gib, self.memory_kind = progress.memory_gib, progress.memory_kind
             self.message = f"Training step {progress.step}/{progress.total_steps}"
-            if progress.loss is not None:
-                self._add_loss(progress.step, progress.loss)
+        for step, loss in progress.losses:  # the steps whose loss has been read: not a point per report
+            self._add_loss(step, loss)
         self.samples.extend(str(p) for p in progress.samples)
         self.warnings.extend(progress.warnings)
         if progress.checkpoint is not None and str(progress.checkpoint) not in self.checkpoints:

@@ -1,4 +1,5 @@
-"""Saved projects: `<projects dir>/<name>/project.json`, with names that can never leave that folder."""
+"""Saved projects: `<projects dir>/<name>/project.json`, with names that can never leave that folder; a project
+whose run was stopped is listed too, with that run's options (what Resume needs after a restart)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from pathlib import Path
 
 from .. import config as schema
 from ..errors import DreamboothError
+from ..train.resuming import STATE_FOLDER, find_state, saved_state_meta
 
 PROJECT_FILE = "project.json"
 
@@ -32,17 +34,24 @@ def project_file(projects_dir: Path, name: str) -> Path:
 
 
 def list_projects(projects_dir: Path) -> list[str]:
-    """Names of the saved projects, sorted."""
+    """Names of the saved projects and of those with a stopped run, sorted."""
     root = Path(projects_dir)
     if not root.is_dir():
         return []
-    return sorted(p.name for p in root.iterdir() if (p / PROJECT_FILE).is_file())
+    return sorted(p.name for p in root.iterdir()
+                  if (p / PROJECT_FILE).is_file() or find_state(p / STATE_FOLDER) is not None)
+
+
+def stopped_run(projects_dir: Path, name: str) -> dict | None:
+    """The project's stopped run as its saved state describes it (step, total_steps, config), or None."""
+    return saved_state_meta(Path(projects_dir) / check_project_name(name) / STATE_FOLDER)
 
 
 def project_info(projects_dir: Path, name: str) -> dict:
     folder = Path(projects_dir) / check_project_name(name)
-    return {"name": name, "path": str(folder / PROJECT_FILE),
-            "resumable": (folder / "state").is_dir() and any((folder / "state").iterdir())}
+    stopped = stopped_run(projects_dir, name)
+    return {"name": name, "path": str(folder / PROJECT_FILE), "resumable": stopped is not None,
+            "stopped_at": stopped.get("step") if stopped else None}
 
 
 def save_project(projects_dir: Path, config: schema.Config) -> Path:
@@ -50,6 +59,11 @@ def save_project(projects_dir: Path, config: schema.Config) -> Path:
 
 
 def load_project(projects_dir: Path, name: str) -> schema.Config:
+    """The options of the project's stopped run when it has one (Resume continues with them), else its saved
+    project.json."""
+    stopped = stopped_run(projects_dir, name)
+    if stopped is not None and isinstance(stopped.get("config"), dict):
+        return schema.from_dict(stopped["config"])
     path = project_file(projects_dir, name)
     if not path.is_file():
         raise DreamboothError(f"There is no saved project {name!r} (looked for {path}); save it first or pick "

@@ -102,6 +102,10 @@ class DreamboothTab:
             # When the page loads (also after a reload), the form of the last run comes back. A load event, not a
             # click from the page's JS: in the WebUI that click came before gradio had wired the button.
             blocks.load(self.restore_form, [], self.form)
+        for block in blocks.blocks.values():
+            # The options schema is the one source of the form's defaults: the host's ui-config.json would keep
+            # the first ones it saw (and sliders' ranges) over any later version's.
+            block.do_not_save_to_config = True
         self.blocks = blocks
         return blocks
 
@@ -226,7 +230,8 @@ class DreamboothTab:
         try:
             config = schema.validate(self.collect(values))
             self.jobs.check_free()
-            config, host = self.adapter.prepare_checked(config, None if pick in (None, "", DEFAULT_PICK) else pick)
+            config, host = self.adapter.prepare_checked(config, None if pick in (None, "", DEFAULT_PICK) else pick,
+                                                        resume=resume)
             job = self.jobs.claim(config, resume=resume)
         except DreamboothError as exc:
             return self._start_outputs(self.jobs.status(), seen, error=error_message(exc))
@@ -264,9 +269,11 @@ class DreamboothTab:
                                                                        visible=key[1] > 0)
         gallery = update() if same_run and seen[2] == key[2] else render.gallery_items(status)
         can_load = bool(self.adapter.load_checkpoint and status.get("state") == FINISHED and status.get("checkpoints"))
-        status_html = render.status_html(status)
-        if key[4]:
-            status_html = render.message_html(key[4], error=True) + status_html
+        if key[4]:  # the refusal first; an earlier run's error below it must not read as this action's
+            earlier = "The current or last run, unchanged by this:" if status.get("state", "idle") != "idle" else ""
+            status_html = render.message_html(key[4], error=True) + render.status_html(status, note=earlier)
+        else:
+            status_html = render.status_html(status)
         return [chart, gallery, key, update(visible=can_load), status_html]
 
     def refresh(self, seen: Any = None) -> list:
@@ -357,9 +364,12 @@ class DreamboothTab:
                 raise DreamboothError("Pick a saved project in the list first.")
             config = projects.load_project(self.adapter.projects_dir(), name)
             values = self.form_values(config)
+            stopped = projects.stopped_run(self.adapter.projects_dir(), name)
         except DreamboothError as exc:
             return [update() for _ in self.form] + [render.message_html(error_message(exc), error=True)]
-        return values + [render.message_html(f"Loaded project {name!r}")]
+        note = (f"Loaded the options of project {name!r}'s run stopped at step {stopped.get('step')} of "
+                f"{stopped.get('total_steps')}: Resume continues it." if stopped else f"Loaded project {name!r}")
+        return values + [render.message_html(note)]
 
     # -- host information -------------------------------------------------------------------------------
 

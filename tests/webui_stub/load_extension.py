@@ -46,10 +46,12 @@ def build_ui() -> list:
     """What the host's create_ui does with extension callbacks, in its order: before_ui, settings, the extension
     tabs (built on their own), then the page: the quicksettings row (the checkpoint dropdown, announced through
     the after-component callback as the host's patched gradio does) and the tabs rendered into it.
+    Each tab's components take the values saved in ui-config.json (modules.ui_loadsave), as in the host.
     The page is `shared.demo`; returns the extension tabs."""
     import gradio as gr
-    from modules import script_callbacks, sd_models, shared
+    from modules import script_callbacks, sd_models, shared, ui_loadsave
 
+    loadsave = ui_loadsave.UiLoadsave(shared.cmd_opts.ui_config_file)
     script_callbacks.before_ui_callback()
     script_callbacks.ui_settings_callback()
     interfaces = script_callbacks.ui_tabs_callback()
@@ -64,6 +66,8 @@ def build_ui() -> list:
             for interface, label, ifid in interfaces:
                 with gr.TabItem(label, id=ifid, elem_id=f"tab_{ifid}"):
                     interface.render()
+                loadsave.add_block(interface, ifid)
+    loadsave.dump_defaults()
     shared.demo = demo
     return interfaces
 

@@ -34,5 +34,6 @@ parser.add_argument("--freeze-settings-in-sections", type=str, default=None)
 parser.add_argument("--freeze-specific-settings", type=str, default=None)
 parser.add_argument("--hide-ui-dir-config", action="store_true")
 parser.add_argument("--ui-settings-file", type=str, default=os.path.join(data_path, "config.json"))
+parser.add_argument("--ui-config-file", type=str, default=os.path.join(data_path, "ui-config.json"))
 # Registered by the built-in Lora extension's preload.py in the host.
 parser.add_argument("--lora-dir", type=normalized_filepath, default=os.path.join(models_path, "Lora"))

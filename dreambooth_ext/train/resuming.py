@@ -1,0 +1,75 @@
+"""Which projects have a stopped run, and the checks that keep Start and Resume from losing one (no torch here:
+they run before anything heavy loads)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from ..errors import DreamboothError
+
+STATE_FOLDER = "state"  # inside the project's work folder
+
+
+def find_state(folder: Path) -> Path | None:
+    """The saved state, also after a crash between the two renames of `save_state`."""
+    folder = Path(folder)
+    for candidate in (folder, folder.with_name(folder.name + ".old")):
+        if (candidate / "state.json").is_file():
+            return candidate
+    return None
+
+
+def forget_state(folder: Path) -> None:
+    """Remove a finished run's state, with what a crash during its last save may have left beside it."""
+    folder = Path(folder)
+    for path in (folder, folder.with_name(folder.name + ".old"), folder.with_name(folder.name + ".partial")):
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def saved_state_meta(folder: Path) -> dict | None:
+    """What a saved state says of itself (step, total_steps, config, base), without reading its tensors; None when
+    there is no saved state (or it cannot be read)."""
+    found = find_state(folder)
+    if found is None:
+        return None
+    try:
+        meta = json.loads((found / "state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
+def check_run_choice(project: str, work_dir: Path, *, resume: bool) -> None:
+    """Start on a project whose run was stopped would train from step 0 and replace its saved state; Resume on one
+    with no stopped run has nothing to continue. Both are refused, saying what to do instead."""
+    folder = Path(work_dir) / STATE_FOLDER
+    found = find_state(folder)
+    if resume:
+        if found is None:
+            raise DreamboothError(f"Project {project!r} has no stopped run to resume (no saved training state in "
+                                  f"{folder}). Start trains it from step 0.")
+        return
+    if found is None:
+        return
+    meta = saved_state_meta(folder)
+    where = f"step {meta.get('step')} of {meta.get('total_steps')}" if meta else "a saved step"
+    raise DreamboothError(f"Project {project!r} has a run stopped at {where}, saved in {found}. Resume continues "
+                          "it. To train this project from step 0 instead, delete that folder first, or give the new "
+                          "run another project name.")
+
+
+def check_same_base(project: str, saved: dict | None, name: str, sha256: str) -> None:
+    """A stopped run continues only on the model it was trained on (`saved`: the state's record of it)."""
+    if not saved:
+        return  # a state saved before the base model was recorded
+    was_hash, was_name = saved.get("sha256") or "", saved.get("name") or ""
+    same = was_hash == sha256 if (was_hash and sha256) else was_name == name
+    if same:
+        return
+    was = f"{was_name} [{was_hash[:10]}]" if was_hash else was_name
+    now = f"{name} [{sha256[:10]}]" if sha256 else name
+    raise DreamboothError(f"Project {project!r} was stopped while training {was}; the model to train now is {now}. "
+                          f"A resumed run continues on the same model: load (or pick) {was_name} and resume "
+                          "again. To train the other model, give the run another project name.")
