@@ -11,12 +11,14 @@ step, with prior preservation at batch 1, on the same modules loaded the same wa
      halves, loss = instance + prior_loss_weight * prior;
   5. backward, clip_grad_norm_(1.0), torch's default AdamW (lr 5e-6, weight decay 1e-2), lr_scheduler.step(),
      optimizer.zero_grad(set_to_none=False) (its default), no gradient checkpointing, fp32 (no GPU).
-The engine runs TrainingRun with its defaults on the same data; variants change one option. Each run is its own
-process (so peak memory is its own); runs are interleaved and repeated; step time is the median of the steady
-steps, peak memory the high-water mark of the process's resident memory during those steps.
+The engine runs TrainingRun with its defaults on the same data, in a process set up as `python -m dreambooth_ext`
+sets up its own (dreambooth_ext/process.py); variants change one option, or leave the process as a host's (the
+WebUI's) is. Each run is its own process (so peak memory is its own); runs are interleaved and repeated; step time
+is the median of the steady steps, peak memory the high-water mark of the process's resident memory during those
+steps.
 
     python bench/speed.py [--shrink 4] [--resolution 256] [--steps 10] [--repeats 2]
-    python bench/speed.py --shrink 1 --repeats 1 --steps 6   # SD1.5's real widths: about 18 minutes, 16 GB of RAM
+    python bench/speed.py --shrink 1 --repeats 1 --steps 6   # SD1.5's real widths: about 25 minutes, 16 GB of RAM
 """
 
 from __future__ import annotations
@@ -39,10 +41,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 VARIANTS = {
     "reference": None,
     "engine (defaults)": {},  # gradient checkpointing auto: off on a CPU
+    "engine (defaults), in a host's process": {},  # glibc's malloc left as it is (the WebUI's process)
     "engine, caching off (same algorithm)": {"cache_latents": False, "precompute_text_embeddings": False},
     "engine, gradient checkpointing on": {"gradient_checkpointing": "on"},  # the default on a GPU
     "engine, fused backward, no clipping": {"fused_backward": True, "max_grad_norm": 0.0},
 }
+IN_A_HOST = {"engine (defaults), in a host's process"}  # the others run as `python -m dreambooth_ext` does
 GOALS = {"engine (defaults)": (0.6, 0.9)}  # step time, peak memory: at most these ratios to the reference
 WARMUP = 2
 
@@ -184,6 +188,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.run:
         overrides = VARIANTS[args.run]
+        if overrides is not None and args.run not in IN_A_HOST:
+            from dreambooth_ext.process import keep_freed_memory
+
+            keep_freed_memory()
         result = run_reference(args) if overrides is None else run_engine(args, overrides)
         print(json.dumps(result))
         return
