@@ -12,19 +12,28 @@ from ..errors import DreamboothError
 STATE_FOLDER = "state"  # inside the project's work folder
 
 
+def beside(folder: Path, kind: str) -> Path:
+    """Where `save_state` writes a new state ("partial") and keeps the one it replaces ("old") until it is done."""
+    folder = Path(folder)
+    return folder.with_name(f"{folder.name}.{kind}")
+
+
 def find_state(folder: Path) -> Path | None:
     """The saved state, also after a crash between the two renames of `save_state`."""
-    folder = Path(folder)
-    for candidate in (folder, folder.with_name(folder.name + ".old")):
+    for candidate in (Path(folder), beside(folder, "old")):
         if (candidate / "state.json").is_file():
             return candidate
     return None
 
 
+def remove_partial_state(folder: Path) -> None:
+    """Forget a state whose save was killed half-way (the complete one, if any, is kept)."""
+    shutil.rmtree(beside(folder, "partial"), ignore_errors=True)
+
+
 def forget_state(folder: Path) -> None:
     """Remove a finished run's state, with what a crash during its last save may have left beside it."""
-    folder = Path(folder)
-    for path in (folder, folder.with_name(folder.name + ".old"), folder.with_name(folder.name + ".partial")):
+    for path in (Path(folder), beside(folder, "old"), beside(folder, "partial")):
         shutil.rmtree(path, ignore_errors=True)
 
 

@@ -42,13 +42,12 @@ from .guard import check_writable, output_error, project_lock, write_errors
 from .loss import dreambooth_loss, min_snr_weights, per_sample_mse, training_target
 from .optim import group_options, param_groups
 from .parallel import SingleProcess, check_parallel
-from .resuming import STATE_FOLDER, check_run_choice, check_same_base, forget_state
+from .resuming import STATE_FOLDER, check_run_choice, check_same_base, forget_state, remove_partial_state
 from .sampling import generate_images, placed
 from .state import (
     TrainingState,
     find_state,
     load_state,
-    remove_partial_state,
     restore_weights,
     save_state,
     trainable_weights,

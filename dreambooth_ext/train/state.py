@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from .. import __version__
 from ..errors import DreamboothError
-from .resuming import find_state
+from .resuming import beside, find_state
 
 STATE_FORMAT = 2
 TENSOR, TUPLE, ITEMS = "__tensor__", "__tuple__", "__items__"
@@ -91,14 +91,14 @@ def unflatten(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
 def save_state(folder: Path, state: TrainingState) -> Path:
     """Write the state to `folder`, replacing an older one only once the new one is complete."""
     folder = Path(folder)
-    partial = folder.with_name(folder.name + ".partial")
+    partial = beside(folder, "partial")
     shutil.rmtree(partial, ignore_errors=True)
     try:
         _write_state(partial, state)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)  # e.g. the disk filled up: the complete state stays
         raise
-    old = folder.with_name(folder.name + ".old")
+    old = beside(folder, "old")
     shutil.rmtree(old, ignore_errors=True)
     if folder.exists():
         os.replace(folder, old)
@@ -119,11 +119,6 @@ def _write_state(partial: Path, state: TrainingState) -> None:
     meta = {**state.meta, "step": state.step, "format": STATE_FORMAT, "engine_version": __version__,
             "optimization": skeleton}
     (partial / "state.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
-
-
-def remove_partial_state(folder: Path) -> None:
-    """Forget a state whose save was killed half-way (the complete one, if any, is kept)."""
-    shutil.rmtree(Path(folder).with_name(Path(folder).name + ".partial"), ignore_errors=True)
 
 
 def load_state(folder: Path) -> TrainingState:
