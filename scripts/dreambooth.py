@@ -54,6 +54,7 @@ def _adapter() -> HostAdapter:
         queued=call_queue.wrap_queued_call,
         load_checkpoint=webui.load_checkpoint_now,
         checkpoint_selection=webui.checkpoint_selection,
+        loaded_file=webui.loaded_file,
         model_version=lambda: model_loads[0],
         load_after_training=lambda: bool(getattr(shared.opts, "dreambooth_load_after_training", False)),
     )

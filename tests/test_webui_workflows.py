@@ -187,6 +187,30 @@ def test_the_load_after_training_setting_selects_the_result(extension):
     assert webui.generate().checkpoint_title.startswith("autoload/autoload_2.safetensors [")
 
 
+def shown_load_state(tab) -> tuple[bool, bool]:
+    """(Load button visible, the status says the result is the loaded model) as the page's next poll draws them."""
+    outputs = tab.refresh(None)
+    return outputs[3]["visible"], "the WebUI's loaded model" in outputs[4]
+
+
+def test_the_tab_says_when_the_result_is_the_loaded_model(extension):
+    """After the setting or the button loaded the result, the page's polls neither offer to load it again nor
+    drop the news; once the user picks another checkpoint, the button is back."""
+    from dreambooth_ext.hosts.webui import load_checkpoint_now
+
+    webui, tab = extension.webui, extension.tab
+    extension.start("shown")
+    assert shown_load_state(tab) == (True, False)
+    tab.load_model()
+    assert shown_load_state(tab) == (False, True)
+    load_checkpoint_now("tiny_sd1.safetensors")
+    assert shown_load_state(tab) == (True, False)
+
+    webui.shared.opts.dreambooth_load_after_training = True
+    extension.start("shown_auto")
+    assert shown_load_state(tab) == (False, True)
+
+
 def test_api_load_selects_a_checkpoint_by_path_or_title(extension):
     webui, api = extension.webui, extension.api
     extension.start("viaapi")

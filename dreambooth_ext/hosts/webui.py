@@ -387,6 +387,12 @@ def _used_config_text(model: Any) -> str | None:
     return Path(path).read_text(encoding="utf-8", errors="replace")
 
 
+def loaded_file() -> str | None:
+    """The checkpoint file of the model the host has loaded now; None when it has none (never loads one)."""
+    model = _current_model()
+    return model.sd_checkpoint_info.filename if model is not None else None
+
+
 def loaded_model_summary() -> dict[str, str | None]:
     """For the tab: which checkpoint and VAE training would start from, and why it can't (`problem`), if so.
 

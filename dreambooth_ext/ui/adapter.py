@@ -44,6 +44,8 @@ class HostAdapter:
     load_checkpoint: Callable[[str], str] | None = None
     # (fresh choices, selected title) of the host's own checkpoint dropdown; None where there is none
     checkpoint_selection: Callable[[], tuple[list[str], str | None]] | None = None
+    # The file of the model the host has loaded now (None when none): the tab shows a result in use as such
+    loaded_file: Callable[[], str | None] = lambda: None
     # Goes up each time the host loads a model, so the tab redraws its model box only then
     model_version: Callable[[], int] = lambda: 0
     # Whether to load the result right after a successful run from the tab (a WebUI setting)

@@ -20,8 +20,9 @@ def _fmt_time(seconds: float | None) -> str:
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
-def status_html(status: dict[str, Any], note: str = "") -> str:
-    """The status area. `data-state` is what the page's JS reads to know when to stop polling."""
+def status_html(status: dict[str, Any], note: str = "", in_use: bool = False) -> str:
+    """The status area. `data-state` is what the page's JS reads to know when to stop polling; `in_use`: the
+    host has the run's last checkpoint loaded."""
     state = status.get("state", "idle")
     parts = [f"<div class='dreambooth-status' data-state='{html.escape(state)}'>"]
     if note:
@@ -43,6 +44,9 @@ def status_html(status: dict[str, Any], note: str = "") -> str:
     if checkpoints:
         items = "".join(f"<li><code>{html.escape(str(p))}</code></li>" for p in checkpoints)
         parts.append(f"<div class='dreambooth-checkpoints'>Checkpoints written:<ul>{items}</ul></div>")
+        if in_use:
+            parts.append("<p class='dreambooth-in-use'>The last one is the WebUI's loaded model: the next generation "
+                         "uses it.</p>")
     loras = status.get("loras") or []
     if loras:
         items = "".join(f"<li><code>{html.escape(str(p))}</code></li>" for p in loras)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -268,13 +269,26 @@ class DreamboothTab:
         chart = update() if same_run and seen[1] == key[1] else update(value=render.loss_frame(status),
                                                                        visible=key[1] > 0)
         gallery = update() if same_run and seen[2] == key[2] else render.gallery_items(status)
-        can_load = bool(self.adapter.load_checkpoint and status.get("state") == FINISHED and status.get("checkpoints"))
+        result = (status.get("checkpoints") or [None])[-1] if status.get("state") == FINISHED else None
+        in_use = result is not None and self._in_use(result)
+        can_load = bool(self.adapter.load_checkpoint and result and not in_use)
         if key[4]:  # the refusal first; an earlier run's error below it must not read as this action's
             earlier = "The current or last run, unchanged by this:" if status.get("state", "idle") != "idle" else ""
-            status_html = render.message_html(key[4], error=True) + render.status_html(status, note=earlier)
+            status_html = render.message_html(key[4], error=True) + render.status_html(status, note=earlier,
+                                                                                        in_use=in_use)
         else:
-            status_html = render.status_html(status)
+            status_html = render.status_html(status, in_use=in_use)
         return [chart, gallery, key, update(visible=can_load), status_html]
+
+    def _in_use(self, path: str) -> bool:
+        """Whether the host has this file loaded now (then "Load this model now" has nothing left to do)."""
+        try:
+            loaded = self.adapter.loaded_file()
+        except Exception:  # noqa: BLE001 - the Load button stays; the log says why
+            log.exception("Reading the host's loaded checkpoint failed")
+            return False
+        return loaded is not None and os.path.normcase(os.path.abspath(loaded)) == os.path.normcase(
+            os.path.abspath(path))
 
     def refresh(self, seen: Any = None) -> list:
         """The polled view, plus the model box when the host loaded another model since it was drawn (also on
