@@ -175,9 +175,13 @@ def test_a_compiled_unet_trains_like_the_plain_one(base, photos, tmp_path, monke
             self.bundle = super().load_base(cfg)
             return self.bundle
 
-    plain = trained(config(base, photos, max_train_steps=2), tmp_path / "plain")
+    # adam_epsilon well above the float noise of gradients that are zero in exact arithmetic (a bias before a
+    # GroupNorm): Adam would scale that noise up to the learning rate, and a compiled graph (torch 2.1) sums in
+    # another order; the real gradients agree to about 1e-6
+    options = {"max_train_steps": 2, "adam_epsilon": 1e-4}
+    plain = trained(config(base, photos, **options), tmp_path / "plain")
     host = Keeping(tmp_path / "compiled")
-    result = TrainingRun(config(base, photos, max_train_steps=2, compile_unet=True), host).run()
+    result = TrainingRun(config(base, photos, compile_unet=True, **options), host).run()
     assert host.bundle.unet._compiled_call_impl is not None  # it ran compiled
     compiled = read_checkpoint(result.checkpoints[-1])
     assert difference(compiled, plain) < 1e-5 and difference(plain, read_checkpoint(base)) > 1e-4
