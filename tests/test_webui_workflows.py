@@ -211,6 +211,22 @@ def test_the_tab_says_when_the_result_is_the_loaded_model(extension):
     assert shown_load_state(tab) == (False, True)
 
 
+def test_what_the_host_appends_to_the_status_stays_while_the_page_polls(extension):
+    """The host adds "Time taken" (and the peak VRAM, on a GPU) under the last output of Start; the polls that
+    follow the run leave an unchanged status alone instead of drawing it again without that line."""
+    tab = extension.tab
+    outputs = extension.start("timed")
+    assert "Time taken" in outputs[-1]
+    assert "<b>timed</b>: finished</p>" in outputs[-1]  # the phase only when it says more than the state
+    seen = outputs[2]
+    for _ in range(3):
+        polled = tab.refresh(seen)
+        assert polled[4] == gr.update(), polled[4]
+        seen = polled[2]
+    tab.load_model()  # the status changes (the result is now the loaded model): it is drawn again
+    assert "the WebUI's loaded model" in tab.refresh(seen)[4]
+
+
 def test_api_load_selects_a_checkpoint_by_path_or_title(extension):
     webui, api = extension.webui, extension.api
     extension.start("viaapi")

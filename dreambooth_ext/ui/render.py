@@ -32,7 +32,8 @@ def status_html(status: dict[str, Any], note: str = "", in_use: bool = False) ->
     else:
         project = html.escape(status.get("project", ""))
         parts.append(f"<p><b>{project}</b>: {html.escape(state)}"
-                     + (f" ({html.escape(status['phase'])})" if status.get("phase") else "") + "</p>")
+                     + (f" ({html.escape(status['phase'])})" if status.get("phase") not in ("", None, state) else "")
+                     + "</p>")
         if status.get("message"):
             parts.append(f"<p>{html.escape(status['message'])}</p>")
         parts.append(_numbers(status))

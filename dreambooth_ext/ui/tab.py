@@ -259,9 +259,10 @@ class DreamboothTab:
     def _view(self, status: dict, seen: Any) -> list:
         """Chart, gallery, what the page now shows (`seen`), the Load button and the status HTML.
 
-        `seen` = [run start, loss points, samples, model version, notice]: the chart and gallery are sent only
-        when they changed; the model version is the one `refresh` last drew the model box for; the notice (the
-        last action's error) stays above the status until the next action, however often the page polls."""
+        `seen` = [run start, loss points, samples, model version, notice, status HTML]: the chart and gallery are
+        sent only when they changed; the model version is the one `refresh` last drew the model box for; the
+        notice (the last action's error) stays above the status until the next action, however often the page
+        polls; the status HTML is what was last sent (`refresh` leaves the page's as it is when it is unchanged)."""
         valid = isinstance(seen, list) and len(seen) == SEEN_FIELDS
         key = [status.get("started_at"), len(status.get("losses") or []), len(status.get("samples") or []),
                seen[3] if valid else None, seen[4] if valid else ""]
@@ -278,7 +279,7 @@ class DreamboothTab:
                                                                                         in_use=in_use)
         else:
             status_html = render.status_html(status, in_use=in_use)
-        return [chart, gallery, key, update(visible=can_load), status_html]
+        return [chart, gallery, key + [status_html], update(visible=can_load), status_html]
 
     def _in_use(self, path: str) -> bool:
         """Whether the host has this file loaded now (then "Load this model now" has nothing left to do)."""
@@ -294,6 +295,8 @@ class DreamboothTab:
         """The polled view, plus the model box when the host loaded another model since it was drawn (also on
         the page's first poll: the box built with the tab predates the host's model)."""
         outputs = self._view(self.jobs.status(), seen)
+        if isinstance(seen, list) and len(seen) == SEEN_FIELDS and seen[5] == outputs[4]:
+            outputs[4] = update()  # unchanged: what the host appended to it (time taken, peak VRAM) stays
         version = self.adapter.model_version()
         if outputs[2][3] == version:
             return outputs + [update()]
@@ -402,14 +405,14 @@ class DreamboothTab:
             return render.message_html(f"Could not read the loaded model: {error_message(exc)}", error=True)
 
 
-SEEN_FIELDS = 5
+SEEN_FIELDS = 6
 
 
 def with_notice(seen: Any, notice: str) -> list:
     """`seen` with the notice replaced (an action clears the previous action's error, or sets its own)."""
     if isinstance(seen, list) and len(seen) == SEEN_FIELDS:
-        return [*seen[:4], notice]
-    return [None, None, None, None, notice]
+        return [*seen[:4], notice, None]
+    return [None, None, None, None, notice, None]
 
 
 def new_token() -> str:
