@@ -196,18 +196,24 @@ def _clock(seconds: float) -> str:
     return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60:02d}:{rest % 60:02d}"
 
 
+def folder_host(args: argparse.Namespace):
+    """The host a command-line run saves through: the models folder, and the folders its flags name."""
+    from .hosts.files import FolderHost
+
+    return FolderHost(args.models_dir, args.work_dir, checkpoint_dir=getattr(args, "checkpoint_dir", None),
+                      lora_dir=getattr(args, "lora_dir", None), stop_file=getattr(args, "stop_file", None))
+
+
 def run_training(config, args: argparse.Namespace, *, resume: bool = False) -> RunResult:
     validate(config)
     check_inputs(config)
-    from .hosts.files import FolderHost
     from .train.launch import training_run
     from .train.parallel import join_processes
 
     processes = join_processes(config.device)  # `accelerate launch` started several of us: which one is this
     if not processes.is_main:
         logging.getLogger("dreambooth_ext").setLevel(logging.WARNING)  # the main process speaks for all
-    host = FolderHost(args.models_dir, args.work_dir, checkpoint_dir=getattr(args, "checkpoint_dir", None),
-                      lora_dir=getattr(args, "lora_dir", None), stop_file=getattr(args, "stop_file", None))
+    host = folder_host(args)
     report = json_progress if getattr(args, "progress_json", False) else ConsoleProgress()
     run = training_run(config, host, resume=resume, on_progress=report, processes=processes)
     try:

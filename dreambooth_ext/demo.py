@@ -71,12 +71,17 @@ def demo_config(args: argparse.Namespace, work: Path) -> object:
 
 
 def run_demo(args: argparse.Namespace):
-    from .cli import run_training
-    from .train.resuming import STATE_FOLDER, forget_state
+    from .cli import folder_host, run_training
+    from .train.resuming import STATE_FOLDER, earlier_results, forget_state
+    from .train.trained import result_folders
 
     work = Path(args.work_dir or Path(args.models_dir) / "dreambooth") / "demo"
-    forget_state(work / STATE_FOLDER)  # the demo starts over each time (a stopped one is not resumed)
     config = demo_config(args, work)
+    # The demo starts over each time: a stopped one is not resumed, and the last one's results are replaced.
+    forget_state(work / STATE_FOLDER)
+    for path in earlier_results(config.project_name, result_folders(folder_host(args), config)):
+        path.unlink()
+        path.with_suffix(".yaml").unlink(missing_ok=True)
     result = run_training(config, args)
     if result.status == "finished":
         _summarize(config, result)

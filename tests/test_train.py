@@ -164,7 +164,22 @@ def test_start_on_a_project_with_a_stopped_run_is_refused_before_loading_and_kee
         train(config, tmp_path, on_progress=lambda p: phases.append(p.phase))
     assert "loading" not in phases and (state / "weights.safetensors").read_bytes() == saved
     assert train(config, tmp_path, resume=True)[1].status == "finished"
-    assert train(config, tmp_path)[1].status == "finished"  # finished: nothing stopped is left to protect
+
+
+def test_start_on_a_project_with_earlier_results_is_refused_and_writes_over_nothing(tiny_sd1, instance_dir,
+                                                                                     tmp_path):
+    """A second Start of a finished project would write `<project>_<step>.safetensors` again: over the first run's
+    result, which may be the very model it trains from (loaded in the WebUI after the first run)."""
+    config = make_config(tiny_sd1, instance_dir, max_train_steps=2)
+    result = train(config, tmp_path)[1].checkpoints[-1]
+    again = from_dict({**to_dict(config), "base_model": str(result)})  # train further from the result
+    before, phases = result.read_bytes(), []
+    with pytest.raises(DreamboothError, match=rf"has the results of an earlier run in .*\({result.name}\).*another "
+                                              "project name"):
+        train(again, tmp_path, on_progress=lambda p: phases.append(p.phase))
+    assert "loading" not in phases and result.read_bytes() == before
+    renamed = from_dict({**to_dict(again), "project_name": "further"})
+    assert train(renamed, tmp_path)[1].status == "finished"
 
 
 def test_resume_on_another_base_model_is_refused_and_says_which_one_it_needs(tiny_sd1, instance_dir, tmp_path):

@@ -193,6 +193,22 @@ def shown_load_state(tab) -> tuple[bool, bool]:
     return outputs[3]["visible"], "the WebUI's loaded model" in outputs[4]
 
 
+def test_start_again_on_the_loaded_result_is_refused_and_leaves_the_file_alone(extension):
+    """Seen in a real v1.10.1: with the result loaded, Start on the same project trained from it and wrote its
+    result over that very file (the WebUI went on listing the old hash)."""
+    webui = extension.webui
+    webui.shared.opts.dreambooth_load_after_training = True
+    extension.start("again")
+    path = Path(extension.status()["checkpoints"][-1])
+    before = path.read_bytes()
+    assert webui.shared.sd_model.sd_checkpoint_info.filename == str(path)
+    outputs = extension.start("again")
+    assert "has the results of an earlier run" in outputs[-1] and path.name in outputs[-1]
+    response = extension.api.post("/dreambooth/v1/start", json=quick_run_data("", extension.images, project="again"))
+    assert response.status_code == 422 and "has the results of an earlier run" in response.text
+    assert path.read_bytes() == before and extension.status()["state"] == "finished"
+
+
 def test_the_tab_says_when_the_result_is_the_loaded_model(extension):
     """After the setting or the button loaded the result, the page's polls neither offer to load it again nor
     drop the news; once the user picks another checkpoint, the button is back."""

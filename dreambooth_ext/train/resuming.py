@@ -1,10 +1,12 @@
-"""Which projects have a stopped run, and the checks that keep Start and Resume from losing one (no torch here:
-they run before anything heavy loads)."""
+"""Which projects have a stopped run or earlier results, and the checks that keep Start and Resume from losing
+either (no torch here: they run before anything heavy loads)."""
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 
 from ..errors import DreamboothError
@@ -82,3 +84,22 @@ def check_same_base(project: str, saved: dict | None, name: str, sha256: str) ->
     raise DreamboothError(f"Project {project!r} was stopped while training {was}; the model to train now is {now}. "
                           f"A resumed run continues on the same model: load (or pick) {was_name} and resume "
                           "again. To train the other model, give the run another project name.")
+
+
+def earlier_results(project: str, folders: Iterable[Path]) -> list[Path]:
+    """The result files (`<project>_<step>.safetensors`) an earlier run of the project left in these folders."""
+    name = re.compile(re.escape(project) + r"_\d+\.safetensors")
+    return sorted(path for folder in map(Path, folders) if folder.is_dir() for path in folder.iterdir()
+                  if name.fullmatch(path.name))
+
+
+def check_no_earlier_results(project: str, folders: Iterable[Path]) -> None:
+    """Start writes `<project>_<step>.safetensors`: over an earlier run's results (one of them may be the model
+    being trained, or the one the WebUI has loaded) it would replace them. Refused, saying what to do instead."""
+    found = earlier_results(project, folders)
+    if not found:
+        return
+    names = ", ".join(path.name for path in found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
+    raise DreamboothError(f"Project {project!r} has the results of an earlier run in {found[0].parent} ({names}); "
+                          "a new run would write over them. Give it another project name (to train further from "
+                          "one of them, pick or load it and use a new name), or move those files elsewhere first.")

@@ -42,7 +42,14 @@ from .guard import check_writable, output_error, project_lock, write_errors
 from .loss import dreambooth_loss, min_snr_weights, per_sample_mse, training_target
 from .optim import group_options, param_groups
 from .parallel import SingleProcess, check_parallel
-from .resuming import STATE_FOLDER, check_run_choice, check_same_base, forget_state, remove_partial_state
+from .resuming import (
+    STATE_FOLDER,
+    check_no_earlier_results,
+    check_run_choice,
+    check_same_base,
+    forget_state,
+    remove_partial_state,
+)
 from .sampling import generate_images, placed
 from .state import (
     TrainingState,
@@ -53,7 +60,7 @@ from .state import (
     trainable_weights,
 )
 from .stepper import make_stepper
-from .trained import Saving, trained_kind
+from .trained import Saving, result_folders, trained_kind
 from .zero import check_zero, check_zero_resume, zero_launch
 
 log = logging.getLogger(__name__)
@@ -186,6 +193,8 @@ class TrainingRun(RunControl):
         with project_lock(work_dir, config.project_name) if main else contextlib.nullcontext():
             if main:
                 check_run_choice(config.project_name, work_dir, resume=self.resume)
+                if not self.resume:
+                    check_no_earlier_results(config.project_name, result_folders(self.host, config))
                 self._check_outputs(config, work_dir)
                 self._remove_leftovers(config, work_dir)
             self.processes.wait_for_all()
@@ -238,7 +247,7 @@ class TrainingRun(RunControl):
 
     def _remove_leftovers(self, config: Config, work_dir: Path) -> None:
         """What a killed save of this project left half-written: hidden model files and a partial state."""
-        for folder, _ in trained_kind(config).folders(self.host, config):
+        for folder in result_folders(self.host, config):
             remove_partial_files(folder, f"{config.project_name}_")
         remove_partial_state(work_dir / STATE_FOLDER)
 

@@ -221,3 +221,8 @@ def _write(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str
 
 def trained_kind(config: Config) -> FullFineTune | LoRATraining:
     return LoRATraining() if config.train_mode == "lora" else FullFineTune()
+
+
+def result_folders(host: Host, config: Config) -> list[Path]:
+    """The folders the run's saves write its results to."""
+    return [folder for folder, _ in trained_kind(config).folders(host, config)]

@@ -17,7 +17,7 @@ from ..errors import DreamboothError
 from ..hosts.base import Host
 from ..hosts.files import FolderHost
 from ..train.devices import deepspeed_installed, device_choices
-from ..train.resuming import check_run_choice
+from ..train.resuming import check_no_earlier_results, check_run_choice
 
 
 def _same(fn: Callable) -> Callable:
@@ -57,10 +57,14 @@ class HostAdapter:
 
     def prepare_checked(self, config: Config, title: str | None, *, resume: bool = False) -> tuple[Config, Host]:
         """`prepare`, then the checks that need no weights (the host's; Start or Resume against the project's
-        stopped run): a refusal comes before any run starts."""
+        stopped run; Start against its earlier results): a refusal comes before any run starts."""
         config, host = self.prepare(config, title)
         host.check(config)
         check_run_choice(config.project_name, host.work_dir(config.project_name), resume=resume)
+        if not resume:
+            from ..train.trained import result_folders
+
+            check_no_earlier_results(config.project_name, result_folders(host, config))
         return config, host
 
 
