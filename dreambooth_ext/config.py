@@ -370,8 +370,16 @@ def from_dict(data: dict) -> Config:
             continue
         concepts.append(Concept(**_read_fields(CONCEPT_OPTIONS_BY_NAME, raw, f"concepts[{i}].", problems)))
     if problems:
-        raise ConfigError(problems)
+        raise ConfigError(problems + _problems_besides(values, concepts, problems))
     return Config(**values, concepts=concepts)
+
+
+def _problems_besides(values: dict, concepts: list[Concept], found: list[str]) -> list[str]:
+    """The problems of the fields that were read (a bad field takes its default here), so that one reply lists
+    every problem; those naming a field already reported are left out (its default would be judged instead)."""
+    bad = {problem.split(" = ")[0].split(":")[0] for problem in found}
+    named = re.compile("|".join(rf"(?<![\w.\[]){re.escape(name)}(?!\w)" for name in bad))
+    return [problem for problem in config_problems(Config(**values, concepts=concepts)) if not named.search(problem)]
 
 
 def to_dict(config: Config) -> dict:
@@ -415,6 +423,14 @@ def zero_problems(config: Config) -> list[str]:
 
 def validate(config: Config) -> Config:
     """Check the options together; raises ConfigError listing every problem. Returns the config."""
+    problems = config_problems(config)
+    if problems:
+        raise ConfigError(problems)
+    return config
+
+
+def config_problems(config: Config) -> list[str]:
+    """Every problem of the options, each alone and together (empty when there is none)."""
     problems: list[str] = []
     for option in OPTIONS:
         reason = check(option, getattr(config, option.name))
@@ -475,9 +491,7 @@ def validate(config: Config) -> Config:
                                 "class word such as 'person'")
         if config.prior_preservation and not concept.token_only and not concept.class_prompt.strip():
             problems.append(f"concepts[{i}].class_prompt = '': prior preservation needs a class prompt")
-    if problems:
-        raise ConfigError(problems)
-    return config
+    return problems
 
 
 def _is_plain_name(name: str) -> bool:

@@ -79,7 +79,7 @@ def test_invalid_config_is_422_listing_every_problem(api, ui_images, tmp_path):
     problems = response.json()["detail"]["problems"]
     assert any(p.startswith("learning_rate = 'fast'") for p in problems)
     assert any(p.startswith("unknown_thing: unknown option") for p in problems)
-    # Field-by-field errors come first; cross-field checks (resolution % 64) once the fields parse.
+    assert any(p.startswith("resolution = 100: must be a multiple of 64") for p in problems)  # all in one reply
     response = api.post(f"{PREFIX}/start", json=quick_run_data(tmp_path / "m.safetensors", ui_images, resolution=100,
                                                                concept={"instance_dir": ""}))
     problems = response.json()["detail"]["problems"]
@@ -108,6 +108,15 @@ def test_projects_lists_saved_projects_and_reads_one(api, ui_images, tmp_path):
     assert api.get(f"{PREFIX}/projects/missing").status_code == 404
     assert api.get(f"{PREFIX}/projects/..%5Cx").status_code == 422
     assert api.get(f"{PREFIX}/projects/bad%7Cname").status_code == 422
+
+
+def test_a_missing_image_folder_is_422_before_the_run_starts(api, ui_models, ui_images, tmp_path):
+    base = ui_models / "Stable-diffusion" / "tiny.safetensors"
+    data = quick_run_data(base, ui_images, concept={"instance_dir": str(tmp_path / "nowhere")})
+    response = api.post(f"{PREFIX}/start", json=data)
+    assert response.status_code == 422, response.text
+    assert "instance_dir" in response.text and "does not exist" in response.text
+    assert api.jobs.active is None and api.get(f"{PREFIX}/status").json()["state"] == "idle"
 
 
 def test_unknown_checkpoint_is_422(api, ui_images):

@@ -56,11 +56,21 @@ def test_one_error_lists_every_bad_field_with_its_value():
         cfg.from_dict({"learning_rate": "fast", "resolution": 10, "optimizer": "sgd", "lr_sheduler": "cosine",
                        "concepts": [{"num_class_images": -1, "token_only": "maybe"}]})
     problems = info.value.problems
-    assert len(problems) == 6
+    assert len(problems) == 7
     text = str(info.value)
     for expected in ("learning_rate = 'fast'", "resolution = 10", "optimizer = 'sgd'", "lr_sheduler",
-                     "concepts[0].num_class_images = -1", "concepts[0].token_only = 'maybe'"):
+                     "concepts[0].num_class_images = -1", "concepts[0].token_only = 'maybe'",
+                     "concepts[0].instance_dir = ''"):  # the checks of the fields together, in the same reply
         assert expected in text
+
+
+def test_the_checks_of_fields_together_come_with_the_bad_fields_not_after_them():
+    with pytest.raises(ConfigError) as info:
+        cfg.from_dict({"resolution": 65, "max_train_steps": -1, "ema": "x", "concepts": [{"instance_dir": "p"}]})
+    # resolution is a valid number alone; a bad field is judged once, not again through the default it would take
+    assert info.value.problems == ["max_train_steps = -1: must be between 0 and 1e+07",
+                                   "ema = 'x': expected true or false",
+                                   "resolution = 65: must be a multiple of 64 (e.g. 512 or 768)"]
 
 
 def test_cross_field_checks_are_reported_together():

@@ -16,6 +16,7 @@ from ..config import Config
 from ..errors import DreamboothError
 from ..hosts.base import Host
 from ..hosts.files import FolderHost
+from ..inputs import check_inputs
 from ..train.devices import deepspeed_installed, device_choices
 from ..train.resuming import check_no_earlier_results, check_run_choice
 
@@ -57,8 +58,10 @@ class HostAdapter:
 
     def prepare_checked(self, config: Config, title: str | None, *, resume: bool = False) -> tuple[Config, Host]:
         """`prepare`, then the checks that need no weights (the host's; Start or Resume against the project's
-        stopped run; Start against its earlier results): a refusal comes before any run starts."""
+        stopped run; Start against its earlier results) and that the files and folders it names exist: a refusal
+        comes before any run starts."""
         config, host = self.prepare(config, title)
+        check_inputs(config)
         host.check(config)
         check_run_choice(config.project_name, host.work_dir(config.project_name), resume=resume)
         if not resume:
