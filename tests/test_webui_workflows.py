@@ -306,6 +306,32 @@ def test_model_box_follows_the_loaded_model_from_page_load(make_webui, tmp_path)
     assert "<b>other.safetensors</b>" in ext.tab.refresh(seen)[-1]
 
 
+def test_model_box_shows_the_checkpoint_picked_in_the_tab_and_the_prediction_type(make_webui, tmp_path):
+    """Seen in a real v1.10.1: with another checkpoint picked under "Train another checkpoint", the box went on
+    naming the loaded model (an SD2-v one) while the run trained the picked SD1 file."""
+    webui = make_webui()
+    webui.write_checkpoint("tiny_sd2v.safetensors", family="sd2", seed=2, parameterization="v")
+    webui.load("tiny_sd2v.safetensors")
+    ext = Extension(webui, tmp_path)
+    tab = ext.tab
+    assert dependency_wiring(webui, tab.checkpoint_pick, tab.model_html)  # the box follows the picker
+    loaded = tab.model_box(DEFAULT_PICK)
+    assert "<b>tiny_sd2v.safetensors</b>" in loaded and "(sd2, v-prediction)" in loaded
+    picked = tab.model_box("tiny_sd1.safetensors")
+    assert "<b>tiny_sd1.safetensors</b>" in picked and "(sd1, noise prediction)" in picked and "picked below" in picked
+    seen = tab.refresh(None, "tiny_sd1.safetensors")[2]
+    webui.load("tiny_sd1.safetensors")  # a model load redraws the box: still the picked checkpoint's
+    assert "picked below" in tab.refresh(seen, "tiny_sd1.safetensors")[-1]
+    gone = tab.model_box("gone.safetensors")  # listed when the page was built, deleted since
+    assert "dreambooth-warning" in gone and "gone.safetensors" in gone and "neither a file nor a checkpoint" in gone
+
+
+def dependency_wiring(webui, source, target) -> bool:
+    """Whether the page has an event of `source` that updates `target`."""
+    return any(source._id in [t[0] if isinstance(t, (list, tuple)) else t for t in dependency["targets"]]
+               and target._id in dependency["outputs"] for dependency in webui.shared.demo.dependencies)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Item 5: results load in the host whenever their base did
 

@@ -398,7 +398,8 @@ def loaded_model_summary() -> dict[str, str | None]:
 
     Keys: title (the checkpoint's name, without the hash the host's title carries), hash (10 hex chars or ""),
     vae (the external VAE's file name, "" for the checkpoint's own),
-    family ("sd1", "sd2", "sdxl", "" when nothing is loaded), problem (None when it can be trained).
+    family ("sd1", "sd2", "sdxl", "" when nothing is loaded), prediction ("v_prediction" when the host runs it
+    as one, else ""), problem (None when it can be trained).
     """
     from modules import sd_vae
 
@@ -409,8 +410,10 @@ def loaded_model_summary() -> dict[str, str | None]:
     family = next((name for name, flag in (("sdxl", "is_sdxl"), ("sd2", "is_sd2"), ("sd1", "is_sd1"))
                    if getattr(model, flag, False)), "unknown")
     vae_file = getattr(sd_vae, "loaded_vae_file", None)
+    prediction = "v_prediction" if getattr(model, "parameterization", "eps") == "v" else ""
     return {"title": info.name, "hash": getattr(info, "shorthash", None) or "",
-            "vae": Path(vae_file).name if vae_file else "", "family": family, "problem": live_model_problem(model)}
+            "vae": Path(vae_file).name if vae_file else "", "family": family, "prediction": prediction,
+            "problem": live_model_problem(model)}
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -97,15 +97,22 @@ def message_html(message: str, *, error: bool = False) -> str:
     return f"<div class='{css}'><pre>{html.escape(message)}</pre></div>"
 
 
+PREDICTION_NAMES = {"epsilon": "noise prediction", "v_prediction": "v-prediction"}
+
+
 def model_summary_html(summary: dict[str, Any]) -> str:
-    """Which checkpoint and VAE an empty base_model trains (the loaded model in the WebUI)."""
+    """Which checkpoint and VAE Start trains: the loaded model in the WebUI, or the one picked in the tab
+    (`picked`). Keys: title, hash, family, prediction ("epsilon", "v_prediction", "" unknown), vae, problem."""
     rows = []
     if summary.get("title"):
         title = html.escape(summary["title"])
         digest = f" <code>[{html.escape(summary['hash'])}]</code>" if summary.get("hash") else ""
-        rows.append(f"<p>Checkpoint to train: <b>{title}</b>{digest}"
-                    + (f" ({html.escape(summary['family'])})" if summary.get("family") else "") + "</p>")
-        rows.append(f"<p>VAE: {html.escape(summary.get('vae') or 'the checkpoint’s own')}</p>")
+        kind = ", ".join(html.escape(part) for part in (summary.get("family"),
+                                                         PREDICTION_NAMES.get(summary.get("prediction") or "")) if part)
+        rows.append(f"<p>Checkpoint to train: <b>{title}</b>{digest}" + (f" ({kind})" if kind else "")
+                    + (" — picked below, read from its file" if summary.get("picked") else "") + "</p>")
+        vae = summary.get("vae") or ("its own, or the vae option" if summary.get("picked") else "the checkpoint’s own")
+        rows.append(f"<p>VAE: {html.escape(vae)}</p>")
     if summary.get("problem"):
         rows.append(f"<p class='dreambooth-warning'>{html.escape(summary['problem'])}</p>")
     return "<div class='dreambooth-model'>" + "".join(rows) + "</div>"

@@ -196,8 +196,10 @@ class DreamboothTab:
         self.cancel_button.click(self.cancel, [self.seen], view + [self.status], **quiet)
         self.check_button.click(self.check_dataset, [self.checkpoint_pick] + form, [self.dataset_report])
         self.lowest_memory_button.click(self.lowest_memory, [], [self.widgets[n] for n in schema.LOWEST_MEMORY])
-        self.refresh_button.click(self.refresh, [self.seen], view + [self.status, self.model_html], **quiet)
-        self.model_refresh.click(self.refresh_model, [], [self.model_html, self.checkpoint_pick])
+        self.refresh_button.click(self.refresh, [self.seen, self.checkpoint_pick],
+                                  view + [self.status, self.model_html], **quiet)
+        self.model_refresh.click(self.refresh_model, [self.checkpoint_pick], [self.model_html, self.checkpoint_pick])
+        self.checkpoint_pick.change(self.model_box, [self.checkpoint_pick], [self.model_html], show_progress="hidden")
         self.project_refresh.click(self.refresh_projects, [], [self.project_pick, self.existing_projects])
         save_inputs = [self.overwrite, self.existing_projects, self.widgets["project_name"]] + form
         self.project_save.click(self.save, save_inputs,
@@ -291,7 +293,7 @@ class DreamboothTab:
         return loaded is not None and os.path.normcase(os.path.abspath(loaded)) == os.path.normcase(
             os.path.abspath(path))
 
-    def refresh(self, seen: Any = None) -> list:
+    def refresh(self, seen: Any = None, pick: str | None = None) -> list:
         """The polled view, plus the model box when the host loaded another model since it was drawn (also on
         the page's first poll: the box built with the tab predates the host's model)."""
         outputs = self._view(self.jobs.status(), seen)
@@ -301,7 +303,7 @@ class DreamboothTab:
         if outputs[2][3] == version:
             return outputs + [update()]
         outputs[2][3] = version
-        return outputs + [self._summary_html()]
+        return outputs + [self.model_box(pick)]
 
     def cancel(self, seen: Any = None) -> list:
         stopping = self.jobs.cancel()
@@ -327,8 +329,25 @@ class DreamboothTab:
             return render.message_html(error_message(exc), error=True)
         return render.dataset_report_html(report.warnings, report.errors)
 
-    def refresh_model(self) -> list:
-        return [self._summary_html(), update(choices=[DEFAULT_PICK] + self._titles())]
+    def refresh_model(self, pick: str | None = None) -> list:
+        return [self.model_box(pick), update(choices=[DEFAULT_PICK] + self._titles())]
+
+    def model_box(self, pick: str | None = None) -> str:
+        """What Start trains: the loaded model, or the checkpoint picked in "Train another checkpoint" (read from
+        its file's header; its weights load when the run starts)."""
+        if pick in (None, "", DEFAULT_PICK):
+            return self._summary_html()
+        try:
+            config, host = self.adapter.prepare(schema.default_config(), pick)
+            facts = host.check(config)
+        except DreamboothError as exc:
+            return render.model_summary_html({"problem": f"{pick}: {error_message(exc)}"})
+        except Exception as exc:  # noqa: BLE001 - shown in the box; the log has the traceback
+            log.exception("Reading the picked checkpoint %s failed", pick)
+            return render.model_summary_html({"problem": f"Could not read {pick}: {error_message(exc)}"})
+        return render.model_summary_html({
+            "title": pick, "family": facts.family.name if facts else "", "picked": True,
+            "prediction": (facts.prediction_type or "") if facts else ""})
 
     def load_model(self) -> list:
         """Load the last run's result and make it the host's selected checkpoint (its dropdown follows)."""
