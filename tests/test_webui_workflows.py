@@ -322,6 +322,9 @@ def test_model_box_shows_the_checkpoint_picked_in_the_tab_and_the_prediction_typ
     seen = tab.refresh(None, "tiny_sd1.safetensors")[2]
     webui.load("tiny_sd1.safetensors")  # a model load redraws the box: still the picked checkpoint's
     assert "picked below" in tab.refresh(seen, "tiny_sd1.safetensors")[-1]
+    # Start and Resume clear what Check dataset showed: the run's status shows its own check (not twice)
+    assert dependency_wiring(webui, tab.start_button, tab.dataset_report)
+    assert dependency_wiring(webui, tab.resume_button, tab.dataset_report)
     gone = tab.model_box("gone.safetensors")  # listed when the page was built, deleted since
     assert "dreambooth-warning" in gone and "gone.safetensors" in gone and "neither a file nor a checkpoint" in gone
 

@@ -195,6 +195,8 @@ class DreamboothTab:
         self.load_model_button.click(self.load_model, [], [self.project_message, self.selection_token])
         self.cancel_button.click(self.cancel, [self.seen], view + [self.status], **quiet)
         self.check_button.click(self.check_dataset, [self.checkpoint_pick] + form, [self.dataset_report])
+        for button in (self.start_button, self.resume_button):  # a run's status has its own dataset check
+            button.click(lambda: "", [], [self.dataset_report], queue=False, **quiet)
         self.lowest_memory_button.click(self.lowest_memory, [], [self.widgets[n] for n in schema.LOWEST_MEMORY])
         self.refresh_button.click(self.refresh, [self.seen, self.checkpoint_pick],
                                   view + [self.status, self.model_html], **quiet)
