@@ -582,9 +582,12 @@ def test_the_small_model_declares_its_size_so_the_demo_does_not_warn_about_itsel
     with caplog.at_level("WARNING", logger="dreambooth_ext"):
         train(make_config(tiny_sd1, instance_dir, max_train_steps=1), tmp_path)
     assert "a model made for" not in caplog.text
+    warnings = []
     with caplog.at_level("WARNING", logger="dreambooth_ext"):
-        train(make_config(tiny_sd1, instance_dir, max_train_steps=1, resolution=128), tmp_path / "b")
+        train(make_config(tiny_sd1, instance_dir, max_train_steps=1, resolution=128), tmp_path / "b",
+              on_progress=lambda p: warnings.extend(p.warnings))
     assert "Training at 128px a model made for 64px" in caplog.text  # a real mismatch is still said
+    assert any(w.startswith("Training at 128px a model made for 64px (sd1, epsilon)") for w in warnings)  # in the tab
 
 
 @pytest.mark.parametrize("cache_latents", [True, False])

@@ -210,7 +210,10 @@ class TrainingRun(RunControl):
         self.host.release_device(None if device_name(config.device) == "auto" else device)
         try:
             bundle = self.host.load_base(config)
-            _warn_about_resolution(config, bundle)
+            warning = resolution_warning(config, bundle)
+            if warning:
+                log.warning(warning)
+                self._emit(Progress("loading", message="Loaded the base model", warnings=(warning,)))
             class_dirs = self._class_images(config, bundle, work_dir, device, precision)
             if self.processes.any(self.cancelled):  # also where the others wait for the main process's images
                 self.result = RunResult("cancelled", 0, 0)
@@ -298,11 +301,12 @@ def _with_resolution(config: Config, facts: BaseFacts | None) -> Config:
     return dataclasses.replace(config, resolution=size)
 
 
-def _warn_about_resolution(config: Config, bundle: ModelBundle) -> None:
-    if config.resolution != bundle.native_resolution:
-        log.warning("Training at %dpx a model made for %dpx (%s, %s). That works, but %dpx usually gives better "
-                    "results.", config.resolution, bundle.native_resolution, bundle.family, bundle.prediction_type,
-                    bundle.native_resolution)
+def resolution_warning(config: Config, bundle: ModelBundle) -> str | None:
+    """What to tell a user who trains at another size than the model's own (None when it is the same)."""
+    if config.resolution == bundle.native_resolution:
+        return None
+    return (f"Training at {config.resolution}px a model made for {bundle.native_resolution}px ({bundle.family}, "
+            f"{bundle.prediction_type}). That works, but {bundle.native_resolution}px usually gives better results.")
 
 
 def sample_prompts(config: Config) -> list[str]:

@@ -66,7 +66,7 @@ class JobStatus:
     samples: list[str] = field(default_factory=list)
     checkpoints: list[str] = field(default_factory=list)
     loras: list[str] = field(default_factory=list)  # LoRA files written (in the host's Lora folder)
-    warnings: list[str] = field(default_factory=list)  # the dataset check's findings for this run
+    warnings: list[str] = field(default_factory=list)  # the dataset check's findings, then the run's own
     error: str | None = None
     resume: bool = False
     started_at: float | None = None

@@ -40,7 +40,7 @@ def status_html(status: dict[str, Any], note: str = "", in_use: bool = False) ->
     if status.get("error"):
         parts.append(f"<div class='dreambooth-error'><b>Error</b><pre>{html.escape(status['error'])}</pre></div>")
     if status.get("warnings"):
-        parts.append(dataset_report_html(status["warnings"]))
+        parts.append(dataset_report_html(status["warnings"], title="Warnings"))
     checkpoints = status.get("checkpoints") or []
     if checkpoints:
         items = "".join(f"<li><code>{html.escape(str(p))}</code></li>" for p in checkpoints)
@@ -83,13 +83,14 @@ def _numbers(status: dict[str, Any]) -> str:
     return f"<p class='dreambooth-numbers'>{html.escape(' · '.join(cells))}</p>" if cells else ""
 
 
-def dataset_report_html(warnings: list[str], errors: list[str] | None = None) -> str:
-    """The dataset check's findings: errors (training cannot work) first, then warnings."""
+def dataset_report_html(warnings: list[str], errors: list[str] | None = None, title: str = "Dataset check") -> str:
+    """The dataset check's findings (a run's warnings with another title): errors (training cannot work) first,
+    then warnings."""
     if not warnings and not errors:
-        return "<div class='dreambooth-note'>Dataset check: no problems found.</div>"
+        return f"<div class='dreambooth-note'>{html.escape(title)}: no problems found.</div>"
     items = "".join(f"<li class='dreambooth-error'>{html.escape(e)}</li>" for e in errors or [])
     items += "".join(f"<li>{html.escape(w)}</li>" for w in warnings)
-    return f"<div class='dreambooth-warning dreambooth-dataset'><b>Dataset check</b><ul>{items}</ul></div>"
+    return f"<div class='dreambooth-warning dreambooth-dataset'><b>{html.escape(title)}</b><ul>{items}</ul></div>"
 
 
 def message_html(message: str, *, error: bool = False) -> str:
