@@ -241,7 +241,7 @@ def test_missing_class_images_are_generated_once(tiny_sd1, instance_dir, tmp_pat
     assert "class_images" in phases
     before = {p: p.stat().st_mtime_ns for p in classes.iterdir()}
     phases.clear()
-    train(config, tmp_path)
+    train(from_dict({**to_dict(config), "project_name": "again"}), tmp_path)  # another run with the same classes
     assert {p: p.stat().st_mtime_ns for p in classes.iterdir()} == before
     assert "class_images" not in phases
 
