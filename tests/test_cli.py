@@ -90,10 +90,14 @@ def test_demo_needs_nothing_else(tmp_path, capsys):
     stopped = tmp_path / "models" / "dreambooth" / "demo" / "state"  # a demo stopped earlier: it starts over
     stopped.mkdir(parents=True)
     (stopped / "state.json").write_text(json.dumps({"step": 3, "total_steps": 6}), encoding="utf-8")
+    earlier = tmp_path / "models" / "Stable-diffusion" / "demo"  # and the last demo's results are replaced
+    earlier.mkdir(parents=True)
+    for name in ("demo_6.safetensors", "demo_150.safetensors", "demo_150.yaml"):
+        (earlier / name).write_bytes(b"an earlier demo's result")
     code = cli.main(["demo", "--models-dir", str(tmp_path / "models"), "--steps", "6"])
     assert code == 0
     result = tmp_path / "models" / "Stable-diffusion" / "demo" / "demo_6.safetensors"
-    assert result.is_file()
+    assert result.is_file() and sorted(p.name for p in earlier.iterdir()) == ["demo_6.safetensors"]
     out = capsys.readouterr().out
     assert "Demo finished" in out and "UNet tensors changed" in out
     assert len(list((tmp_path / "models" / "dreambooth" / "demo" / "class_images").glob("*.png"))) == 6
