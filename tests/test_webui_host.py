@@ -187,7 +187,8 @@ def test_no_loaded_model_and_an_sdxl_refiner_are_refused(webui):
 def test_summary_names_the_loaded_checkpoint(webui):
     summary = webui_host.loaded_model_summary()
     info = webui.shared.sd_model.sd_checkpoint_info
-    assert summary == {"title": info.name, "hash": info.shorthash, "vae": "", "family": "sd1", "problem": None}
+    assert summary == {"title": info.name, "hash": info.shorthash, "vae": "", "family": "sd1", "prediction": "",
+                       "problem": None}
     assert f"{summary['title']} [{summary['hash']}]" in webui_host.checkpoint_titles()
     assert render.model_summary_html(summary).count(info.shorthash) == 1  # the hash is shown once
 
