@@ -390,6 +390,19 @@ def test_sd2_v_prediction_run_writes_the_yaml_the_webui_needs(instance_dir, tmp_
         assert handle.metadata()["modelspec.prediction_type"] == "v"
 
 
+def test_a_prediction_type_against_what_the_checkpoint_states_is_said_in_the_warnings(instance_dir, tmp_path):
+    base = save_tiny_checkpoint(tmp_path / "tiny_sd2.safetensors", family="sd2", seed=1)
+    stated_v = train(make_config(base, instance_dir, prediction_type="v_prediction", max_train_steps=1),
+                     tmp_path)[1].checkpoints[-1]  # its yaml and metadata say v
+    for choice, said in (("epsilon", True), ("auto", False), ("v_prediction", False)):
+        warnings = []
+        config = make_config(stated_v, instance_dir, prediction_type=choice, max_train_steps=1, project_name=choice)
+        train(config, tmp_path, on_progress=lambda p, seen=warnings: seen.extend(p.warnings))
+        overridden = [w for w in warnings if w.startswith("prediction_type = epsilon overrides the checkpoint's "
+                                                          "own v_prediction (from the .yaml beside the checkpoint)")]
+        assert bool(overridden) == said, (choice, warnings)
+
+
 def test_engine_never_imports_diffusers_pipelines():
     """The WebUI's transformers 4.30.2 cannot import diffusers' pipeline classes."""
     import subprocess

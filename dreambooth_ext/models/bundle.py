@@ -102,6 +102,8 @@ class ModelBundle:
     base_yaml: str | None = None
     # The size the checkpoint says it was made for (its modelspec.resolution), when it says so.
     declared_resolution: int | None = None
+    # What loading found that the user should hear of (the run lists them in its warnings)
+    notes: tuple[str, ...] = ()
 
     @property
     def native_resolution(self) -> int:
@@ -174,6 +176,19 @@ def prediction_evidence(family: Family, *, keys: set[str], yaml_text: str | None
     if found := _from_metadata(metadata):
         return found, "from the checkpoint's modelspec metadata"
     return None
+
+
+def prediction_override(family: Family, requested: str, *, keys: set[str], yaml_text: str | None = None,
+                        metadata: dict[str, str] | None = None) -> str | None:
+    """What to tell a user whose explicit prediction_type contradicts what the checkpoint states (None if not)."""
+    if requested not in PREDICTION_TYPES:
+        return None
+    evidence = prediction_evidence(family, keys=keys, yaml_text=yaml_text, metadata=metadata)
+    if evidence is None or evidence[0] == requested:
+        return None
+    return (f"prediction_type = {requested} overrides the checkpoint's own {evidence[0]} ({evidence[1]}): it trains "
+            f"as {requested}, and the result is saved so that the WebUI runs it as {requested}. Use auto unless the "
+            "checkpoint is labelled wrongly.")
 
 
 def resolve_prediction_type(family: Family, requested: str, *, yaml_text: str | None = None,
@@ -276,6 +291,7 @@ def load_bundle(state_dict: dict[str, torch.Tensor], *, vae_state_dict: dict[str
     text_encoders = family.text_encoders_from_ldm(base)
     prediction = resolve_prediction_type(family, prediction_type, yaml_text=yaml_text, metadata=metadata, unet=unet,
                                          keys=set(base))
+    override = prediction_override(family, prediction_type, keys=set(base), yaml_text=yaml_text, metadata=metadata)
     zero_terminal_snr = family.zero_terminal_snr_key in base
     logger.info("Loaded %s model %s (%s%s)", family, source.name if source else "(in memory)", prediction,
                 ", zero terminal SNR" if zero_terminal_snr else "")
@@ -285,7 +301,7 @@ def load_bundle(state_dict: dict[str, torch.Tensor], *, vae_state_dict: dict[str
         noise_scheduler=make_noise_scheduler(prediction, schedule_betas(base), zero_terminal_snr=zero_terminal_snr),
         source=source or SourceInfo(name="(in memory)"), unet_config=unet_config_from_ldm(base, family),
         vae_config=vae_config_from_ldm(base, family), base_yaml=yaml_text,
-        declared_resolution=declared_resolution(metadata))
+        declared_resolution=declared_resolution(metadata), notes=(override,) if override else ())
 
 
 def declared_resolution(metadata: dict[str, str] | None) -> int | None:

@@ -210,10 +210,11 @@ class TrainingRun(RunControl):
         self.host.release_device(None if device_name(config.device) == "auto" else device)
         try:
             bundle = self.host.load_base(config)
-            warning = resolution_warning(config, bundle)
-            if warning:
+            warnings = tuple(w for w in (*bundle.notes, resolution_warning(config, bundle)) if w)
+            for warning in warnings:
                 log.warning(warning)
-                self._emit(Progress("loading", message="Loaded the base model", warnings=(warning,)))
+            if warnings:
+                self._emit(Progress("loading", message="Loaded the base model", warnings=warnings))
             class_dirs = self._class_images(config, bundle, work_dir, device, precision)
             if self.processes.any(self.cancelled):  # also where the others wait for the main process's images
                 self.result = RunResult("cancelled", 0, 0)
