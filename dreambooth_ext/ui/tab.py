@@ -267,7 +267,7 @@ class DreamboothTab:
         sent only when they changed; the model version is the one `refresh` last drew the model box for; the
         notice (the last action's error) stays above the status until the next action, however often the page
         polls; the status HTML is what was last sent (`refresh` leaves the page's as it is when it is unchanged)."""
-        valid = isinstance(seen, list) and len(seen) == SEEN_FIELDS
+        valid = is_seen(seen)
         key = [status.get("started_at"), len(status.get("losses") or []), len(status.get("samples") or []),
                seen[3] if valid else None, seen[4] if valid else ""]
         same_run = valid and seen[0] == key[0]
@@ -299,7 +299,7 @@ class DreamboothTab:
         """The polled view, plus the model box when the host loaded another model since it was drawn (also on
         the page's first poll: the box built with the tab predates the host's model)."""
         outputs = self._view(self.jobs.status(), seen)
-        if isinstance(seen, list) and len(seen) == SEEN_FIELDS and seen[5] == outputs[4]:
+        if is_seen(seen) and seen[5] == outputs[4]:
             outputs[4] = update()  # unchanged: what the host appended to it (time taken, peak VRAM) stays
         version = self.adapter.model_version()
         if outputs[2][3] == version:
@@ -429,9 +429,14 @@ class DreamboothTab:
 SEEN_FIELDS = 6
 
 
+def is_seen(seen: Any) -> bool:
+    """Whether `seen` is what `_view` recorded (a fresh page sends None; an older version's page, a shorter list)."""
+    return isinstance(seen, list) and len(seen) == SEEN_FIELDS
+
+
 def with_notice(seen: Any, notice: str) -> list:
     """`seen` with the notice replaced (an action clears the previous action's error, or sets its own)."""
-    if isinstance(seen, list) and len(seen) == SEEN_FIELDS:
+    if is_seen(seen):
         return [*seen[:4], notice, None]
     return [None, None, None, None, notice, None]
 
