@@ -249,3 +249,34 @@ def test_gradient_checkpointing_auto_is_on_for_a_gpu_and_off_on_a_cpu(base, phot
         host = Keeping(tmp_path / value)
         TrainingRun(config(base, photos, max_train_steps=1, gradient_checkpointing=value), host).run()
         assert host.bundle.unet.is_gradient_checkpointing is expected
+
+
+def test_placing_a_module_in_another_dtype_gives_its_own_tensors_back():
+    from dreambooth_ext.train.sampling import placed
+
+    module = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4))
+    before = {name: (t.data_ptr(), t.clone()) for name, t in module.state_dict().items()}
+    with placed([module], torch.device("cpu"), torch.bfloat16):
+        assert module[0].weight.dtype == torch.bfloat16
+    for name, tensor in module.state_dict().items():
+        assert tensor.data_ptr() == before[name][0] and torch.equal(tensor, before[name][1])  # no rounded copy
+
+
+def test_a_bf16_run_leaves_the_frozen_parts_as_loaded(base, photos, tmp_path):
+    """Caching latents and captions in bf16 must not leave the VAE and text encoder bf16-rounded fp32 copies of
+    their weights (a second copy beside the loaded file's tensors, rounded samples)."""
+
+    class Keeping(FolderHost):
+        def load_base(self, cfg):
+            self.bundle = super().load_base(cfg)
+            frozen = (self.bundle.vae, *self.bundle.text_encoders)
+            self.before = [{n: (t.data_ptr(), t.clone()) for n, t in m.state_dict().items()} for m in frozen]
+            return self.bundle
+
+    host = Keeping(tmp_path)
+    TrainingRun(config(base, photos, mixed_precision="bf16", max_train_steps=1, sample_every_n_steps=1,
+                       sample_steps=1), host).run()
+    for module, before in zip((host.bundle.vae, *host.bundle.text_encoders), host.before, strict=True):
+        for name, tensor in module.state_dict().items():
+            assert tensor.dtype == before[name][1].dtype and torch.equal(tensor, before[name][1]), name
+            assert tensor.data_ptr() == before[name][0], name

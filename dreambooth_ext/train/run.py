@@ -274,7 +274,7 @@ class TrainingRun(RunControl):
             self._emit(Progress("class_images", done=done, total=total,
                                 message=f"Generated class image {done}/{total}"))
 
-        # The UNet and text encoder may be trained next: move them without a lossy dtype round trip.
+        # The UNet and text encoder render in their own dtype (the UNet's trained weights are fp32 from the start).
         vae_dtype = precision.vae_dtype(bundle.family.vae_fp16_safe)
         with placed([bundle.unet, *bundle.text_encoders], device), placed([bundle.vae], device, vae_dtype):
             generate_class_images(jobs, render, on_image=on_image, should_stop=lambda: self.cancelled)

@@ -16,17 +16,37 @@ from ..models.family import Conditioning
 
 @contextlib.contextmanager
 def placed(modules: list[torch.nn.Module], device: torch.device, dtype: torch.dtype | None = None) -> Iterator[None]:
-    """Move modules to a device (and dtype) for a while, then back where each was."""
-    homes = []
+    """Use modules on a device (and in a dtype) for a while, then give each its own tensors back.
+
+    Nothing is copied back: casting back would leave the modules rounded (bf16 or fp16) copies of their weights,
+    a second copy beside the originals that the base checkpoint (or the host's model) still holds. The modules
+    must not change while placed (they are frozen, or used only to render)."""
+    kept = [_tensors_of(module) for module in modules]
     for module in modules:
-        param = next(module.parameters())
-        homes.append((module, param.device, param.dtype))
-        module.to(device=device, dtype=dtype or param.dtype)
+        module.to(device=device, dtype=dtype or next(module.parameters()).dtype)
     try:
         yield
     finally:
-        for module, home_device, home_dtype in homes:
-            module.to(device=home_device, dtype=home_dtype)
+        for tensors in kept:
+            _give_back(tensors)
+
+
+def _tensors_of(module: torch.nn.Module) -> list[tuple]:
+    """(holder, name, parameter, its data) for every parameter, (holder, name, None, buffer) for every buffer."""
+    found = []
+    for holder in module.modules():
+        found += [(holder, name, p, p.data) for name, p in holder._parameters.items() if p is not None]
+        found += [(holder, name, None, b) for name, b in holder._buffers.items() if b is not None]
+    return found
+
+
+def _give_back(tensors: list[tuple]) -> None:
+    for holder, name, parameter, data in tensors:
+        if parameter is None:
+            holder._buffers[name] = data
+        else:
+            parameter.data = data
+            holder._parameters[name] = parameter
 
 
 @torch.no_grad()
