@@ -40,8 +40,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 VARIANTS = {
     "reference": None,
-    "engine (defaults)": {},  # gradient checkpointing auto: off on a CPU
+    "engine (defaults)": {},  # gradient checkpointing auto: off on a CPU; mixed_precision auto: see the header
     "engine (defaults), in a host's process": {},  # glibc's malloc left as it is (the WebUI's process)
+    "engine, fp32 (mixed_precision no)": {"mixed_precision": "no"},
     "engine, caching off (same algorithm)": {"cache_latents": False, "precompute_text_embeddings": False},
     "engine, gradient checkpointing on": {"gradient_checkpointing": "on"},  # the default on a GPU
     "engine, fused backward, no clipping": {"fused_backward": True, "max_grad_norm": 0.0},
@@ -182,6 +183,7 @@ def main() -> None:
     parser.add_argument("--resolution", type=int, default=256)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--variants", help="names of the runs to measure, separated by ; (default: all)")
     parser.add_argument("--run", help=argparse.SUPPRESS)
     for name in ("--base", "--images", "--classes"):
         parser.add_argument(name, help=argparse.SUPPRESS)
@@ -195,12 +197,16 @@ def main() -> None:
         result = run_reference(args) if overrides is None else run_engine(args, overrides)
         print(json.dumps(result))
         return
+    chosen = [name.strip() for name in args.variants.split(";")] if args.variants else list(VARIANTS)
+    unknown = [name for name in chosen if name not in VARIANTS]
+    if unknown or "reference" not in chosen:
+        parser.error(f"--variants: {unknown or 'reference is needed'}; the runs are: {', '.join(VARIANTS)}")
     torch.set_num_threads(torch.get_num_threads())
     with tempfile.TemporaryDirectory() as tmp:
         paths = prepare(Path(tmp), args.shrink, args.resolution)
-        results: dict[str, list[dict]] = {name: [] for name in VARIANTS}
+        results: dict[str, list[dict]] = {name: [] for name in chosen}
         for _ in range(args.repeats):  # interleaved: A B C ... A B C
-            for name in VARIANTS:
+            for name in chosen:
                 results[name].append(measure(name, paths, args))
                 print(f"  {name}: {results[name][-1]}", file=sys.stderr)
     report(results, args)
@@ -209,8 +215,12 @@ def main() -> None:
 def report(results: dict[str, list[dict]], args) -> None:
     best = {name: {k: min(r[k] for r in runs) for k in ("step_s", "peak_mib")} for name, runs in results.items()}
     ref = best["reference"]
+    from dreambooth_ext.train.devices import resolve_precision
+
+    auto = resolve_precision("auto", torch.device("cpu")).name
     print(f"SD1.5-shaped model (widths / {args.shrink}), {args.resolution} px, batch 1 + 1 class image, "
-          f"{torch.get_num_threads()} CPU threads, best of {args.repeats} interleaved runs")
+          f"{torch.get_num_threads()} CPU threads, best of {args.repeats} interleaved runs; mixed_precision auto "
+          f"is {auto} on this CPU ({'it computes bf16 natively' if auto == 'bf16' else 'no native bf16'})")
     print(f"{'run':40} {'step s':>8} {'ratio':>6} {'peak MiB':>9} {'ratio':>6}  goal")
     for name, figures in best.items():
         time_ratio, memory_ratio = figures["step_s"] / ref["step_s"], figures["peak_mib"] / ref["peak_mib"]

@@ -280,3 +280,57 @@ def test_a_bf16_run_leaves_the_frozen_parts_as_loaded(base, photos, tmp_path):
         for name, tensor in module.state_dict().items():
             assert tensor.dtype == before[name][1].dtype and torch.equal(tensor, before[name][1]), name
             assert tensor.data_ptr() == before[name][0], name
+
+
+def test_bf16_autocast_recasts_weights_in_backward_with_the_same_gradients():
+    """The casts autograd would keep for the backward pass are made again there: same gradients, and the forward
+    pass's bf16 copies of the weights are gone once it ends."""
+    import weakref
+
+    from dreambooth_ext.train import autocast as recasting
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(4, 32, 3, padding=1), torch.nn.SiLU(), torch.nn.Flatten(2),
+                                torch.nn.Linear(64, 48), torch.nn.Linear(48, 8, bias=False))
+    x = torch.randn(2, 4, 8, 8)
+    weights = {id(p) for p in (model[0].weight, model[3].weight, model[4].weight)}
+
+    def gradients(recast: bool) -> tuple[dict, int]:
+        packed = []
+        pack = recasting._pack
+
+        def counting(tensor):
+            saved = pack(tensor)
+            if not isinstance(saved, torch.Tensor):
+                assert id(saved[0]) in weights
+                packed.append(weakref.ref(tensor))
+            return saved
+
+        recasting._pack = counting
+        try:
+            with recasting.autocast("cpu", torch.bfloat16, recast=recast):
+                out = model(x)
+        finally:
+            recasting._pack = pack
+        assert out.dtype == torch.bfloat16
+        assert all(ref() is None for ref in packed)  # no bf16 copy of a weight outlives the forward pass
+        out.float().square().mean().backward()
+        grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+        model.zero_grad(set_to_none=True)
+        return grads, len(packed)
+
+    plain, none_packed = gradients(recast=False)
+    recast, packed = gradients(recast=True)
+    assert none_packed == 0 and packed == 3  # each weight's cast, the linear ones saved as transposed views
+    assert all(torch.equal(plain[name], recast[name]) for name in plain)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_mixed_precision_auto_is_bf16_on_a_cpu_that_computes_it(monkeypatch):
+    from dreambooth_ext.train import devices
+
+    for native, expected in ((True, torch.bfloat16), (False, None)):
+        monkeypatch.setattr(devices, "cpu_computes_bf16", lambda native=native: native)
+        assert devices.resolve_precision("auto", torch.device("cpu")).autocast_dtype == expected
+        assert devices.resolve_precision("no", torch.device("cpu")).autocast_dtype is None
+    assert devices.resolve_precision("auto", torch.device("cuda", 0)).autocast_dtype == torch.float16

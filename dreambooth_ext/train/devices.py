@@ -73,10 +73,18 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def cpu_computes_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX-512 BF16 or AMX), where bf16 autocast makes a step faster;
+    elsewhere torch emulates it, which is slower than fp32."""
+    checks = (getattr(torch.cpu, "_is_avx512_bf16_supported", None), getattr(torch.cpu, "_is_amx_tile_supported", None))
+    return any(check is not None and check() for check in checks)
+
+
 def resolve_precision(mode: str, device: torch.device) -> Precision:
-    """fp16 needs CUDA; bf16 needs a GPU that supports it (or the CPU); 'auto' is fp16 on CUDA, fp32 elsewhere."""
+    """fp16 needs CUDA; bf16 needs a GPU that supports it (or the CPU); 'auto' is fp16 on CUDA, bf16 on a CPU that
+    computes it natively, fp32 elsewhere."""
     if mode == "auto":
-        mode = "fp16" if device.type == "cuda" else "no"
+        mode = "fp16" if device.type == "cuda" else "bf16" if device.type == "cpu" and cpu_computes_bf16() else "no"
     if mode == "no":
         return Precision(None, torch.float32, False)
     if mode == "fp16":

@@ -26,6 +26,7 @@ from ..models.bundle import BaseFacts, ModelBundle
 from ..models.export import (
     remove_partial_files,
 )
+from .autocast import autocast
 from .batches import Feeder, LatentCache, Samples, TextConditioning, derive_seed, generator_for
 from .devices import (
     Precision,
@@ -615,9 +616,8 @@ class _Loop:
         return error
 
     def _autocast(self):
-        if self.precision.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.precision.autocast_dtype)
+        # A compiled UNet's graph decides itself what it keeps for the backward pass.
+        return autocast(self.device.type, self.precision.autocast_dtype, recast=not self.config.compile_unet)
 
     # -- reporting, saving, sampling --------------------------------------------------------------------
 
