@@ -333,4 +333,5 @@ def test_mixed_precision_auto_is_bf16_on_a_cpu_that_computes_it(monkeypatch):
         monkeypatch.setattr(devices, "cpu_computes_bf16", lambda native=native: native)
         assert devices.resolve_precision("auto", torch.device("cpu")).autocast_dtype == expected
         assert devices.resolve_precision("no", torch.device("cpu")).autocast_dtype is None
+        assert devices.resolve_precision("auto", torch.device("cpu"), deepspeed=True).autocast_dtype is None
     assert devices.resolve_precision("auto", torch.device("cuda", 0)).autocast_dtype == torch.float16

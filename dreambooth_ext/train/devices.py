@@ -80,11 +80,12 @@ def cpu_computes_bf16() -> bool:
     return any(check is not None and check() for check in checks)
 
 
-def resolve_precision(mode: str, device: torch.device) -> Precision:
+def resolve_precision(mode: str, device: torch.device, *, deepspeed: bool = False) -> Precision:
     """fp16 needs CUDA; bf16 needs a GPU that supports it (or the CPU); 'auto' is fp16 on CUDA, bf16 on a CPU that
-    computes it natively, fp32 elsewhere."""
+    computes it natively (but fp32 for DeepSpeed there: the CPU's gloo cannot exchange bf16), fp32 elsewhere."""
     if mode == "auto":
-        mode = "fp16" if device.type == "cuda" else "bf16" if device.type == "cpu" and cpu_computes_bf16() else "no"
+        native = device.type == "cpu" and not deepspeed and cpu_computes_bf16()
+        mode = "fp16" if device.type == "cuda" else "bf16" if native else "no"
     if mode == "no":
         return Precision(None, torch.float32, False)
     if mode == "fp16":

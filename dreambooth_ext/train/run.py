@@ -181,7 +181,7 @@ class TrainingRun(RunControl):
         if zero_launch() is not None:
             check_zero(config, self.processes)
         device = self.processes.device or resolve_device(config.device)
-        precision = resolve_precision(config.mixed_precision, device)
+        precision = resolve_precision(config.mixed_precision, device, deepspeed=zero_launch() is not None)
         if config.fused_backward and precision.use_grad_scaler:
             raise DreamboothError(f"fused_backward cannot run with fp16 loss scaling (mixed_precision "
                                   f"{config.mixed_precision} is fp16 on {device}): set mixed_precision to bf16")
