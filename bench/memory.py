@@ -47,10 +47,11 @@ from speed import _peak_mib, _reset_peak  # noqa: E402
 
 GB = 1e9  # the goals are in GB
 CUDA_CONTEXT = 0.5 * GB
+FP32 = {"mixed_precision": "no"}  # computed in fp32 on every CPU (auto is bf16 on one that computes it natively)
 COMBINATIONS = {
-    "fp32 AdamW": {},
-    "Adafactor": {"optimizer": "adafactor"},
-    "Adafactor + fused backward": {"optimizer": "adafactor", "fused_backward": True, "max_grad_norm": 0.0},
+    "fp32 AdamW": {**FP32},
+    "Adafactor": {**FP32, "optimizer": "adafactor"},
+    "Adafactor + fused backward": {**FP32, "optimizer": "adafactor", "fused_backward": True, "max_grad_norm": 0.0},
     "bf16 weights (stochastic rounding) + Adafactor + fused backward": {
         "optimizer": "adafactor", "fused_backward": True, "max_grad_norm": 0.0, "weights_dtype": "bf16",
         "mixed_precision": "bf16"},
