@@ -335,3 +335,28 @@ def test_mixed_precision_auto_is_bf16_on_a_cpu_that_computes_it(monkeypatch):
         assert devices.resolve_precision("no", torch.device("cpu")).autocast_dtype is None
         assert devices.resolve_precision("auto", torch.device("cpu"), deepspeed=True).autocast_dtype is None
     assert devices.resolve_precision("auto", torch.device("cuda", 0)).autocast_dtype == torch.float16
+
+
+def test_the_recast_gives_the_same_gradients_inside_gradient_checkpointing(base):
+    """Every GPU run checkpoints by default, and the checkpoint has saved-tensor hooks of its own."""
+    from dreambooth_ext.models.bundle import load_bundle_from_file
+    from dreambooth_ext.train.autocast import autocast
+
+    unet = load_bundle_from_file(str(base)).unet
+    unet.train()
+    unet.enable_gradient_checkpointing()
+    torch.manual_seed(0)
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([10, 500])
+    context = torch.randn(2, 77, unet.config.cross_attention_dim)
+
+    def gradients(recast: bool) -> dict:
+        with autocast("cpu", torch.bfloat16, recast=recast):
+            out = unet(x, t, context).sample
+        out.float().square().mean().backward()
+        grads = {name: p.grad.clone() for name, p in unet.named_parameters()}
+        unet.zero_grad(set_to_none=True)
+        return grads
+
+    plain, recast = gradients(False), gradients(True)
+    assert unet.is_gradient_checkpointing
+    assert all(torch.equal(plain[name], recast[name]) for name in plain)
