@@ -213,10 +213,10 @@ def main() -> None:
 
 
 def report(results: dict[str, list[dict]], args) -> None:
-    best = {name: {k: min(r[k] for r in runs) for k in ("step_s", "peak_mib")} for name, runs in results.items()}
-    ref = best["reference"]
     from dreambooth_ext.train.devices import resolve_precision
 
+    best = {name: {k: min(r[k] for r in runs) for k in ("step_s", "peak_mib")} for name, runs in results.items()}
+    ref = best["reference"]
     auto = resolve_precision("auto", torch.device("cpu")).name
     print(f"SD1.5-shaped model (widths / {args.shrink}), {args.resolution} px, batch 1 + 1 class image, "
           f"{torch.get_num_threads()} CPU threads, best of {args.repeats} interleaved runs; mixed_precision auto "

@@ -282,6 +282,14 @@ def test_a_bf16_run_leaves_the_frozen_parts_as_loaded(base, photos, tmp_path):
             assert tensor.data_ptr() == before[name][0], name
 
 
+def gradients_of(model: torch.nn.Module, out: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The weights' gradients of a squared-mean loss on `out`, taken off the model."""
+    out.float().square().mean().backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    return grads
+
+
 def test_bf16_autocast_recasts_weights_in_backward_with_the_same_gradients():
     """The casts autograd would keep for the backward pass are made again there: same gradients, and the forward
     pass's bf16 copies of the weights are gone once it ends."""
@@ -314,10 +322,7 @@ def test_bf16_autocast_recasts_weights_in_backward_with_the_same_gradients():
             recasting._pack = pack
         assert out.dtype == torch.bfloat16
         assert all(ref() is None for ref in packed)  # no bf16 copy of a weight outlives the forward pass
-        out.float().square().mean().backward()
-        grads = {name: p.grad.clone() for name, p in model.named_parameters()}
-        model.zero_grad(set_to_none=True)
-        return grads, len(packed)
+        return gradients_of(model, out), len(packed)
 
     plain, none_packed = gradients(recast=False)
     recast, packed = gradients(recast=True)
@@ -352,10 +357,7 @@ def test_the_recast_gives_the_same_gradients_inside_gradient_checkpointing(base)
     def gradients(recast: bool) -> dict:
         with autocast("cpu", torch.bfloat16, recast=recast):
             out = unet(x, t, context).sample
-        out.float().square().mean().backward()
-        grads = {name: p.grad.clone() for name, p in unet.named_parameters()}
-        unet.zero_grad(set_to_none=True)
-        return grads
+        return gradients_of(unet, out)
 
     plain, recast = gradients(False), gradients(True)
     assert unet.is_gradient_checkpointing
