@@ -282,6 +282,37 @@ def test_a_bf16_run_leaves_the_frozen_parts_as_loaded(base, photos, tmp_path):
             assert tensor.data_ptr() == before[name][0], name
 
 
+@pytest.mark.parametrize("mixed_precision, train_text_encoder", [("no", False), ("bf16", True)])
+def test_a_fp16_checkpoint_trains_as_its_values_in_fp32(photos, tmp_path, mixed_precision, train_text_encoder):
+    """The VAE and text encoders keep a fp16 file's own tensors (no fp32 copies of frozen parts), and every result
+    is the one those values give stored in fp32: the class images they render, the cached latents and captions,
+    the trained weights (a text encoder that trains becomes fp32) and the samples."""
+    import safetensors.torch
+
+    loaded = read_checkpoint(save_tiny_checkpoint(tmp_path / "tiny.safetensors", "sd1", seed=3))
+    parts = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.")
+    assert any(k.startswith(parts[1:]) for k in loaded)
+    results = {}
+    for dtype in (torch.float16, torch.float32):
+        root = tmp_path / str(dtype)
+        path = root / "base.safetensors"
+        root.mkdir()
+        safetensors.torch.save_file({k: v.half().to(dtype) if k.startswith(parts) else v for k, v in loaded.items()},
+                                    str(path))
+        cfg = config(path, photos, mixed_precision=mixed_precision, train_text_encoder=train_text_encoder,
+                     resolution=64, max_train_steps=2, prior_preservation=True, class_image_steps=1,
+                     sample_every_n_steps=2, sample_steps=1,
+                     concepts=[{"instance_dir": str(photos), "class_dir": str(root / "classes"), "token": "zwx",
+                                "class_word": "toy", "num_class_images": 2}])
+        result = TrainingRun(cfg, FolderHost(root)).run()
+        pictures = [Image.open(p).tobytes() for p in (*sorted((root / "classes").iterdir()), *result.samples)]
+        results[dtype] = read_checkpoint(result.checkpoints[-1]), pictures
+    (half, half_pictures), (full, full_pictures) = results[torch.float16], results[torch.float32]
+    assert difference(full, loaded) > 1e-4  # it trained
+    assert len(full_pictures) == 3 and half_pictures == full_pictures
+    assert half.keys() == full.keys() and all(torch.equal(half[k], full[k]) for k in full)
+
+
 def gradients_of(model: torch.nn.Module, out: torch.Tensor) -> dict[str, torch.Tensor]:
     """The weights' gradients of a squared-mean loss on `out`, taken off the model."""
     out.float().square().mean().backward()

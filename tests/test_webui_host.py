@@ -43,19 +43,21 @@ def instance_dir(tmp_path) -> Path:
 
 
 def assert_fp16_of(base: dict, original: dict, keys=None) -> None:
-    """Every weight is exactly the fp16 rounding of the original, upcast to fp32."""
+    """Every weight is exactly the fp16 rounding of the original: the UNet's upcast to fp32 (it trains), the
+    others as the host holds them (fp16: frozen, they are never copied to fp32)."""
     for key in keys or original:
         if key in SCHEDULE:
             continue
-        assert base[key].dtype == original[key].dtype, key
-        assert torch.equal(base[key], original[key].half().to(original[key].dtype)), key
+        unet = key.startswith("model.diffusion_model.")
+        assert base[key].dtype == (original[key].dtype if unet else torch.float16), key
+        assert torch.equal(base[key].to(original[key].dtype), original[key].half().to(original[key].dtype)), key
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Reading the live model
 
 
-def test_live_fp16_model_gives_clean_fp32_bundle_in_file_layout(webui):
+def test_live_fp16_model_gives_clean_bundle_in_file_layout(webui):
     live = webui.shared.sd_model
     assert live.state_dict()["model.diffusion_model.out.2.weight"].dtype == torch.float16
     assert any(k.startswith("cond_stage_model.wrapped.") for k in live.state_dict())

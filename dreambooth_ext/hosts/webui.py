@@ -37,7 +37,7 @@ from ..models.bundle import (
     load_bundle_from_file,
 )
 from ..models.checkpoint import read_named_tensors, read_vae
-from ..models.family import FAMILIES, Family, detect_family, normalize_keys
+from ..models.family import FAMILIES, UNET_PREFIX, Family, detect_family, normalize_keys
 from .base import Host
 
 log = logging.getLogger(__name__)
@@ -283,10 +283,10 @@ def _lora_backups(model: Any) -> dict[str, torch.Tensor | None]:
     return clean
 
 
-def _cpu_fp32_copy(tensor: torch.Tensor) -> torch.Tensor:
-    """A CPU copy that never shares storage with the host's tensor; floats are upcast to fp32."""
+def _cpu_copy(tensor: torch.Tensor, *, fp32: bool) -> torch.Tensor:
+    """A CPU copy that never shares storage with the host's tensor; with `fp32`, floats are upcast to fp32."""
     tensor = tensor.detach()
-    if tensor.is_floating_point():
+    if fp32 and tensor.is_floating_point():
         return tensor.to("cpu", torch.float32, copy=True)
     return tensor.to("cpu", copy=True)
 
@@ -325,7 +325,9 @@ def _restore_schedule(sd: dict[str, torch.Tensor], live: dict[str, torch.Tensor]
 
 
 def live_state_dict(model: Any) -> dict[str, torch.Tensor]:
-    """The loaded model's clean weights in the on-disk layout: fp32 CPU copies, LoRA deltas undone."""
+    """The loaded model's clean weights in the on-disk layout, LoRA deltas undone: CPU copies, the UNet's in fp32
+    (the weights a run trains: `load_bundle` takes them as they are), the rest in the host's precision (the VAE
+    and text encoders stay frozen in it unless a run trains them)."""
     live = model.state_dict()
     _refuse_unusable(model, live)
     clean = _lora_backups(model)
@@ -335,7 +337,7 @@ def live_state_dict(model: Any) -> dict[str, torch.Tensor]:
             if clean[key] is None:
                 continue  # a bias the LoRA added
             value = clean[key]
-        sd[key] = _cpu_fp32_copy(value)
+        sd[key] = _cpu_copy(value, fp32=key.startswith(UNET_PREFIX))
     _restore_schedule(sd, live, model)
     return normalize_keys(sd)
 

@@ -89,7 +89,9 @@ class ModelBundle:
     family: Family
     prediction_type: str
     base: dict[str, torch.Tensor]
-    unet: Any
+    unet: Any  # fp32: it trains
+    # The VAE and text encoders hold the checkpoint's own tensors, in its precision (fp16 for most files): a run
+    # places them in the dtype it computes in, or casts a text encoder it trains to fp32.
     vae: Any
     text_encoders: tuple[Any, ...]  # the family's, in its order (one for SD1/SD2)
     tokenizers: tuple[Any, ...]  # one per text encoder
@@ -274,12 +276,13 @@ def schedule_betas(base: dict[str, torch.Tensor]) -> torch.Tensor | None:
 def load_bundle(state_dict: dict[str, torch.Tensor], *, vae_state_dict: dict[str, torch.Tensor] | None = None,
                 prediction_type: str = "auto", source: SourceInfo | None = None, yaml_text: str | None = None,
                 metadata: dict[str, str] | None = None, owned: bool = False) -> ModelBundle:
-    """Split a WebUI-layout state dict (a file's or the live model's) into fp32 CPU modules.
+    """Split a WebUI-layout state dict (a file's or the live model's) into CPU modules: the UNet in fp32, the VAE
+    and text encoders in the dict's own precision (no fp32 copy of frozen parts; a run casts what it uses).
 
-    The modules take the dict's fp32 tensors as their weights without copying them, so `bundle.base` and the
-    modules share memory (a trained module changes its part of `base`; exports take trained parts from the
-    modules). `owned`: the dict is the caller's to give away (read from a file, copied from the host); otherwise
-    its tensors are copied first and the caller's stay untouched."""
+    The modules take the dict's tensors as their weights without copying them (the UNet's where they are fp32),
+    so `bundle.base` and the modules share memory (a trained module changes its part of `base`; exports take
+    trained parts from the modules). `owned`: the dict is the caller's to give away (read from a file, copied
+    from the host); otherwise its tensors are copied first and the caller's stay untouched."""
     base = {k: v for k, v in normalize_keys(state_dict).items() if isinstance(v, torch.Tensor)}
     if not owned:
         base = {k: v.clone() for k, v in base.items()}
@@ -287,8 +290,8 @@ def load_bundle(state_dict: dict[str, torch.Tensor], *, vae_state_dict: dict[str
     if vae_state_dict is not None:
         base = _apply_vae(base, vae_state_dict, family)
     unet = unet_from_ldm(base, family)
-    vae = vae_from_ldm(base, family)
-    text_encoders = family.text_encoders_from_ldm(base)
+    vae = vae_from_ldm(base, family, as_stored=True)
+    text_encoders = family.text_encoders_from_ldm(base, as_stored=True)
     prediction = resolve_prediction_type(family, prediction_type, yaml_text=yaml_text, metadata=metadata, unet=unet,
                                          keys=set(base))
     override = prediction_override(family, prediction_type, keys=set(base), yaml_text=yaml_text, metadata=metadata)

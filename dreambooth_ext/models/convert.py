@@ -234,10 +234,11 @@ def _empty(cls: Any, *args: Any, **kwargs: Any) -> Any:
 
 
 def _load_exact(module: torch.nn.Module, state_dict: dict[str, torch.Tensor], what: str,
-                optional: tuple[str, ...] = ()) -> None:
-    """Give a module built by `_empty` the checkpoint's tensors as its fp32 weights: they are taken as they are
-    (no copy) where they are fp32 already. Missing and unexpected weights are refused; `optional` keys may be
-    absent on either side (a buffer left out is made the way the module makes it)."""
+                optional: tuple[str, ...] = (), *, as_stored: bool = False) -> None:
+    """Give a module built by `_empty` the checkpoint's tensors as its weights: fp32 ones (taken as they are, no
+    copy, where they are fp32 already), or with `as_stored` the tensors themselves in the checkpoint's precision.
+    Missing and unexpected weights are refused; `optional` keys may be absent on either side (a buffer left out
+    is made the way the module makes it)."""
     own = module.state_dict().keys()
     state_dict = {k: v for k, v in state_dict.items() if k not in optional}
     none = [k for k, v in state_dict.items() if v is None]
@@ -247,7 +248,8 @@ def _load_exact(module: torch.nn.Module, state_dict: dict[str, torch.Tensor], wh
         raise DreamboothError(f"The checkpoint's {what} does not match the layout read from it (missing: "
                               f"{(missing + none)[:5]}, unexpected: {unexpected[:5]}); the file may be damaged or an "
                               "unsupported variant: pick a standard SD 1.x, 2.x or SDXL checkpoint")
-    state_dict = {k: (v.float() if v.is_floating_point() else v) for k, v in state_dict.items()}
+    if not as_stored:
+        state_dict = {k: (v.float() if v.is_floating_point() else v) for k, v in state_dict.items()}
     try:
         module.load_state_dict(state_dict, strict=False, assign=True)
     except RuntimeError as exc:  # size mismatches
@@ -280,35 +282,37 @@ def unet_from_ldm(sd: dict[str, torch.Tensor], family: Family) -> Any:
     return unet.float().eval()
 
 
-def vae_from_ldm(sd: dict[str, torch.Tensor], family: Family) -> Any:
-    """The checkpoint's VAE as a fp32 CPU diffusers AutoencoderKL (with its family's latent scale)."""
+def vae_from_ldm(sd: dict[str, torch.Tensor], family: Family, *, as_stored: bool = False) -> Any:
+    """The checkpoint's VAE as a fp32 CPU diffusers AutoencoderKL (with its family's latent scale); `as_stored`:
+    in the checkpoint's own precision, sharing its tensors."""
     from diffusers import AutoencoderKL
 
     config = vae_config_from_ldm(sd, family)
     vae = _empty(AutoencoderKL, **config)
     # The helper wants the prefix; passing only the VAE's keys keeps it from scanning the whole checkpoint.
     only_vae = {k: v for k, v in sd.items() if k.startswith(VAE_PREFIX)}
-    _load_exact(vae, _helpers().convert_ldm_vae_checkpoint(only_vae, config), "VAE")
-    return vae.float().eval()
+    _load_exact(vae, _helpers().convert_ldm_vae_checkpoint(only_vae, config), "VAE", as_stored=as_stored)
+    return vae.eval() if as_stored else vae.float().eval()
 
 
-def clip_from_ldm(sd: dict[str, torch.Tensor], prefix: str, hidden_act: str) -> Any:
-    """A text encoder stored in Hugging Face's layout under `prefix`, as a fp32 CPU CLIPTextModel."""
+def clip_from_ldm(sd: dict[str, torch.Tensor], prefix: str, hidden_act: str, *, as_stored: bool = False) -> Any:
+    """A text encoder stored in Hugging Face's layout under `prefix`, as a fp32 CPU CLIPTextModel (`as_stored`: in
+    the checkpoint's own precision, sharing its tensors)."""
     from transformers import CLIPTextModel
 
     model = _empty(CLIPTextModel, clip_config_from_ldm(sd, prefix, hidden_act))
     converted = _sub(sd, prefix)  # the layout is Hugging Face's own: only the prefix goes
     # position_ids is a buffer (persistent in some transformers versions, not in others) and some old SD1 files
     # hold a damaged float copy of it: the model's own fresh arange is always the right value.
-    _load_exact(model, converted, "text encoder", optional=(_POSITION_IDS,))
-    return model.float().eval()
+    _load_exact(model, converted, "text encoder", optional=(_POSITION_IDS,), as_stored=as_stored)
+    return model.eval() if as_stored else model.float().eval()
 
 
 def open_clip_from_ldm(sd: dict[str, torch.Tensor], prefix: str, *, skip_last_layer: bool,
-                       projection: bool = False) -> Any:
+                       projection: bool = False, as_stored: bool = False) -> Any:
     """An OpenCLIP text encoder stored under `prefix`, as a fp32 CPU CLIPTextModel (without its last layer when
     the family conditions on the penultimate one), or a CLIPTextModelWithProjection with its `text_projection`
-    when the family uses the pooled, projected embedding too (SDXL)."""
+    when the family uses the pooled, projected embedding too (SDXL); `as_stored` as for `clip_from_ldm`."""
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     config = open_clip_config_from_ldm(sd, prefix, skip_last_layer)
@@ -318,8 +322,8 @@ def open_clip_from_ldm(sd: dict[str, torch.Tensor], prefix: str, *, skip_last_la
         used[prefix + "text_projection"] = sd[prefix + "text_projection"]
     model = _empty(CLIPTextModelWithProjection if projection else CLIPTextModel, config)
     converted = _helpers().convert_open_clip_checkpoint(model, used, prefix=prefix)
-    _load_exact(model, converted, "text encoder", optional=(_POSITION_IDS,))
-    return model.float().eval()
+    _load_exact(model, converted, "text encoder", optional=(_POSITION_IDS,), as_stored=as_stored)
+    return model.eval() if as_stored else model.float().eval()
 
 
 def _open_clip_used(sd: dict[str, torch.Tensor], prefix: str, layers: int) -> dict[str, torch.Tensor]:

@@ -133,10 +133,10 @@ class Family:
 
     # -- text encoders --------------------------------------------------------------------------------
 
-    def text_encoders_from_ldm(self, sd: dict[str, torch.Tensor]) -> tuple[Any, ...]:
+    def text_encoders_from_ldm(self, sd: dict[str, torch.Tensor], *, as_stored: bool = False) -> tuple[Any, ...]:
         from .convert import clip_from_ldm
 
-        return (clip_from_ldm(sd, SD1_TEXT_PREFIX, hidden_act="quick_gelu"),)
+        return (clip_from_ldm(sd, SD1_TEXT_PREFIX, hidden_act="quick_gelu", as_stored=as_stored),)
 
     def text_encoders_to_ldm(self, state_dicts: tuple[dict[str, torch.Tensor], ...]) -> dict[str, torch.Tensor]:
         from .convert import clip_to_ldm
@@ -197,12 +197,12 @@ class SD2(Family):
         return {"attention_head_dim": tuple(max(1, c // 64) for c in block_out_channels),
                 "upcast_attention": True, "use_linear_projection": True}
 
-    def text_encoders_from_ldm(self, sd: dict[str, torch.Tensor]) -> tuple[Any, ...]:
+    def text_encoders_from_ldm(self, sd: dict[str, torch.Tensor], *, as_stored: bool = False) -> tuple[Any, ...]:
         from .convert import open_clip_from_ldm
 
         # The WebUI (and diffusers' SD2) take the penultimate layer's output, then ln_final: the last block and
         # the projection are unused.
-        return (open_clip_from_ldm(sd, SD2_TEXT_PREFIX, skip_last_layer=True),)
+        return (open_clip_from_ldm(sd, SD2_TEXT_PREFIX, skip_last_layer=True, as_stored=as_stored),)
 
     def text_encoders_to_ldm(self, state_dicts: tuple[dict[str, torch.Tensor], ...]) -> dict[str, torch.Tensor]:
         from .convert import open_clip_to_ldm
@@ -257,11 +257,12 @@ class SDXL(Family):
         return {"addition_embed_type": "text_time", "addition_time_embed_dim": self.size_embedding_dim,
                 "projection_class_embeddings_input_dim": input_dim}
 
-    def text_encoders_from_ldm(self, sd: dict[str, torch.Tensor]) -> tuple[Any, ...]:
+    def text_encoders_from_ldm(self, sd: dict[str, torch.Tensor], *, as_stored: bool = False) -> tuple[Any, ...]:
         from .convert import clip_from_ldm, open_clip_from_ldm
 
-        return (clip_from_ldm(sd, SDXL_CLIP_PREFIX, hidden_act="quick_gelu"),
-                open_clip_from_ldm(sd, SDXL_OPEN_CLIP_PREFIX, skip_last_layer=False, projection=True))
+        return (clip_from_ldm(sd, SDXL_CLIP_PREFIX, hidden_act="quick_gelu", as_stored=as_stored),
+                open_clip_from_ldm(sd, SDXL_OPEN_CLIP_PREFIX, skip_last_layer=False, projection=True,
+                                   as_stored=as_stored))
 
     def text_encoders_to_ldm(self, state_dicts: tuple[dict[str, torch.Tensor], ...]) -> dict[str, torch.Tensor]:
         from .convert import clip_to_ldm, open_clip_to_ldm

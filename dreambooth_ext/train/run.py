@@ -275,9 +275,11 @@ class TrainingRun(RunControl):
             self._emit(Progress("class_images", done=done, total=total,
                                 message=f"Generated class image {done}/{total}"))
 
-        # The UNet and text encoder render in their own dtype (the UNet's trained weights are fp32 from the start).
+        # The UNet renders in its own dtype (its trained weights are fp32 from the start); the text encoders as
+        # they encode the captions for training.
         vae_dtype = precision.vae_dtype(bundle.family.vae_fp16_safe)
-        with placed([bundle.unet, *bundle.text_encoders], device), placed([bundle.vae], device, vae_dtype):
+        with placed([bundle.unet], device), placed(list(bundle.text_encoders), device, precision.frozen_dtype), \
+                placed([bundle.vae], device, vae_dtype):
             generate_class_images(jobs, render, on_image=on_image, should_stop=lambda: self.cancelled)
         return folders
 
