@@ -284,10 +284,16 @@ def test_a_bf16_run_leaves_the_frozen_parts_as_loaded(base, photos, tmp_path):
 
 @pytest.mark.parametrize("mixed_precision, train_text_encoder", [("no", False), ("bf16", True)])
 def test_a_fp16_checkpoint_trains_as_its_values_in_fp32(photos, tmp_path, mixed_precision, train_text_encoder):
-    """The VAE and text encoders keep a fp16 file's own tensors (no fp32 copies of frozen parts), and every result
-    is the one those values give stored in fp32: the class images they render, the cached latents and captions,
-    the trained weights (a text encoder that trains becomes fp32) and the samples."""
+    """The VAE and text encoders keep a fp16 file's own tensors (no fp32 copies of frozen parts), the base lets go
+    of the fp16 UNet the trained one replaces, and every result is the one those values give stored in fp32: the
+    class images they render, the cached latents and captions, the trained weights (a text encoder that trains
+    becomes fp32) and the samples."""
     import safetensors.torch
+
+    class Keeping(FolderHost):
+        def load_base(self, cfg):
+            self.bundle = super().load_base(cfg)
+            return self.bundle
 
     loaded = read_checkpoint(save_tiny_checkpoint(tmp_path / "tiny.safetensors", "sd1", seed=3))
     parts = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.")
@@ -304,13 +310,17 @@ def test_a_fp16_checkpoint_trains_as_its_values_in_fp32(photos, tmp_path, mixed_
                      sample_every_n_steps=2, sample_steps=1,
                      concepts=[{"instance_dir": str(photos), "class_dir": str(root / "classes"), "token": "zwx",
                                 "class_word": "toy", "num_class_images": 2}])
-        result = TrainingRun(cfg, FolderHost(root)).run()
+        host = Keeping(root)
+        result = TrainingRun(cfg, host).run()
+        assert not any(k.startswith(UNET) and v.dtype == torch.float16 for k, v in host.bundle.base.items())
+        frozen = [host.bundle.vae] + ([] if train_text_encoder else list(host.bundle.text_encoders))
+        assert {p.dtype for m in frozen for p in m.parameters()} == {dtype}  # as loaded, after every use
         pictures = [Image.open(p).tobytes() for p in (*sorted((root / "classes").iterdir()), *result.samples)]
         results[dtype] = read_checkpoint(result.checkpoints[-1]), pictures
     (half, half_pictures), (full, full_pictures) = results[torch.float16], results[torch.float32]
     assert difference(full, loaded) > 1e-4  # it trained
     assert len(full_pictures) == 3 and half_pictures == full_pictures
-    assert half.keys() == full.keys() and all(torch.equal(half[k], full[k]) for k in full)
+    assert half.keys() == full.keys() == loaded.keys() and all(torch.equal(half[k], full[k]) for k in full)
 
 
 def gradients_of(model: torch.nn.Module, out: torch.Tensor) -> dict[str, torch.Tensor]:

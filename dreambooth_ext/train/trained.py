@@ -96,6 +96,7 @@ class FullFineTune:
     def prepare(self, bundle: ModelBundle, config: Config, device: torch.device,
                 precision: Precision) -> dict[str, nn.Module]:
         dtype = weights_dtype(config)
+        bundle.drop_base_unet()
         bundle.unet.to(device, dtype).requires_grad_(True).train()
         if checkpointing(config, device):
             bundle.unet.enable_gradient_checkpointing()
