@@ -183,7 +183,8 @@ OPTIONS: tuple[Option, ...] = (
     _opt("mixed_precision", "choice", "auto", "memory",
          "Compute in fp16/bf16 with fp32 master weights (the backward pass casts each weight again rather than "
          "keeping its half-precision copy). auto: fp16 on CUDA; bf16 on a CPU that computes it natively (AVX-512 "
-         "BF16 or AMX: steps 1.2x to 1.6x faster there), none on other CPUs.",
+         "BF16 or AMX: steps 1.2x to 1.6x faster there), none on other CPUs. bf16 on a CPU needs torch 2.2 or "
+         "newer (older ones crash in its attention).",
          choices=("auto", "no", "fp16", "bf16")),
     _opt("fused_backward", "bool", False, "memory",
          "Update each weight the moment its gradient is ready and free that gradient at once: no full set of "

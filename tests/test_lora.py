@@ -216,3 +216,17 @@ def test_an_adapter_on_a_bf16_base_under_autocast_makes_no_fp32_copy_of_its_inpu
     expected = layer.base(x).float() + layer.up(layer.down(x.float())) * layer.scale
     assert torch.allclose(layer(x).float(), expected, rtol=2e-2, atol=2e-2)
     assert torch.allclose(out.float(), expected, rtol=5e-2, atol=5e-2)
+
+
+@pytest.mark.parametrize("base", [torch.nn.Linear(32, 64), torch.nn.Conv2d(32, 64, 3, padding=1)],
+                         ids=["linear", "conv"])
+def test_an_adapter_under_autocast_gives_the_dtype_its_layer_gives(base):
+    """A fp32 input (the cached text embeddings into to_k and to_v) comes out of the plain layer in bf16: with an
+    adapter, too. A fp32 key beside a bf16 query stops attention on the CPU under torch before 2.2."""
+    from dreambooth_ext.models.lora import LoRALayer
+
+    x = torch.randn(2, 32, 8, 8) if isinstance(base, torch.nn.Conv2d) else torch.randn(2, 16, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = base(x)
+        adapted = LoRALayer(base, rank=4, alpha=4)(x)
+    assert plain.dtype == adapted.dtype == torch.bfloat16

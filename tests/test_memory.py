@@ -375,12 +375,30 @@ def test_bf16_autocast_recasts_weights_in_backward_with_the_same_gradients():
 def test_mixed_precision_auto_is_bf16_on_a_cpu_that_computes_it(monkeypatch):
     from dreambooth_ext.train import devices
 
+    monkeypatch.setattr(devices, "cpu_trains_bf16", lambda: True)
     for native, expected in ((True, torch.bfloat16), (False, None)):
         monkeypatch.setattr(devices, "cpu_computes_bf16", lambda native=native: native)
         assert devices.resolve_precision("auto", torch.device("cpu")).autocast_dtype == expected
         assert devices.resolve_precision("no", torch.device("cpu")).autocast_dtype is None
         assert devices.resolve_precision("auto", torch.device("cpu"), deepspeed=True).autocast_dtype is None
     assert devices.resolve_precision("auto", torch.device("cuda", 0)).autocast_dtype == torch.float16
+
+
+def test_bf16_on_the_cpu_is_refused_under_a_torch_whose_attention_crashes_in_it(monkeypatch):
+    from torch.torch_version import TorchVersion
+
+    from dreambooth_ext.errors import DreamboothError
+    from dreambooth_ext.train import devices
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(devices, "cpu_computes_bf16", lambda: True)
+    monkeypatch.setattr(torch, "__version__", TorchVersion("2.1.2+cu121"))  # the WebUI v1.10.1's
+    with pytest.raises(DreamboothError, match="torch 2.2 or newer.*mixed_precision = no"):
+        devices.resolve_precision("bf16", cpu)
+    assert devices.resolve_precision("auto", cpu).autocast_dtype is None
+    monkeypatch.setattr(torch, "__version__", TorchVersion("2.2.0"))
+    assert devices.resolve_precision("bf16", cpu).autocast_dtype == torch.bfloat16
+    assert devices.resolve_precision("auto", cpu).autocast_dtype == torch.bfloat16
 
 
 def test_the_recast_gives_the_same_gradients_inside_gradient_checkpointing(base):

@@ -57,7 +57,10 @@ class LoRALayer(nn.Module):
         h = self.dropout(x)
         if not _autocasting(h.device.type):  # under autocast, down casts its input itself (no fp32 copy of x)
             h = h.to(self.down.weight.dtype)
-        return self.base(x) + (self.up(self.down(h)) * self.scale).to(x.dtype)
+        out = self.base(x)
+        # The sum keeps the base's dtype (under autocast the autocast dtype, even for a fp32 x), as the plain layer's
+        # output would: attention refuses a bf16 query beside fp32 keys (on the CPU, torch before 2.2).
+        return out + (self.up(self.down(h)) * self.scale).to(out.dtype)
 
     def delta(self) -> torch.Tensor:
         """scale * up @ down in the shape of the base weight (what merging adds to it)."""

@@ -80,11 +80,17 @@ def cpu_computes_bf16() -> bool:
     return any(check is not None and check() for check in checks)
 
 
+def cpu_trains_bf16() -> bool:
+    """Whether this torch can train in bf16 on the CPU: before 2.2 its CPU attention's bf16 backward pass writes
+    out of bounds (oneDNN) and the process aborts ("double free or corruption")."""
+    return torch.__version__ >= "2.2"
+
+
 def resolve_precision(mode: str, device: torch.device, *, deepspeed: bool = False) -> Precision:
     """fp16 needs CUDA; bf16 needs a GPU that supports it (or the CPU); 'auto' is fp16 on CUDA, bf16 on a CPU that
     computes it natively (but fp32 for DeepSpeed there: the CPU's gloo cannot exchange bf16), fp32 elsewhere."""
     if mode == "auto":
-        native = device.type == "cpu" and not deepspeed and cpu_computes_bf16()
+        native = device.type == "cpu" and not deepspeed and cpu_computes_bf16() and cpu_trains_bf16()
         mode = "fp16" if device.type == "cuda" else "bf16" if native else "no"
     if mode == "no":
         return Precision(None, torch.float32, False)
@@ -96,6 +102,11 @@ def resolve_precision(mode: str, device: torch.device, *, deepspeed: bool = Fals
     if mode == "bf16":
         if device.type == "cuda" and not torch.cuda.is_bf16_supported():
             raise DreamboothError("mixed_precision = 'bf16' is not supported by this GPU; use fp16")
+        if device.type == "cpu" and not cpu_trains_bf16():
+            raise DreamboothError(f"mixed_precision = 'bf16' on the CPU needs torch 2.2 or newer: torch "
+                                  f"{torch.__version__}'s attention corrupts memory in a bf16 backward pass on the "
+                                  "CPU, which ends the whole process. Use mixed_precision = no (with weights_dtype "
+                                  "fp32), or train on a GPU")
         return Precision(torch.bfloat16, torch.bfloat16, False)
     raise DreamboothError(f"mixed_precision = {mode!r}: use auto, no, fp16 or bf16")
 
