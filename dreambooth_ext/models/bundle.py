@@ -121,7 +121,8 @@ class ModelBundle:
 
     def drop_base_unet(self) -> None:
         """Let go of the base's UNet tensors that the trained UNet replaces on every export (a full fine-tune's):
-        those of a fp16 checkpoint would stay in memory beside the fp32 weights that train (1.7 GB for SD1.5)."""
+        a fp16 .ckpt's would stay in memory beside the fp32 weights that train (1.7 GB for SD1.5; a .safetensors
+        file's are pages of the file it maps, which the system can take back)."""
         for key in unet_to_ldm(self.unet.state_dict(), self.unet_config):
             self.base.pop(key, None)
 
