@@ -295,16 +295,17 @@ def test_a_fp16_checkpoint_trains_as_its_values_in_fp32(photos, tmp_path, mixed_
             self.bundle = super().load_base(cfg)
             return self.bundle
 
+    from dreambooth_ext.models.export import MODEL_PARTS
+
     loaded = read_checkpoint(save_tiny_checkpoint(tmp_path / "tiny.safetensors", "sd1", seed=3))
-    parts = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.")
-    assert any(k.startswith(parts[1:]) for k in loaded)
+    assert any(k.startswith(MODEL_PARTS[1:]) for k in loaded)
     results = {}
     for dtype in (torch.float16, torch.float32):
         root = tmp_path / str(dtype)
         path = root / "base.safetensors"
         root.mkdir()
-        safetensors.torch.save_file({k: v.half().to(dtype) if k.startswith(parts) else v for k, v in loaded.items()},
-                                    str(path))
+        stored = {k: v.half().to(dtype) if k.startswith(MODEL_PARTS) else v for k, v in loaded.items()}
+        safetensors.torch.save_file(stored, str(path))
         cfg = config(path, photos, mixed_precision=mixed_precision, train_text_encoder=train_text_encoder,
                      resolution=64, max_train_steps=2, prior_preservation=True, class_image_steps=1,
                      sample_every_n_steps=2, sample_steps=1,

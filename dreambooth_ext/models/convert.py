@@ -279,7 +279,7 @@ def unet_from_ldm(sd: dict[str, torch.Tensor], family: Family) -> Any:
     config = unet_config_from_ldm(sd, family)
     unet = _empty(UNet2DConditionModel, **config)
     _load_exact(unet, _helpers().convert_ldm_unet_checkpoint(sd, config), "UNet")
-    return unet.float().eval()
+    return unet.eval()
 
 
 def vae_from_ldm(sd: dict[str, torch.Tensor], family: Family, *, as_stored: bool = False) -> Any:
@@ -292,7 +292,7 @@ def vae_from_ldm(sd: dict[str, torch.Tensor], family: Family, *, as_stored: bool
     # The helper wants the prefix; passing only the VAE's keys keeps it from scanning the whole checkpoint.
     only_vae = {k: v for k, v in sd.items() if k.startswith(VAE_PREFIX)}
     _load_exact(vae, _helpers().convert_ldm_vae_checkpoint(only_vae, config), "VAE", as_stored=as_stored)
-    return vae.eval() if as_stored else vae.float().eval()
+    return vae.eval()
 
 
 def clip_from_ldm(sd: dict[str, torch.Tensor], prefix: str, hidden_act: str, *, as_stored: bool = False) -> Any:
@@ -305,7 +305,7 @@ def clip_from_ldm(sd: dict[str, torch.Tensor], prefix: str, hidden_act: str, *, 
     # position_ids is a buffer (persistent in some transformers versions, not in others) and some old SD1 files
     # hold a damaged float copy of it: the model's own fresh arange is always the right value.
     _load_exact(model, converted, "text encoder", optional=(_POSITION_IDS,), as_stored=as_stored)
-    return model.eval() if as_stored else model.float().eval()
+    return model.eval()
 
 
 def open_clip_from_ldm(sd: dict[str, torch.Tensor], prefix: str, *, skip_last_layer: bool,
@@ -323,7 +323,7 @@ def open_clip_from_ldm(sd: dict[str, torch.Tensor], prefix: str, *, skip_last_la
     model = _empty(CLIPTextModelWithProjection if projection else CLIPTextModel, config)
     converted = _helpers().convert_open_clip_checkpoint(model, used, prefix=prefix)
     _load_exact(model, converted, "text encoder", optional=(_POSITION_IDS,), as_stored=as_stored)
-    return model.eval() if as_stored else model.float().eval()
+    return model.eval()
 
 
 def _open_clip_used(sd: dict[str, torch.Tensor], prefix: str, layers: int) -> dict[str, torch.Tensor]:
