@@ -2,7 +2,10 @@
 WebUI lacks, and never change a package the WebUI already has.
 
 - diffusers (models and schedulers only): a version that fits the huggingface_hub/transformers found;
-- bitsandbytes (8-bit AdamW, optional): only with a CUDA build of torch, in a release that accepts that torch.
+- bitsandbytes (8-bit AdamW, optional): only with a CUDA build of torch AND a CUDA device the NVIDIA driver reports
+  (asked of the driver library, not of torch: importing torch here would cost seconds at every start), in a release
+  that accepts that torch. Installed on a machine without a GPU it would only slow every WebUI start (transformers
+  and diffusers import it whenever it is installed) and print a warning.
 Every install runs under a constraints file pinning every installed distribution to its installed version, so pip
 can add packages but cannot upgrade or downgrade torch or anything else of the host's. When everything is present
 this is a no-op: no pip, no heavy imports. Nothing here may stop the WebUI from starting: failures print one line.
@@ -10,10 +13,13 @@ this is a no-op: no pip, no heavy imports. Nothing here may stop the WebUI from 
 
 from __future__ import annotations
 
+import ctypes
 import importlib.metadata
+import os
 import re
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -59,9 +65,26 @@ def diffusers_candidates(installed: dict[str, str]) -> list[str]:
     return ["diffusers==0.31.0", "diffusers>=0.27,<0.36"]  # 0.36+ needs huggingface_hub >= 1
 
 
-def bitsandbytes_requirement(installed: dict[str, str], platform: str = sys.platform) -> tuple[str | None, str]:
+def cuda_device_count() -> int:
+    """How many CUDA devices the NVIDIA driver reports (honouring CUDA_VISIBLE_DEVICES), 0 without a driver. Asked of
+    the driver library through ctypes, as torch itself does, so the installer never imports torch."""
+    for name in ("nvcuda.dll",) if os.name == "nt" else ("libcuda.so.1", "libcuda.so"):
+        try:
+            driver = ctypes.CDLL(name)
+        except OSError:
+            continue
+        count = ctypes.c_int(0)
+        if driver.cuInit(0) != 0 or driver.cuDeviceGetCount(ctypes.byref(count)) != 0:
+            return 0  # a driver without a usable device (CUDA_ERROR_NO_DEVICE and the like)
+        return count.value
+    return 0
+
+
+def bitsandbytes_requirement(installed: dict[str, str], platform: str = sys.platform,
+                             cuda_devices: Callable[[], int] = cuda_device_count) -> tuple[str | None, str]:
     """(requirement, "") or (None, why not). Lower torch floors of bitsandbytes: 0.45 torch>=2.0, 0.46-0.47
-    torch>=2.2, 0.48-0.49 torch>=2.3, 0.50 torch>=2.4 (from their wheels' metadata)."""
+    torch>=2.2, 0.48-0.49 torch>=2.3, 0.50 torch>=2.4 (from their wheels' metadata). The driver is asked last: only
+    when the torch build could use a GPU."""
     torch_version = installed.get("torch")
     if not torch_version:
         return None, "torch is not installed"
@@ -71,23 +94,27 @@ def bitsandbytes_requirement(installed: dict[str, str], platform: str = sys.plat
     torch_release = release(torch_version)
     if torch_release < (2, 0):
         return None, f"it needs torch 2 or newer (this is torch {torch_version})"
+    if cuda_devices() < 1:
+        return None, "it needs an NVIDIA GPU and none was found"
     for below, cap in (((2, 2), "<0.46"), ((2, 3), "<0.48"), ((2, 4), "<0.50")):
         if torch_release < below:
             return f"bitsandbytes>=0.43,{cap}", ""
     return "bitsandbytes>=0.43", ""
 
 
-def plan(installed: dict[str, str], platform: str = sys.platform) -> tuple[list[Step], list[str]]:
+def plan(installed: dict[str, str], platform: str = sys.platform,
+         cuda_devices: Callable[[], int] = cuda_device_count) -> tuple[list[Step], list[str]]:
     """(what to install, one-line notes about optional features that cannot be had here)."""
     steps, notes = [], []
     if "diffusers" not in installed:
         steps.append(Step("diffusers", diffusers_candidates(installed), "Dreambooth training"))
     if "bitsandbytes" not in installed:
-        requirement, why = bitsandbytes_requirement(installed, platform)
+        requirement, why = bitsandbytes_requirement(installed, platform, cuda_devices)
         if requirement:
             steps.append(Step("bitsandbytes", [requirement], "the adamw_8bit optimizer"))
         else:
-            notes.append(f"{TAG} adamw_8bit (8-bit AdamW) is not available: {why}. Use the adamw optimizer.")
+            notes.append(f"{TAG} adamw_8bit (8-bit AdamW) is not available: {why}. Use the adamw or adafactor "
+                         "optimizer.")
     return steps, notes
 
 
@@ -122,7 +149,7 @@ def install(step: Step, launch, pins: Path) -> bool:
 def main() -> int:
     try:
         installed = installed_versions()
-        steps, notes = plan(installed)
+        steps, notes = plan(installed, cuda_devices=cuda_device_count)  # the module's, looked up now (tests)
         for note in notes:
             print(note)
         if not steps:

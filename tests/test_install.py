@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -46,7 +47,8 @@ HOST = {"torch": "2.1.2+cu121", "transformers": "4.30.2", "huggingface-hub": "0.
     ("2.7.0", "bitsandbytes>=0.43"),
 ])
 def test_bitsandbytes_release_fits_the_installed_torch(torch_version, expected):
-    requirement, why = installer.bitsandbytes_requirement({"torch": torch_version}, platform="linux")
+    requirement, why = installer.bitsandbytes_requirement({"torch": torch_version}, platform="linux",
+                                                          cuda_devices=lambda: 1)
     assert (requirement, why) == (expected, "")
 
 
@@ -57,17 +59,71 @@ def test_bitsandbytes_release_fits_the_installed_torch(torch_version, expected):
     ("1.13.1+cu117", "linux", "torch 2 or newer"),
 ])
 def test_bitsandbytes_is_skipped_where_it_cannot_work(torch_version, platform, reason):
-    requirement, why = installer.bitsandbytes_requirement({"torch": torch_version}, platform=platform)
+    requirement, why = installer.bitsandbytes_requirement({"torch": torch_version}, platform=platform,
+                                                          cuda_devices=lambda: 1)
     assert requirement is None and reason in why
 
 
-def test_plan_installs_only_what_is_missing():
+def test_bitsandbytes_needs_a_cuda_device_not_only_a_cuda_build_of_torch():
+    requirement, why = installer.bitsandbytes_requirement({"torch": "2.1.2+cu121"}, platform="linux",
+                                                          cuda_devices=lambda: 0)
+    assert requirement is None and why == "it needs an NVIDIA GPU and none was found"
+
+
+def _machine_has_an_nvidia_driver() -> bool:
+    return Path("/proc/driver/nvidia").exists() or shutil.which("nvidia-smi") is not None
+
+
+@pytest.mark.skipif(_machine_has_an_nvidia_driver(), reason="this machine has an NVIDIA driver")
+def test_a_cuda_build_of_torch_on_a_machine_without_a_gpu_gets_no_bitsandbytes():
+    """The WebUI's launcher installs a CUDA build of torch on every Linux machine; bitsandbytes there would only be
+    imported (by transformers and diffusers) at every WebUI start, costing seconds and printing a warning."""
+    assert installer.cuda_device_count() == 0
     steps, notes = installer.plan(HOST, platform="linux")
+    assert [s.name for s in steps] == ["diffusers"]
+    assert notes == ["[Dreambooth] adamw_8bit (8-bit AdamW) is not available: it needs an NVIDIA GPU and none was "
+                     "found. Use the adamw or adafactor optimizer."]
+
+
+class _FakeDriver:
+    """libcuda's two calls the installer makes, answering as a driver with `devices` GPUs (or `error`) would."""
+
+    def __init__(self, devices: int = 0, error: int = 0):
+        self.devices, self.error = devices, error
+
+    def cuInit(self, flags):  # noqa: N802 - the driver's own name
+        return self.error
+
+    def cuDeviceGetCount(self, count):  # noqa: N802
+        count._obj.value = self.devices
+        return 0
+
+
+@pytest.mark.parametrize(("libraries", "expected"), [
+    ({}, 0),  # no NVIDIA driver at all
+    ({"libcuda.so.1": _FakeDriver(error=100)}, 0),  # CUDA_ERROR_NO_DEVICE
+    ({"libcuda.so.1": _FakeDriver(devices=2)}, 2),
+    ({"libcuda.so": _FakeDriver(devices=1)}, 1),  # only the unversioned name on the loader's path
+])
+def test_cuda_devices_are_counted_by_the_driver(monkeypatch, libraries, expected):
+    def load(name):
+        if name not in libraries:
+            raise OSError(f"{name}: cannot open shared object file")
+        return libraries[name]
+
+    monkeypatch.setattr(installer.os, "name", "posix")
+    monkeypatch.setattr(installer.ctypes, "CDLL", load)
+    assert installer.cuda_device_count() == expected
+
+
+def test_plan_installs_only_what_is_missing():
+    steps, notes = installer.plan(HOST, platform="linux", cuda_devices=lambda: 1)
     assert [(s.name, s.candidates) for s in steps] == [
         ("diffusers", ["diffusers==0.31.0", "diffusers>=0.27,<0.36"]),
         ("bitsandbytes", ["bitsandbytes>=0.43,<0.46"])]
     assert notes == []
-    steps, _ = installer.plan({**HOST, "diffusers": "0.31.0", "bitsandbytes": "0.45.5"}, platform="linux")
+    steps, _ = installer.plan({**HOST, "diffusers": "0.31.0", "bitsandbytes": "0.45.5"}, platform="linux",
+                              cuda_devices=lambda: 1 / 0)  # installed: the driver is not even asked
     assert steps == []
     steps, notes = installer.plan({**HOST, "torch": "2.1.2+cpu", "diffusers": "0.31.0"}, platform="linux")
     assert steps == [] and len(notes) == 1 and "adamw_8bit" in notes[0]
@@ -98,6 +154,7 @@ def test_failures_print_one_line_and_never_raise(monkeypatch, capsys):
     monkeypatch.setattr(installer, "installed_versions", lambda: dict(HOST))
     monkeypatch.setattr(installer, "_launch", lambda: _FailingLaunch)
     monkeypatch.setattr(installer.sys, "platform", "linux")
+    monkeypatch.setattr(installer, "cuda_device_count", lambda: 1)
     assert installer.main() == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 2  # one per package that could not be had
@@ -189,3 +246,41 @@ def check_installer_in(venv: Path, tmp_path: Path) -> None:
         assert _freeze(python) == after
     finally:
         _reset(venv)
+
+
+_LOGGING_LAUNCH = '''
+import importlib.metadata, os
+
+def is_installed(package):
+    try:
+        return importlib.metadata.distribution(package) is not None
+    except importlib.metadata.PackageNotFoundError:
+        return False
+
+def run_pip(command, desc=None, live=False):
+    with open(os.environ["FAKE_LAUNCH_LOG"], "a", encoding="utf-8") as log:
+        log.write(command + "\\n")
+'''
+
+
+@pytest.mark.skipif(_machine_has_an_nvidia_driver(), reason="this machine has an NVIDIA driver")
+def test_the_installer_process_adds_no_bitsandbytes_for_a_cuda_torch_without_a_gpu(tmp_path):
+    """As the WebUI runs it at every start, on a machine without a GPU whose torch is the CUDA build the WebUI's
+    launcher installs (a distribution record says torch 2.1.2+cu121): no pip call, one line saying why, and torch is
+    never imported (that alone would cost seconds at every start). pip is never run: the launch stand-in logs."""
+    (tmp_path / "launch.py").write_text(_LOGGING_LAUNCH, encoding="utf-8")
+    record = tmp_path / "torch-2.1.2+cu121.dist-info"
+    record.mkdir()
+    (record / "METADATA").write_text("Metadata-Version: 2.1\nName: torch\nVersion: 2.1.2+cu121\n", encoding="utf-8")
+    log = tmp_path / "pip-calls.log"
+    log.touch()
+    probe = ("import runpy, sys; runpy.run_path(sys.argv[1], run_name='__main__'); "
+             "print('torch imported:', 'torch' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", probe, str(INSTALL_PY)], capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": str(tmp_path), "FAKE_LAUNCH_LOG": str(log)},
+                            cwd=tmp_path, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert log.read_text() == ""
+    assert result.stdout.splitlines() == [
+        "[Dreambooth] adamw_8bit (8-bit AdamW) is not available: it needs an NVIDIA GPU and none was found. Use the "
+        "adamw or adafactor optimizer.", "torch imported: False"]
