@@ -55,7 +55,8 @@ def _adapter() -> HostAdapter:
         load_checkpoint=webui.load_checkpoint_now,
         checkpoint_selection=webui.checkpoint_selection,
         loaded_file=webui.loaded_file,
-        model_version=lambda: model_loads[0],
+        # a load, or a selection that changed without one (the model box then names the selection a run loads)
+        model_version=lambda: (model_loads[0], shared.opts.sd_model_checkpoint),
         load_after_training=lambda: bool(getattr(shared.opts, "dreambooth_load_after_training", False)),
     )
 

@@ -251,6 +251,39 @@ def test_release_and_restore_move_the_hosts_model(make_webui):
     assert live.moves[-2:] == [torch.device("cpu"), torch.device("cuda")]
 
 
+def test_the_selected_checkpoint_is_loaded_before_the_live_model_is_read(make_webui):
+    """Memory holds another checkpoint than the selected one (the host's refresh re-selected its --ckpt file):
+    check, base_files and the model box describe the selected file, and load_base first loads it as a generation
+    would; the model stays off the device the run trains on until restore_device."""
+    webui = make_webui(ckpt=True, device="cuda")  # on a CPU machine the fake model only records the moves
+    webui.write_checkpoint("other.safetensors", seed=5)
+    webui.load("other.safetensors")
+    webui.api_refresh_checkpoints()
+    selected = webui.sd_models.select_checkpoint()
+    assert selected.filename == str(webui.checkpoint) != webui.shared.sd_model.sd_checkpoint_info.filename
+    host, cfg = WebUIHost(), config()
+    assert host.check(cfg).family.name == "sd1"
+    assert host.base_files(cfg) == (webui.checkpoint, None)
+    assert webui_host.loaded_file() == selected.filename
+    summary = webui_host.loaded_model_summary()
+    assert (summary["title"], summary["hash"], summary["family"]) == (selected.name, selected.shorthash, "sd1")
+
+    host.release_device()
+    bundle = host.load_base(cfg)
+    live = webui.shared.sd_model
+    assert live.sd_checkpoint_info.filename == selected.filename and live.device == torch.device("cpu")
+    assert (bundle.source.name, bundle.source.sha256) == (selected.name, selected.sha256)
+    host.restore_device()
+    assert live.device == torch.device("cuda")
+    assert webui.generate().checkpoint_title == selected.title
+
+    webui.load("other.safetensors")
+    webui.api_refresh_checkpoints()
+    webui.checkpoint.unlink()  # selected, then deleted: the load fails and the run says what to do
+    with pytest.raises(DreamboothError, match="tiny_sd1.safetensors.*loading it failed.*Select a checkpoint"):
+        WebUIHost().load_base(cfg)
+
+
 def test_model_goes_back_to_its_device_when_training_fails(make_webui, instance_dir):
     webui = make_webui(device="cuda")
     live = webui.shared.sd_model

@@ -306,6 +306,34 @@ def test_model_box_follows_the_loaded_model_from_page_load(make_webui, tmp_path)
     assert "<b>other.safetensors</b>" in ext.tab.refresh(seen)[-1]
 
 
+def test_a_run_trains_the_selected_checkpoint_when_memory_holds_another(make_webui, tmp_path):
+    """Seen in a real v1.10.1 started with --ckpt: POST /sdapi/v1/refresh-checkpoints selects the --ckpt file again
+    while another checkpoint stays in memory until the next generation loads the selection. A run does as a
+    generation does (it trains the selected checkpoint), and the model box names that one from then on."""
+    webui = make_webui(ckpt=True)
+    webui.write_checkpoint("other.safetensors", seed=5)
+    webui.load("other.safetensors")  # picked in the dropdown: selected and loaded
+    ext = Extension(webui, tmp_path)
+    seen = ext.tab.refresh(None)[2]  # a page open from here on
+    webui.api_refresh_checkpoints()
+    selected = webui.sd_models.select_checkpoint()
+    assert selected.filename == str(webui.checkpoint)
+    assert webui.shared.sd_model.sd_checkpoint_info.name == "other.safetensors"  # still in memory
+
+    box = ext.tab.refresh(seen)[-1]  # the page's next poll redraws the box: the selection changed
+    assert f"<b>{selected.name}</b>" in box and selected.shorthash in box and "(sd1" in box and "other" not in box
+    assert "<b>tiny_sd1.safetensors</b>" in ext.tab.model_box(DEFAULT_PICK)
+
+    ext.start("selected")
+    status = ext.status()
+    assert status["state"] == "finished", status
+    metadata = read_safetensors_metadata(status["checkpoints"][-1])
+    assert metadata["dreambooth.base_model"] == selected.name
+    assert metadata["dreambooth.base_model_hash"] == selected.shorthash
+    assert webui.shared.sd_model.sd_checkpoint_info.filename == selected.filename
+    assert webui.generate().checkpoint_title == selected.title  # the next generation has nothing to swap
+
+
 def test_model_box_shows_the_checkpoint_picked_in_the_tab_and_the_prediction_type(make_webui, tmp_path):
     """Seen in a real v1.10.1: with another checkpoint picked under "Train another checkpoint", the box went on
     naming the loaded model (an SD2-v one) while the run trained the picked SD1 file."""

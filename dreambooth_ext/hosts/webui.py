@@ -87,6 +87,45 @@ def _loaded_model() -> Any:
     return model
 
 
+def selected_checkpoint() -> Any:
+    """The CheckpointInfo the dropdown at the top of the page selects (`opts.sd_model_checkpoint`): what the host's
+    next generation loads first; None when that option names no checkpoint the host lists."""
+    from modules import sd_models, shared
+
+    return sd_models.checkpoint_aliases.get(shared.opts.sd_model_checkpoint)
+
+
+def pending_selection(model: Any) -> Any:
+    """The selected checkpoint when `model` (the one in memory) is another file, else None.
+
+    They differ when the selection changed without a load: the host's own `list_models()` (POST
+    /sdapi/v1/refresh-checkpoints, the checkpoints' Refresh) selects the --ckpt file again, and a failed load
+    leaves the old model in memory. The next generation loads the selection; a run started now must too."""
+    info = selected_checkpoint()
+    if model is None or info is None or info.filename == model.sd_checkpoint_info.filename:
+        return None
+    return info
+
+
+def load_selected_checkpoint(info: Any) -> Any:
+    """What processing.process_images does before every generation: `reload_model_weights()` loads the selected
+    checkpoint (`info`) in place of the one in memory. Only where the host's queue lock is held (a run holds it),
+    so that no generation sees its model change. Returns the loaded model."""
+    from modules import sd_models
+
+    loaded = _current_model()
+    log.info("The checkpoint dropdown selects %s while %s is in memory: loading %s first, as a generation would.",
+             info.title, loaded.sd_checkpoint_info.title if loaded is not None else "nothing", info.title)
+    try:
+        sd_models.reload_model_weights()
+    except Exception as exc:
+        raise DreamboothError(
+            f"The checkpoint selected at the top of the page, {info.title}, is not the one in memory, and loading "
+            f"it failed ({type(exc).__name__}: {exc}). Select a checkpoint that loads (generate an image to see "
+            "the WebUI's own error), then start training again.") from exc
+    return _loaded_model()
+
+
 def dreambooth_dir() -> Path:
     """--dreambooth-dir, or `<models dir>/dreambooth` (follows --models-dir, like the host's other model folders)."""
     from modules import paths, shared
@@ -390,9 +429,12 @@ def _used_config_text(model: Any) -> str | None:
 
 
 def loaded_file() -> str | None:
-    """The checkpoint file of the model the host has loaded now; None when it has none (never loads one)."""
+    """The checkpoint file the host's next generation uses: the loaded model's, or the selected one that replaces
+    it first; None when it has no model loaded (never loads one)."""
     model = _current_model()
-    return model.sd_checkpoint_info.filename if model is not None else None
+    if model is None:
+        return None
+    return (pending_selection(model) or model.sd_checkpoint_info).filename
 
 
 def loaded_model_summary() -> dict[str, str | None]:
@@ -408,6 +450,9 @@ def loaded_model_summary() -> dict[str, str | None]:
     model = _current_model()
     if model is None:
         return {"title": "", "hash": "", "vae": "", "family": "", "problem": NO_MODEL}
+    pending = pending_selection(model)
+    if pending is not None:
+        return _selected_summary(pending)
     info = model.sd_checkpoint_info
     family = next((name for name, flag in (("sdxl", "is_sdxl"), ("sd2", "is_sd2"), ("sd1", "is_sd1"))
                    if getattr(model, flag, False)), "unknown")
@@ -418,12 +463,29 @@ def loaded_model_summary() -> dict[str, str | None]:
             "problem": live_model_problem(model)}
 
 
+def _selected_summary(info: Any) -> dict[str, str | None]:
+    """The summary of a selected checkpoint that a run loads before reading it: from its file's header, with the VAE
+    the host will load with it."""
+    from modules import sd_vae
+
+    try:
+        facts, problem = check_checkpoint_file(Path(info.filename)), None
+    except DreamboothError as exc:
+        facts, problem = None, str(exc)
+    vae_file = sd_vae.resolve_vae(info.filename).vae
+    prediction = facts.prediction_type if facts is not None and facts.prediction_type == "v_prediction" else ""
+    return {"title": info.name, "hash": getattr(info, "shorthash", None) or "",
+            "vae": Path(vae_file).name if vae_file else "", "family": facts.family.name if facts else "",
+            "prediction": prediction, "problem": problem}
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The host object
 
 
 class WebUIHost(Host):
-    """Train the model the WebUI has loaded (`checkpoint_title=None`), or a checkpoint from its list read from disk."""
+    """Train the model the WebUI has loaded (`checkpoint_title=None`; the selected checkpoint is loaded first when
+    memory holds another, as before a generation), or a checkpoint from its list read from disk."""
 
     def __init__(self, checkpoint_title: str | None = None):
         self.checkpoint_title = checkpoint_title
@@ -440,7 +502,21 @@ class WebUIHost(Host):
             log.warning("Forge: its loaded model cannot be read in place; reading %s from disk instead.",
                         info.filename)
             return self._from_file(Path(info.filename), config)
-        return bundle_from_live_model(_loaded_model(), config)
+        return bundle_from_live_model(self._selected_model(), config)
+
+    def _selected_model(self) -> Any:
+        """The loaded model, after loading the selected checkpoint if memory holds another (as a generation would);
+        kept off the device when `release_device` had moved the host's model off it."""
+        from modules import sd_models
+
+        pending = pending_selection(_current_model())
+        if pending is None:
+            return _loaded_model()
+        model = load_selected_checkpoint(pending)
+        if self._released is not None:  # reload_model_weights put the model on the device the run trains on
+            sd_models.unload_model_weights(model)
+            self._released = model
+        return model
 
     def check(self, config: Config) -> BaseFacts | None:
         """An unknown checkpoint title, a file of another family, an fp8-held or LoRA-patched live model: refused
@@ -453,6 +529,9 @@ class WebUIHost(Host):
         model = _current_model()
         if model is None:
             raise DreamboothError(NO_MODEL)
+        pending = pending_selection(model)  # loaded when the run starts: its file tells what it is
+        if pending is not None:
+            return check_checkpoint_file(Path(pending.filename))
         return live_model_facts(model)  # refuses what live_model_problem names
 
     def base_files(self, config: Config) -> tuple[Path, Path | None]:
@@ -468,6 +547,10 @@ class WebUIHost(Host):
             model = _current_model()
             if model is None:
                 raise DreamboothError(NO_MODEL)
+            pending = pending_selection(model)
+            if pending is not None:  # the selected checkpoint, which the host loads with its own VAE choice
+                vae = config.vae or sd_vae.resolve_vae(pending.filename).vae
+                return Path(pending.filename), Path(vae) if vae else None
             info = model.sd_checkpoint_info
         vae = config.vae or getattr(sd_vae, "loaded_vae_file", None)
         return Path(info.filename), Path(vae) if vae else None

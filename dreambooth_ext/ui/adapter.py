@@ -47,8 +47,8 @@ class HostAdapter:
     checkpoint_selection: Callable[[], tuple[list[str], str | None]] | None = None
     # The file of the model the host has loaded now (None when none): the tab shows a result in use as such
     loaded_file: Callable[[], str | None] = lambda: None
-    # Goes up each time the host loads a model, so the tab redraws its model box only then
-    model_version: Callable[[], int] = lambda: 0
+    # Changes each time the host loads a model or selects another checkpoint, so the tab redraws its model box only then
+    model_version: Callable[[], Any] = lambda: 0
     # Whether to load the result right after a successful run from the tab (a WebUI setting)
     load_after_training: Callable[[], bool] = lambda: False
     # The devices a run can train on, for the tab's device choice ("cuda:1 (name, free memory)" ...)

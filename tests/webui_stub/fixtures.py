@@ -73,6 +73,12 @@ class WebUIStub:
         info = self.sd_models.get_closet_checkpoint_match(title) if title else None
         return self.sd_models.reload_model_weights(info=info)
 
+    def api_refresh_checkpoints(self) -> None:
+        """POST /sdapi/v1/refresh-checkpoints (modules/api/api.py): shared.refresh_checkpoints() in the queue lock,
+        which re-selects the --ckpt file when the host was started with one, loading nothing."""
+        with self.call_queue.queue_lock:
+            self.shared.refresh_checkpoints()
+
     def select_vae(self, name: str):
         """Settings > VAE > SD VAE = name (or "None"), applied as the host applies it."""
         self.shared.opts.data["sd_vae"] = name

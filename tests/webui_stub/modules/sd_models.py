@@ -363,7 +363,7 @@ def load_model_weights(model, checkpoint_info, state_dict, timer=None):
     shared.opts.data["sd_checkpoint_hash"] = checkpoint_info.sha256
     sd_vae.delete_base_vae()
     sd_vae.clear_loaded_vae()
-    vae_file, vae_source = sd_vae.resolve_vae(checkpoint_info.filename)
+    vae_file, vae_source = sd_vae.resolve_vae(checkpoint_info.filename).tuple()
     sd_vae.load_vae(model, vae_file, vae_source)
 
 

@@ -1,6 +1,7 @@
 """Stand-in for modules.sd_vae: which VAE the loaded model uses (external file or the checkpoint's own)."""
 
 import os
+from dataclasses import dataclass
 
 from modules import paths, shared
 
@@ -52,12 +53,23 @@ def refresh_vae_list():
                     vae_dict[name] = os.path.join(root, name)
 
 
+@dataclass
+class VaeResolution:
+    vae: str = None
+    source: str = None
+    resolved: bool = True
+
+    def tuple(self):
+        return self.vae, self.source
+
+
 def resolve_vae(checkpoint_file):
-    """(vae_file, source) from the sd_vae setting; the host also looks for a VAE beside the checkpoint."""
+    """The VAE the sd_vae setting names (the host also looks for a VAE beside the checkpoint, and in its user
+    metadata), as a VaeResolution like the host's."""
     setting = shared.opts.sd_vae
     if setting in ("Automatic", "None", None):
-        return None, "from checkpoint"
-    return vae_dict.get(setting), "from settings"
+        return VaeResolution(resolved=setting == "None")
+    return VaeResolution(vae_dict.get(setting), "specified in settings")
 
 
 def load_vae_dict(filename, map_location):
@@ -91,7 +103,7 @@ def clear_loaded_vae():
 def reload_vae_weights(sd_model=None, vae_file=unspecified):
     sd_model = sd_model or shared.sd_model
     if vae_file == unspecified:
-        vae_file, vae_source = resolve_vae(sd_model.sd_checkpoint_info.filename)
+        vae_file, vae_source = resolve_vae(sd_model.sd_checkpoint_info.filename).tuple()
     else:
         vae_source = "function argument"
     if loaded_vae_file == vae_file:
