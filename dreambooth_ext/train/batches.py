@@ -1,13 +1,14 @@
 """Turning a micro-batch number into latents and text conditioning, with optional caches.
 
 Every random choice is drawn from generators seeded by (seed, micro-batch number), so a resumed run sees
-exactly the batches, flips, crops, noise and timesteps of an uninterrupted one.
+exactly the batches, flips, crops, noise, timesteps and dropout of an uninterrupted one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -26,6 +27,21 @@ def derive_seed(*parts: object) -> int:
 
 def generator_for(*parts: object) -> torch.Generator:
     return torch.Generator("cpu").manual_seed(derive_seed(*parts))
+
+
+@contextlib.contextmanager
+def seeded_global_generators(device: torch.device, *parts: object) -> Iterator[None]:
+    """While it lasts, torch's global generators (the CPU's, and the device's) are seeded by `parts`; afterwards
+    they are as they were, so the host's randomness is untouched. For what draws from them inside a model's forward
+    pass (LoRA's dropout), which gradient checkpointing replays from the same state in the backward pass."""
+    devices = [device.index if device.index is not None else torch.cuda.current_device()] \
+        if device.type == "cuda" else []
+    seed = derive_seed(*parts)
+    with torch.random.fork_rng(devices=devices):
+        torch.random.default_generator.manual_seed(seed)
+        for index in devices:
+            torch.cuda.default_generators[index].manual_seed(seed)
+        yield
 
 
 @dataclass

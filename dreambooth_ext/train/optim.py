@@ -30,12 +30,16 @@ def param_groups(config: Config, unet: torch.nn.Module,
 
 
 def make_optimizer(config: Config, groups: list[dict], device: torch.device) -> torch.optim.Optimizer:
+    # The optimizer's own default rate is the first group's (the UNet's): schedules read it (diffusers' polynomial
+    # decays from `optimizer.defaults["lr"]`), so it must be the run's rate, not the class's default.
+    lr = groups[0]["lr"]
     if config.optimizer == "adafactor":
         from .adafactor import MatrixAdafactor
 
         # A fixed learning rate (the run's schedule drives it), no first moment: factored second moments only.
-        return MatrixAdafactor(groups, scale_parameter=False, relative_step=False, warmup_init=False, beta1=None)
-    kwargs = {"betas": (config.adam_beta1, config.adam_beta2), "eps": config.adam_epsilon}
+        return MatrixAdafactor(groups, lr=lr, scale_parameter=False, relative_step=False, warmup_init=False,
+                               beta1=None)
+    kwargs = {"lr": lr, "betas": (config.adam_beta1, config.adam_beta2), "eps": config.adam_epsilon}
     if config.optimizer == "adamw_8bit":
         require_8bit_adam(device)
         import bitsandbytes as bnb  # only importable where require_8bit_adam passed

@@ -27,7 +27,15 @@ from ..models.export import (
     remove_partial_files,
 )
 from .autocast import autocast
-from .batches import Feeder, LatentCache, Samples, TextConditioning, derive_seed, generator_for
+from .batches import (
+    Feeder,
+    LatentCache,
+    Samples,
+    TextConditioning,
+    derive_seed,
+    generator_for,
+    seeded_global_generators,
+)
 from .devices import (
     Precision,
     device_name,
@@ -66,7 +74,10 @@ from .zero import check_zero, check_zero_resume, zero_launch
 
 log = logging.getLogger(__name__)
 
-LOSS_READ_EVERY = 10  # steps between reads of the loss (each read waits for the device to finish its queue)
+# Each read of the loss waits for the device to finish its queue, so it is read every few steps: at most every 10,
+# a tenth of a short run, and whenever LOSS_READ_SECONDS have passed (about as often as the page asks for progress).
+LOSS_READ_EVERY = 10
+LOSS_READ_SECONDS = 1.0
 
 
 @dataclass
@@ -474,6 +485,8 @@ class _Loop:
 
     def _train_from(self, step: int) -> RunResult:
         started, start_step, self.smoothed, self.fresh_losses = time.perf_counter(), step, None, []
+        read_every = max(1, min(LOSS_READ_EVERY, self.total_steps // 10))
+        self.losses_read_at = started
         pending: list[tuple[int, torch.Tensor]] = []
         te_stop = (math.ceil(self.config.stop_text_encoder * self.total_steps)
                    if self.config.train_text_encoder else 0)
@@ -487,7 +500,7 @@ class _Loop:
                     text_encoder.eval()
             pending.append((step + 1, self._optimizer_step(step, train_text=train_text)))
             step += 1
-            if step == start_step + 1 or step % LOSS_READ_EVERY == 0 or step == self.total_steps:
+            if step == start_step + 1 or step % read_every == 0 or step == self.total_steps or self._loss_is_stale():
                 self._read_losses(pending)
             self._report(step, self.smoothed, started, start_step)
             if step < self.total_steps:
@@ -505,8 +518,14 @@ class _Loop:
                                 message="Training finished"))
         return self.result
 
+    def _loss_is_stale(self) -> bool:
+        """Whether the last read loss is LOSS_READ_SECONDS old (one process only: several must all read together,
+        and their clocks differ)."""
+        return self.processes.count == 1 and time.perf_counter() - self.losses_read_at >= LOSS_READ_SECONDS
+
     def _read_losses(self, pending: list[tuple[int, torch.Tensor]]) -> None:
         """Bring the steps' losses to the host (one wait for the device for all of them) and record them."""
+        self.losses_read_at = time.perf_counter()
         if not pending:
             return
         values = self.processes.mean(torch.stack([loss for _, loss in pending]).float()).cpu().tolist()
@@ -522,7 +541,8 @@ class _Loop:
         total = torch.zeros((), device=self.device)
         for k in range(accumulation):
             micro = step * accumulation + k
-            loss = self._micro_batch_loss(micro, train_text=train_text)
+            with seeded_global_generators(self.device, self.config.seed, "forward", micro, self.processes.index):
+                loss = self._micro_batch_loss(micro, train_text=train_text)
             if loss is None:
                 continue  # this process has no sample in this micro-batch (several processes, a short batch)
             loss = loss / accumulation

@@ -9,7 +9,9 @@ The engine's precision and accumulation code lives here and nowhere else.
   neither goes with it (bf16 or fp32 do).
 - bf16 weights (`weights_dtype = bf16`): the trained weights are stored in bf16 (half the memory of fp32) and
   every update is computed in fp32 and rounded to bf16 stochastically (up or down with the probability of its
-  distance), so small updates are not all rounded away: unbiased on average.
+  distance), so small updates are not all rounded away: unbiased on average. The rounding's random bits come from
+  the run's seed, the step and the weight's number, so a run is repeatable and a resumed run exact (and every
+  process rounds alike). The optimizer's state stays fp32 whatever the weights' precision, also on resume.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Any
 import torch
 
 from ..config import Config
+from .batches import derive_seed
 from .devices import Precision
 from .optim import apply_changed_options, make_lr_scheduler, make_optimizer
 from .parallel import SingleProcess
@@ -41,22 +44,50 @@ def grad_scaler():
     return scaler("cuda") if scaler is not None else torch.cuda.amp.GradScaler()
 
 
+class _Rounding:
+    """The random bits of stochastic rounding: one generator per device, seeded by (seed, step, weight number) for
+    each weight, so the result depends on neither the order the weights are stepped in nor the global generator."""
+
+    def __init__(self, seed: int):
+        self.seed = seed
+        self._generators: dict[torch.device, torch.Generator] = {}
+
+    def generator(self, step: int, index: int, device: torch.device) -> torch.Generator:
+        generator = self._generators.get(device)
+        if generator is None:
+            generator = self._generators[device] = torch.Generator(device)
+        return generator.manual_seed(derive_seed(self.seed, "rounding", step, index))
+
+
 class _Masters:
     """fp32 working copies of bf16 weights for the duration of an optimizer step, rounded back stochastically."""
 
-    def __init__(self, params: list[torch.nn.Parameter]):
+    def __init__(self, params: list[tuple[int, torch.nn.Parameter]]):
+        """`params`: (the weight's number in the run, the weight)."""
         self.kept = []
-        for param in params:
+        for index, param in params:
             if param.dtype == torch.bfloat16 and param.grad is not None:
-                self.kept.append((param, param.data))
+                self.kept.append((index, param, param.data))
                 param.data = param.data.float()
                 param.grad = param.grad.float()
 
-    def round_back(self) -> None:
-        for param, storage in self.kept:
-            storage.copy_(stochastic_round_to_bf16(param.data))
+    def round_back(self, rounding: _Rounding, step: int) -> None:
+        for index, param, storage in self.kept:
+            storage.copy_(stochastic_round_to_bf16(param.data, rounding.generator(step, index, storage.device)))
             param.data = storage
             param.grad = None
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict) -> None:
+    """`optimizer.load_state_dict`, keeping each saved tensor's precision: torch casts the state to the weights'
+    dtype, so bf16 weights would get bf16 moments (fused AdamW then refuses them; Adafactor would go on with them)."""
+    optimizer.load_state_dict(saved)
+    params = [param for group in optimizer.param_groups for param in group["params"]]
+    numbers = [number for group in saved["param_groups"] for number in group["params"]]
+    for param, number in zip(params, numbers, strict=True):
+        for key, value in saved["state"].get(number, {}).items():
+            if key != "step" and torch.is_tensor(value) and value.is_floating_point() and value.dtype != param.dtype:
+                optimizer.state[param][key] = value.to(param.device)
 
 
 def make_stepper(config: Config, groups: list[dict], modules: dict[str, torch.nn.Module], device: torch.device,
@@ -77,6 +108,7 @@ class Stepper:
         self.processes = processes or SingleProcess()
         self.params = [p for group in groups for p in group["params"]]
         self.scaler = grad_scaler() if precision.use_grad_scaler else None
+        self.rounding = _Rounding(config.seed)
         self.fused = config.fused_backward
         if self.fused:
             # One optimizer per weight, stepped from its hook; the schedule runs on an optimizer of the same kind
@@ -122,13 +154,13 @@ class Stepper:
                 self.scaler.unscale_(self.optimizer)
             if self.config.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
-            masters = _Masters(self.params)
+            masters = _Masters(list(enumerate(self.params)))
             if self.scaler is not None:
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
             else:
                 self.optimizer.step()
-            masters.round_back()
+            masters.round_back(self.rounding, self.steps_done)
             self.optimizer.zero_grad(set_to_none=True)
         else:
             self.optimizer.step()  # the schedule's placeholders: nothing to update, but the schedule may advance
@@ -140,9 +172,9 @@ class Stepper:
             if not self._stepping:
                 return  # an earlier micro-batch: keep accumulating
             optimizer = self._per_param[index]
-            masters = _Masters([param])
+            masters = _Masters([(index, param)])
             optimizer.step()
-            masters.round_back()
+            masters.round_back(self.rounding, self.steps_done)
             param.grad = None  # freed now, not at the end of the backward pass
         return step_this_weight
 
@@ -151,6 +183,11 @@ class Stepper:
             rates = [group["lr"] for group in self.optimizer.param_groups]
             for optimizer, group in zip(self._per_param, self._group_of, strict=True):
                 optimizer.param_groups[0]["lr"] = rates[group]
+
+    @property
+    def steps_done(self) -> int:
+        """Optimizer steps taken so far in the run (the schedule counts them, and a resume restores it)."""
+        return self.lr_scheduler.last_epoch
 
     @property
     def learning_rate(self) -> float:
@@ -170,11 +207,11 @@ class Stepper:
         if self.fused:
             if "weights" not in optimizer or len(optimizer["weights"]) != len(self._per_param):
                 raise ValueError("the saved optimizer state was not made with fused_backward")
-            self.optimizer.load_state_dict(optimizer["schedule"])
+            load_optimizer_state(self.optimizer, optimizer["schedule"])
             for own, saved in zip(self._per_param, optimizer["weights"], strict=True):
-                own.load_state_dict(saved)
+                load_optimizer_state(own, saved)
         else:
-            self.optimizer.load_state_dict(optimizer)
+            load_optimizer_state(self.optimizer, optimizer)
         self.lr_scheduler.load_state_dict(lr_scheduler)
         changed = apply_changed_options(self.config, self.optimizer, self.lr_scheduler)
         if self.fused:
