@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from venvs import cached_venv
+from venvs import cached_venv, venv_root
 
 TESTS = Path(__file__).resolve().parent
 
@@ -58,3 +58,16 @@ def test_an_interrupted_build_is_built_again(tmp_path, monkeypatch):
     with cached_venv("half", b"k", build, create=lambda path: path.mkdir()):
         pass
     assert len(builds) == 2
+
+
+def test_the_environments_are_kept_in_the_users_cache_not_the_temporary_folder(tmp_path, monkeypatch):
+    """The suite empties its temporary folder at the end: environments kept there would be built again every run
+    (minutes each) and, before, were left there (gigabytes)."""
+    monkeypatch.delenv("DREAMBOOTH_TEST_VENVS", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert venv_root() == tmp_path / "cache" / "dreambooth_ext" / "test-venvs"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert venv_root() == tmp_path / "home" / ".cache" / "dreambooth_ext" / "test-venvs"
+    monkeypatch.setenv("DREAMBOOTH_TEST_VENVS", str(tmp_path / "mine"))
+    assert venv_root() == tmp_path / "mine"

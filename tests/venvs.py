@@ -1,4 +1,5 @@
-"""Throwaway virtual environments for tests that need another package set, built once and reused.
+"""Throwaway virtual environments for tests that need another package set, built once and reused: kept in the
+user's cache folder (not the temporary folder, which the suite empties), so a second run of the suite is as fast.
 
 A cached environment is used under an exclusive lock: two test suites on one machine (or two sessions' CI)
 take turns with it, so one never sees what the other installed into it for a moment."""
@@ -22,8 +23,12 @@ def venv_python(venv: Path) -> Path:
 
 
 def venv_root() -> Path:
-    default = Path(os.environ.get("TMPDIR", "/tmp")) / "dreambooth-venvs"
-    return Path(os.environ.get("DREAMBOOTH_TEST_VENVS", default))
+    """$DREAMBOOTH_TEST_VENVS, else `dreambooth_ext/test-venvs` in the user's cache folder (XDG_CACHE_HOME, ~/.cache)
+    beside the engine's own cache: reused from run to run, deleted like any cache."""
+    if os.environ.get("DREAMBOOTH_TEST_VENVS"):
+        return Path(os.environ["DREAMBOOTH_TEST_VENVS"])
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache) / "dreambooth_ext" / "test-venvs"
 
 
 @contextlib.contextmanager
@@ -45,7 +50,7 @@ def exclusive(lock_path: Path) -> Iterator[None]:
 @contextlib.contextmanager
 def cached_venv(name: str, key_material: bytes, build: Callable[[Path], None],
                 create: Callable[[Path], None] | None = None) -> Iterator[Path]:
-    """A venv keyed by `key_material` under $DREAMBOOTH_TEST_VENVS (default /tmp/dreambooth-venvs), held under
+    """A venv keyed by `key_material` under venv_root() (default ~/.cache/dreambooth_ext/test-venvs), held under
     its lock for the `with` block: built by `build(python)` the first time (CI pays once per machine), then
     reused. `create(path)` makes the empty environment (default: `python -m venv`)."""
     key = hashlib.sha256(key_material).hexdigest()[:12]
