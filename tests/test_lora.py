@@ -118,11 +118,13 @@ def test_the_webui_matches_every_key_and_reproduces_the_trained_model(family, ba
     assert metadata["ss_network_alpha"] == "8" and metadata["ss_network_module"] == "networks.lora"
     version = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}[family]
     assert metadata["ss_base_model_version"] == version and metadata["ss_v2"] == str(family == "sd2")
+    # A LoCon file (lora_conv_rank 2) says so as kohya's train_network.py does: json.dumps of its --network_args.
+    assert metadata["ss_network_args"] == '{"conv_dim": "2", "conv_alpha": "2"}'
 
 
 def test_the_lora_file_is_what_the_lora_tab_reads(bases, photos, tmp_path):
     config = lora_config(bases["sd1"], photos, max_train_steps=2, sample_every_n_steps=2, sample_steps=2,
-                         save_precision="fp16", train_text_encoder=False)
+                         save_precision="fp16", train_text_encoder=False, lora_conv_rank=0)
     result = TrainingRun(config, FolderHost(tmp_path / "models")).run()
     path = result.loras[-1]
     metadata = read_safetensors_metadata(path)
@@ -132,6 +134,7 @@ def test_the_lora_file_is_what_the_lora_tab_reads(bases, photos, tmp_path):
     assert json.loads(metadata["ss_tag_frequency"]) == {f"1_{photos.name}": {"photo of zwx toy": 3}}
     assert metadata["ss_num_train_images"] == "3" and metadata["ss_resolution"] == "(64, 64)"
     assert metadata["modelspec.architecture"] == "stable-diffusion-v1/lora"
+    assert "ss_network_args" not in metadata  # a plain LoRA: kohya writes none without --network_args
     import base64
     import io
 

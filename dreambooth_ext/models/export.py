@@ -97,9 +97,11 @@ def build_merged_checkpoint(bundle: ModelBundle, unet: Any, text_encoders: tuple
 
 def lora_metadata(bundle: ModelBundle, *, title: str, steps: int, config_json: str, resolution: int, rank: int,
                   alpha: float, num_images: int, tag_frequency: dict[str, dict[str, int]], started_at: float,
-                  cover_image: bytes | None = None, extra: dict[str, str] | None = None) -> dict[str, str]:
+                  conv_rank: int = 0, cover_image: bytes | None = None,
+                  extra: dict[str, str] | None = None) -> dict[str, str]:
     """What the WebUI's Lora tab reads (kohya's ss_* keys: the name for <lora:name:1>, the family that decides
-    which checkpoints it is listed for, the card's preview) plus the modelspec and dreambooth.* keys."""
+    which checkpoints it is listed for, the card's preview) plus the modelspec and dreambooth.* keys. With adapters
+    on the 3x3 convolutions (LoCon, `conv_rank` > 0) also kohya's ss_network_args."""
     metadata = checkpoint_metadata(bundle, title=title, steps=steps, config_json=config_json,
                                    resolution=resolution, extra=extra)
     metadata["modelspec.architecture"] += "/lora"
@@ -120,9 +122,17 @@ def lora_metadata(bundle: ModelBundle, *, title: str, steps: int, config_json: s
         "ss_new_sd_model_hash": bundle.source.sha256,
         "ss_steps": str(steps),
     })
+    if conv_rank:
+        metadata["ss_network_args"] = locon_network_args(conv_rank)
     if cover_image is not None:
         metadata["ssmd_cover_images"] = json.dumps([base64.b64encode(cover_image).decode("ascii")])
     return metadata
+
+
+def locon_network_args(conv_rank: int) -> str:
+    """kohya's ss_network_args of a LoCon file: the JSON of its --network_args, values as typed (strings). The
+    conv adapters' alpha is their rank (models/lora.py add_adapters)."""
+    return json.dumps({"conv_dim": str(conv_rank), "conv_alpha": str(conv_rank)})
 
 
 def addnet_hash(tensors: dict[str, torch.Tensor]) -> str:

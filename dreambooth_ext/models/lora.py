@@ -5,10 +5,14 @@ initialised like a Linear, `up` with zeros, so training starts exactly at the ba
 
 The file (kohya's layout, which the WebUI v1.10.1 reads in extensions-builtin/Lora/networks.py): each key is
 `<module>.lora_down.weight`, `<module>.lora_up.weight` or `<module>.alpha`, split by the WebUI at the first dot.
-Module names are `lora_unet_<ldm name with dots as underscores>` for the UNet (the WebUI maps `lora_unet` to its
-`diffusion_model`), and `<text prefix>_<Hugging Face name>` for the text encoders (`lora_te_` for SD1/SD2,
-`lora_te1_`/`lora_te2_` for SDXL's two), which it maps to its own names; an OpenCLIP attention is updated only
-when q, k, v and out projections are all present, so all four are always trained together.
+Module names are kohya's (sd-scripts networks/lora.py: the prefix plus the module's name in kohya's own model, dots
+as underscores), so kohya's tools, which load a file by those names without converting them, find every module:
+`lora_unet_<diffusers name>` for an SD1/SD2 UNet (kohya's library/original_unet.py has diffusers' module names),
+`lora_unet_<ldm name>` for an SDXL one (its sdxl_original_unet.py has the ldm checkpoint's names), and
+`<text prefix>_<Hugging Face name>` for the text encoders (`lora_te_` for SD1/SD2, `lora_te1_`/`lora_te2_` for
+SDXL's two). The WebUI converts the SD1/SD2 names to its own with fixed block arithmetic and maps `lora_unet` to
+its `diffusion_model` otherwise; an OpenCLIP attention is updated only when q, k, v and out projections are all
+present, so all four are always trained together.
 """
 
 from __future__ import annotations
@@ -149,16 +153,42 @@ def unet_module_name(name: str, unet_config: dict) -> str:
     return key[len(UNET_PREFIX):-len(".weight")]
 
 
+def unet_file_name(name: str, unet_config: dict) -> str:
+    """kohya's name of the adapter on a diffusers UNet module: lora_unet_down_blocks_0_attentions_0_proj_in for
+    SD1/SD2, lora_unet_input_blocks_1_1_proj_in for SDXL.
+
+    A UNet without SD1/SD2's block layout (the tiny demo and test models) keeps the ldm name: kohya cannot train
+    one, and the WebUI's conversion of diffusers names would put its adapters on the wrong layers."""
+    if _is_sdxl(unet_config) or not _has_sd_block_layout(unet_config):
+        name = unet_module_name(name, unet_config)
+    return "lora_unet_" + name.replace(".", "_")
+
+
+def _is_sdxl(unet_config: dict) -> bool:
+    # SDXL's UNet is the one conditioned on the pooled text and the picture's sizes.
+    return unet_config.get("addition_embed_type") == "text_time"
+
+
+def _has_sd_block_layout(unet_config: dict) -> bool:
+    """Whether the WebUI maps diffusers names onto this UNet's ldm blocks rightly. Its networks.py does it with
+    SD1/SD2's arithmetic: three ldm blocks per level (two resnets per down level, three per up level), and each
+    upsampler after one block in the first up level (no attention there) and after two in the others."""
+    ups = unet_config["up_block_types"]
+    with_upsampler = ups[:-1]  # the last up level has none
+    return unet_config["layers_per_block"] == 2 and all(
+        ("CrossAttn" in kind) == (level > 0) for level, kind in enumerate(with_upsampler))
+
+
 def lora_file_tensors(unet: nn.Module, unet_config: dict, text_encoders: tuple[nn.Module, ...],
                       text_prefixes: tuple[str, ...], dtype: torch.dtype,
                       unet_state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-    """Every adapter as the WebUI's Lora extension names it. `unet_state` (e.g. averaged weights, keyed like the
-    UNet's state dict) replaces the UNet adapters' own weights when given."""
+    """Every adapter under kohya's name (see the module's docstring). `unet_state` (e.g. averaged weights, keyed
+    like the UNet's state dict) replaces the UNet adapters' own weights when given."""
     state = unet_state if unet_state is not None else unet.state_dict()
     out: dict[str, torch.Tensor] = {}
     for name, layer in adapters(unet).items():
-        _put(out, "lora_unet_" + unet_module_name(name, unet_config).replace(".", "_"), layer,
-             state[f"{name}.down.weight"], state[f"{name}.up.weight"], dtype)
+        _put(out, unet_file_name(name, unet_config), layer, state[f"{name}.down.weight"],
+             state[f"{name}.up.weight"], dtype)
     for encoder, prefix in zip(text_encoders, text_prefixes, strict=True):
         for name, layer in adapters(encoder).items():
             _put(out, f"{prefix}_{name.replace('.', '_')}", layer, layer.down.weight, layer.up.weight, dtype)

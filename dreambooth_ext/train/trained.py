@@ -192,7 +192,8 @@ class LoRATraining:
         cover = saving.cover.read_bytes() if saving.cover and saving.cover.is_file() else None
         metadata = lora_metadata(bundle, title=path.stem, steps=saving.step, config_json=saving.config_json,
                                  resolution=config.resolution, rank=config.lora_rank,
-                                 alpha=config.lora_alpha or config.lora_rank, num_images=saving.num_images,
+                                 alpha=config.lora_alpha or config.lora_rank, conv_rank=config.lora_conv_rank,
+                                 num_images=saving.num_images,
                                  tag_frequency=saving.tag_frequency, started_at=saving.started_at,
                                  cover_image=cover, extra=saving.extra)
         metadata["sshs_model_hash"] = addnet_hash(tensors)
