@@ -23,205 +23,256 @@ GROUPS = ("model", "concepts", "training", "lora", "memory", "saving", "samples"
 
 @dataclass(frozen=True)
 class Option:
-    """One setting. `kind` is one of: int, float, bool, str, text, path, choice."""
+    """One setting. `kind` is one of: int, float, bool, str, text, path, choice.
+
+    `text` is the help; it names another option as `name` in backticks, which `help` (the command line) turns into
+    its flag and `info` (the tab) into its label, so each reads right where it is shown. `mode`: the train mode
+    that uses the option ("" for every mode); the tab hides it in the other mode."""
 
     name: str
     kind: str
     default: Any
-    help: str
+    text: str
     group: str
+    label: str = ""  # what the tab calls it; empty: made from the name (a new option still gets a widget)
     min: float | None = None
     max: float | None = None
     choices: tuple[str, ...] = ()
     auto: Any = None  # a value outside min..max that means "decided from the base model"
+    mode: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.label:
+            object.__setattr__(self, "label", self.name.replace("_", " ").capitalize())
 
     @property
-    def label(self) -> str:
-        return self.name.replace("_", " ").capitalize()
+    def help(self) -> str:
+        """The help as the command line shows it: other options by their flags."""
+        return _name_references(self.text, lambda option: f"--{option.name}")
+
+    @property
+    def info(self) -> str:
+        """The help as the tab shows it: other options by their labels."""
+        return _name_references(self.text, lambda option: f'"{option.label}"')
 
 
-def _opt(name, kind, default, group, help, **kw) -> Option:  # noqa: A002 - short table rows
-    return Option(name=name, kind=kind, default=default, group=group, help=help, **kw)
+_REFERENCE = re.compile(r"`(\w+)`")
+
+
+def _name_references(text: str, name: Any) -> str:
+    """`text` with each `option_name` in backticks replaced by name(option); other backticked words stay."""
+    def replace(match: re.Match) -> str:
+        option = OPTIONS_BY_NAME.get(match.group(1)) or CONCEPT_OPTIONS_BY_NAME.get(match.group(1))
+        return name(option) if option is not None else match.group(0)
+
+    return _REFERENCE.sub(replace, text)
+
+
+def _opt(name, label, kind, default, group, text, **kw) -> Option:
+    return Option(name=name, label=label, kind=kind, default=default, group=group, text=text, **kw)
 
 
 CONCEPT_OPTIONS: tuple[Option, ...] = (
-    _opt("instance_dir", "path", "", "concepts",
+    _opt("instance_dir", "Training images folder", "path", "", "concepts",
          "Folder of training images of your subject. Sub-folders and file names may carry captions "
          "(JoePenna's conventions: 'img@a photo of S.jpg', one folder per subject, one per class)."),
-    _opt("token", "str", "ohwx", "concepts",
+    _opt("token", "Token", "str", "ohwx", "concepts",
          "The rare word that will mean your subject, e.g. 'ohwx'. Prompt with it AND the class word: "
          "'ohwx person', not just 'ohwx'."),
-    _opt("class_word", "str", "person", "concepts",
+    _opt("class_word", "Class word", "str", "person", "concepts",
          "What your subject is: person, man, woman, dog, style... Used in prompts as {class}."),
-    _opt("instance_prompt", "str", "photo of {token} {class}", "concepts",
+    _opt("instance_prompt", "Caption of uncaptioned images", "str", "photo of {token} {class}", "concepts",
          "Caption for training images that have none of their own ({token} and {class} are filled in)."),
-    _opt("class_dir", "path", "", "concepts",
+    _opt("class_dir", "Class images folder", "path", "", "concepts",
          "Folder of class (regularization) images. Empty: a folder in the project's work directory. "
          "Missing images are generated there with the base model."),
-    _opt("class_prompt", "str", "photo of {class}", "concepts",
+    _opt("class_prompt", "Class prompt", "str", "photo of {class}", "concepts",
          "Prompt of the class images, used to generate them and as their caption."),
-    _opt("num_class_images", "int", 100, "concepts",
+    _opt("num_class_images", "Number of class images", "int", 100, "concepts",
          "How many class images prior preservation uses; missing ones are generated.", min=0, max=100000),
-    _opt("generate_class_images", "bool", True, "concepts",
-         "Render missing class images with the base model into class_dir. Off: class_dir is used as it is, "
-         "never written to (JoePenna's regularization folders are imported this way)."),
-    _opt("token_only", "bool", False, "concepts",
-         "Caption images with the token alone and use no class images (JoePenna's token_only)."),
+    _opt("generate_class_images", "Generate missing class images", "bool", True, "concepts",
+         "Render missing class images with the base model into the `class_dir`. Off: that folder is used as it "
+         "is, never written to (JoePenna's regularization folders are imported this way)."),
+    _opt("token_only", "Token only (no class)", "bool", False, "concepts",
+         "Caption images with the token alone and use no class images (as JoePenna's token-only setting does)."),
 )
 
 OPTIONS: tuple[Option, ...] = (
     # model
-    _opt("project_name", "str", "my_project", "model",
+    _opt("project_name", "Project name", "str", "my_project", "model",
          "Name of the project: results are saved as <project>/<project>_<step>.safetensors."),
-    _opt("base_model", "path", "", "model",
+    _opt("base_model", "Base model", "path", "", "model",
          "Checkpoint to train (.safetensors or .ckpt). In the WebUI, empty means the loaded checkpoint."),
-    _opt("vae", "path", "", "model",
-         "Separate VAE to use instead of the checkpoint's own (optional)."),
-    _opt("prediction_type", "choice", "auto", "model",
+    _opt("vae", "VAE", "path", "", "model",
+         "A VAE file to use instead of the checkpoint's own (optional)."),
+    _opt("prediction_type", "Prediction type", "choice", "auto", "model",
          "What the model predicts. 'auto' reads it from the checkpoint's .yaml, metadata or the model itself.",
          choices=("auto", "epsilon", "v_prediction")),
-    _opt("train_mode", "choice", "full", "model",
-         "What to train: full (a whole new checkpoint) or lora (a small file of adapters, a few to a few hundred "
-         "MB, used with <lora:name:1> on any checkpoint of the same family; far less memory).",
+    _opt("train_mode", "Train mode", "choice", "full", "model",
+         "What to train: 'full' (a whole new checkpoint) or 'lora' (a LoRA: a small file of adapters, a few to a "
+         "few hundred MB, used with <lora:name:1> on any checkpoint of the same family; far less memory). Each "
+         "mode has learning rates of its own.",
          choices=("full", "lora")),
-    _opt("resolution", "int", 0, "model",
+    _opt("resolution", "Resolution", "int", 0, "model",
          "Training image size in pixels (a multiple of 64). 0: the base model's own size (512 for SD1.x and SD2 "
          "base, 768 for SD2 768-v, 1024 for SDXL). Memory grows with its square.", min=64, max=2048, auto=0),
     # training
-    _opt("max_train_steps", "int", 1000, "training",
-         "Stop after this many optimizer steps (about 100 per training image works well). 0: use epochs.",
-         min=0, max=10_000_000),
-    _opt("num_train_epochs", "int", 0, "training",
-         "Stop after this many passes over the training images (used when max_train_steps is 0).",
+    _opt("max_train_steps", "Training steps", "int", 1000, "training",
+         "Stop after this many optimizer steps (about 100 per training image works well). 0: stop after "
+         "`num_train_epochs` instead.", min=0, max=10_000_000),
+    _opt("num_train_epochs", "Epochs", "int", 0, "training",
+         "Stop after this many passes over the training images (used when `max_train_steps` is 0).",
          min=0, max=100000),
-    _opt("learning_rate", "float", 2e-6, "training", "Learning rate of the UNet.", min=0.0, max=1.0),
-    _opt("lr_scheduler", "choice", "constant", "training", "How the learning rate changes over the run.",
+    _opt("learning_rate", "Learning rate", "float", 2e-6, "training",
+         "Learning rate of the UNet in a full fine-tune. Default 2e-6 (SD 1.5 and SDXL; 1e-6 suits SD 2.x). "
+         "With `train_mode` 'lora', `lora_learning_rate` is used instead.", min=0.0, max=1.0, mode="full"),
+    _opt("lora_learning_rate", "LoRA learning rate", "float", 1e-4, "training",
+         "Learning rate of the UNet's adapters when `train_mode` is 'lora'. Default 1e-4. A full fine-tune uses "
+         "`learning_rate` instead.", min=0.0, max=1.0, mode="lora"),
+    _opt("lr_scheduler", "Learning-rate schedule", "choice", "constant", "training",
+         "How the learning rate changes over the run.",
          choices=("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")),
-    _opt("lr_warmup_steps", "int", 0, "training", "Steps over which the learning rate rises from 0.",
-         min=0, max=1_000_000),
-    _opt("lr_num_cycles", "int", 1, "training",
+    _opt("lr_warmup_steps", "Warm-up steps", "int", 0, "training",
+         "Steps over which the learning rate rises from 0.", min=0, max=1_000_000),
+    _opt("lr_num_cycles", "Cosine restarts", "int", 1, "training",
          "cosine_with_restarts: how many times the learning rate falls to 0 and starts again.", min=1, max=1000),
-    _opt("lr_power", "float", 1.0, "training",
+    _opt("lr_power", "Polynomial power", "float", 1.0, "training",
          "polynomial: the power of the decay (1 is linear; 2 falls faster at first).", min=0.1, max=10.0),
-    _opt("train_batch_size", "int", 1, "training", "Training images per step (each also brings a class image).",
-         min=1, max=1024),
-    _opt("gradient_accumulation_steps", "int", 1, "training",
+    _opt("train_batch_size", "Batch size", "int", 1, "training",
+         "Training images per step (each also brings a class image).", min=1, max=1024),
+    _opt("gradient_accumulation_steps", "Gradient accumulation steps", "int", 1, "training",
          "Batches whose gradients are added up before each optimizer step.", min=1, max=1024),
-    _opt("optimizer", "choice", "adamw", "training",
+    _opt("optimizer", "Optimizer", "choice", "adamw", "training",
          "adamw: 8 bytes of state per trained weight (SD1.5 full: 6.9 GB, SDXL: 20.5 GB). adamw_8bit: 2 bytes "
          "(needs bitsandbytes and a CUDA GPU; saves 5.2 GB on SD1.5, 15 GB on SDXL). adafactor: factored second "
          "moments (each weight as a matrix), no first moment: 6 MB of state on SD1.5, 19 MB on SDXL (saves 6.9 / "
          "20.5 GB), fixed learning rate as set.",
          choices=("adamw", "adamw_8bit", "adafactor")),
-    _opt("adam_beta1", "float", 0.9, "training", "AdamW beta1.", min=0.0, max=0.99999),
-    _opt("adam_beta2", "float", 0.999, "training", "AdamW beta2.", min=0.0, max=0.999999),
-    _opt("adam_epsilon", "float", 1e-8, "training", "AdamW epsilon.", min=0.0, max=1.0),
-    _opt("weight_decay", "float", 1e-2, "training", "AdamW weight decay of the UNet.", min=0.0, max=1.0),
-    _opt("max_grad_norm", "float", 1.0, "training", "Clip gradients to this norm (0: no clipping).",
-         min=0.0, max=1000.0),
-    _opt("train_text_encoder", "bool", False, "training",
-         "Also train the text encoder: better likeness, about 2 GB more memory."),
-    _opt("text_encoder_lr", "float", 1e-6, "training", "Learning rate of the text encoder.", min=0.0, max=1.0),
-    _opt("text_encoder_weight_decay", "float", 1e-2, "training", "AdamW weight decay of the text encoder.",
+    _opt("adam_beta1", "AdamW beta 1", "float", 0.9, "training",
+         "AdamW's decay of its running mean of the gradients (beta 1).", min=0.0, max=0.99999),
+    _opt("adam_beta2", "AdamW beta 2", "float", 0.999, "training",
+         "AdamW's decay of its running mean of the squared gradients (beta 2).", min=0.0, max=0.999999),
+    _opt("adam_epsilon", "AdamW epsilon", "float", 1e-8, "training",
+         "AdamW's epsilon (added to the divisor, so tiny gradients do not make huge steps).", min=0.0, max=1.0),
+    _opt("weight_decay", "Weight decay (UNet)", "float", 1e-2, "training", "AdamW weight decay of the UNet.",
          min=0.0, max=1.0),
-    _opt("stop_text_encoder", "float", 1.0, "training",
+    _opt("max_grad_norm", "Gradient clipping", "float", 1.0, "training",
+         "Clip gradients to this norm (0: no clipping).", min=0.0, max=1000.0),
+    _opt("train_text_encoder", "Train the text encoder", "bool", False, "training",
+         "Also train the text encoder: better likeness, about 2 GB more memory."),
+    _opt("text_encoder_lr", "Text encoder learning rate", "float", 1e-6, "training",
+         "Learning rate of the text encoder in a full fine-tune. Default 1e-6. With `train_mode` 'lora', "
+         "`lora_text_encoder_lr` is used instead.", min=0.0, max=1.0, mode="full"),
+    _opt("lora_text_encoder_lr", "LoRA text encoder learning rate", "float", 5e-5, "training",
+         "Learning rate of the text encoders' adapters when `train_mode` is 'lora' (with `train_text_encoder` "
+         "on). Default 5e-5. A full fine-tune uses `text_encoder_lr` instead.", min=0.0, max=1.0, mode="lora"),
+    _opt("text_encoder_weight_decay", "Weight decay (text encoder)", "float", 1e-2, "training",
+         "AdamW weight decay of the text encoder.", min=0.0, max=1.0),
+    _opt("stop_text_encoder", "Text encoder trains for (fraction of steps)", "float", 1.0, "training",
          "Fraction of the steps after which the text encoder stops training (1.0: trains throughout).",
          min=0.0, max=1.0),
-    _opt("prior_preservation", "bool", True, "training",
+    _opt("prior_preservation", "Prior preservation", "bool", True, "training",
          "Train on class images too, so the model keeps what the class word meant (prior preservation)."),
-    _opt("prior_loss_weight", "float", 1.0, "training", "Weight of the class images' loss.", min=0.0, max=100.0),
-    _opt("noise_offset", "float", 0.0, "training",
+    _opt("prior_loss_weight", "Prior loss weight", "float", 1.0, "training", "Weight of the class images' loss.",
+         min=0.0, max=100.0),
+    _opt("noise_offset", "Noise offset", "float", 0.0, "training",
          "Offset noise (about 0.05-0.1) lets the model learn very dark and very bright images.", min=0.0, max=1.0),
-    _opt("min_snr_gamma", "float", 0.0, "training",
+    _opt("min_snr_gamma", "Min-SNR gamma", "float", 0.0, "training",
          "Min-SNR loss weighting (5 is typical; 0: off). Speeds up convergence.", min=0.0, max=100.0),
-    _opt("ema", "bool", False, "training", "Keep an exponential moving average of the UNet and save it."),
-    _opt("ema_decay", "float", 0.9999, "training",
+    _opt("ema", "EMA (average of the weights)", "bool", False, "training",
+         "Keep an exponential moving average (EMA) of the UNet's weights and save it."),
+    _opt("ema_decay", "EMA decay", "float", 0.9999, "training",
          "EMA decay per step, reached after a warm-up (step t uses at most (1+t)/(10+t), as diffusers does).",
          min=0.0, max=1.0),
-    _opt("ema_on_cpu", "bool", True, "training", "Keep the EMA weights in CPU memory (saves GPU memory)."),
-    _opt("seed", "int", 23, "training", "Seed of all randomness: same seed, same run.", min=0, max=2**32 - 1),
-    _opt("flip_p", "float", 0.0, "training",
+    _opt("ema_on_cpu", "Keep the EMA on the CPU", "bool", True, "training",
+         "Keep the EMA weights in CPU memory (saves GPU memory)."),
+    _opt("seed", "Seed", "int", 23, "training", "Seed of all randomness: same seed, same run.",
+         min=0, max=2**32 - 1),
+    _opt("flip_p", "Flip probability", "float", 0.0, "training",
          "Probability of mirroring a training image. Keep 0 for faces (they are not symmetric).",
          min=0.0, max=1.0),
-    _opt("crop", "choice", "center", "training", "How images larger than the resolution are cropped.",
+    _opt("crop", "Cropping", "choice", "center", "training", "How images larger than the resolution are cropped.",
          choices=("center", "random")),
-    _opt("aspect_ratio_buckets", "bool", False, "training",
-         "Train at several aspect ratios (about resolution^2 pixels each) instead of cropping to a square."),
-    _opt("class_image_steps", "int", 30, "training", "DDIM steps to generate each missing class image.",
-         min=1, max=1000),
-    _opt("class_image_guidance", "float", 7.5, "training", "Guidance scale to generate class images.",
-         min=1.0, max=50.0),
-    # lora
-    _opt("lora_rank", "int", 16, "lora",
+    _opt("aspect_ratio_buckets", "Aspect-ratio buckets", "bool", False, "training",
+         "Train at several aspect ratios (each with about as many pixels as the square resolution) instead of "
+         "cropping to a square."),
+    _opt("class_image_steps", "Class image steps", "int", 30, "training",
+         "DDIM steps to generate each missing class image.", min=1, max=1000),
+    _opt("class_image_guidance", "Class image guidance scale", "float", 7.5, "training",
+         "Guidance scale to generate class images.", min=1.0, max=50.0),
+    # lora (the LoRA learning rates sit in training, beside the full fine-tune's, which they replace)
+    _opt("lora_rank", "LoRA rank", "int", 16, "lora",
          "Rank of each adapter: its capacity and its file size (in fp16 at 16: about 14 MB for SD1.5 and 85 MB for "
          "SDXL, plus 5 / 29 MB with the text encoders).",
          min=1, max=1024),
-    _opt("lora_alpha", "float", 0.0, "lora",
+    _opt("lora_alpha", "LoRA alpha", "float", 0.0, "lora",
          "Adapters are scaled by alpha / rank. 0: alpha = rank (scale 1).", min=0.0, max=4096.0),
-    _opt("lora_dropout", "float", 0.0, "lora", "Dropout on each adapter's input while training.",
+    _opt("lora_dropout", "LoRA dropout", "float", 0.0, "lora", "Dropout on each adapter's input while training.",
          min=0.0, max=0.9),
-    _opt("lora_conv_rank", "int", 0, "lora",
+    _opt("lora_conv_rank", "LoRA convolution rank (LoCon)", "int", 0, "lora",
          "Also adapt the UNet's 3x3 convolutions at this rank (kohya's LoCon; alpha = rank). 0: off.",
          min=0, max=1024),
-    _opt("lora_learning_rate", "float", 1e-4, "lora", "Learning rate of the UNet's adapters.", min=0.0, max=1.0),
-    _opt("lora_text_encoder_lr", "float", 5e-5, "lora",
-         "Learning rate of the text encoders' adapters (with train_text_encoder on).", min=0.0, max=1.0),
-    _opt("lora_save_merged", "bool", False, "lora",
+    _opt("lora_save_merged", "Also save a merged checkpoint", "bool", False, "lora",
          "Also write the base checkpoint with the LoRA merged in, next to the other checkpoints."),
     # memory
-    _opt("device", "str", "auto", "memory", "Device to train on: auto, cpu, cuda, cuda:1 ..."),
-    _opt("gpus", "str", "", "memory",
+    _opt("device", "Device", "str", "auto", "memory",
+         "Device to train on: 'auto', 'cpu', 'cuda', 'cuda:1' ..."),
+    _opt("gpus", "Several GPUs", "str", "", "memory",
          "Train on several GPUs at once (data-parallel, same result as one GPU): their numbers, e.g. 0,1, or all. "
-         "The run is `accelerate launch` in processes of its own, which read the checkpoint file, not the "
-         "WebUI's model in memory. Empty: one device, the one above."),
-    _opt("deepspeed_offload", "bool", False, "memory",
+         "The run is started by accelerate's launcher in processes of its own, which read the checkpoint file, "
+         "not the WebUI's model in memory. Empty: one device, the one above."),
+    _opt("deepspeed_offload", "DeepSpeed with the optimizer in RAM", "bool", False, "memory",
          "Train through DeepSpeed ZeRO stage 2 with the optimizer's state and step in system RAM, for cards too "
          "small for a full fine-tune: the GPU keeps the model and its activations; RAM needs about 16 bytes per "
-         "trained weight (SD1.5 14 GB, SDXL 41 GB) and each step is slower. Runs as `accelerate launch` in "
-         "processes of its own on the checkpoint file (as gpus does: on those GPUs, or on one). Needs the "
-         "deepspeed package, optimizer adamw, weights_dtype fp32, no fused_backward."),
-    _opt("mixed_precision", "choice", "auto", "memory",
+         "trained weight (SD1.5 14 GB, SDXL 41 GB) and each step is slower. Runs through accelerate's launcher in "
+         "processes of its own on the checkpoint file (as `gpus` does: on those GPUs, or on one). Needs the "
+         "deepspeed package, `optimizer` adamw, `weights_dtype` fp32 and `fused_backward` off."),
+    _opt("mixed_precision", "Mixed precision", "choice", "auto", "memory",
          "Compute in fp16/bf16 with fp32 master weights (the backward pass casts each weight again rather than "
          "keeping its half-precision copy). auto: fp16 on CUDA; bf16 on a CPU that computes it natively (AVX-512 "
          "BF16 or AMX: steps 1.2x to 1.6x faster there), none on other CPUs. bf16 on a CPU needs torch 2.2 or "
          "newer (older ones crash in its attention).",
          choices=("auto", "no", "fp16", "bf16")),
-    _opt("fused_backward", "bool", False, "memory",
+    _opt("fused_backward", "Fused backward pass", "bool", False, "memory",
          "Update each weight the moment its gradient is ready and free that gradient at once: no full set of "
          "gradients in memory (saves 3.4 GB on SD1.5, 10 GB on SDXL in fp32; half that with bf16 weights). Needs "
-         "max_grad_norm 0 and mixed_precision bf16 or no (not fp16); saves nothing with gradient accumulation."),
-    _opt("weights_dtype", "choice", "fp32", "memory",
-         "Precision of the trained weights. bf16 halves their memory (and their gradients'): SD1.5 full saves "
-         "1.7 + 1.7 GB, SDXL 5.1 + 5.1 GB; every update is rounded stochastically so small ones are not lost. "
-         "Needs mixed_precision bf16.", choices=("fp32", "bf16")),
-    _opt("compile_unet", "bool", False, "memory",
+         "`max_grad_norm` 0 and `mixed_precision` bf16 or no (not fp16); saves nothing with gradient "
+         "accumulation."),
+    _opt("weights_dtype", "Precision of the trained weights", "choice", "fp32", "memory",
+         "bf16 halves the weights' memory (and their gradients'): SD1.5 full saves 1.7 + 1.7 GB, SDXL 5.1 + 5.1 GB; "
+         "every update is rounded stochastically so small ones are not lost. Needs `mixed_precision` bf16.",
+         choices=("fp32", "bf16")),
+    _opt("compile_unet", "Compile the UNet", "bool", False, "memory",
          "Compile the UNet with torch.compile (a compile of a minute or more before the first step). On a GPU it "
          "usually makes steps faster, so it pays on long runs; on a CPU it measured no faster. No memory saving. "
          "Needs torch 2.2 or newer (the tab hides it before)."),
-    _opt("gradient_checkpointing", "choice", "auto", "memory",
+    _opt("gradient_checkpointing", "Gradient checkpointing", "choice", "auto", "memory",
          "Recompute activations in the backward pass: much less memory, about 20% slower on a GPU (a fifth to a "
          "third on a CPU). auto: on with a GPU, where memory runs out first; off on a CPU, where time does.",
          choices=("auto", "on", "off")),
-    _opt("cache_latents", "bool", True, "memory",
+    _opt("cache_latents", "Cache the latents", "bool", True, "memory",
          "Encode every image with the VAE once, then free the VAE from the GPU."),
-    _opt("precompute_text_embeddings", "bool", True, "memory",
+    _opt("precompute_text_embeddings", "Precompute text embeddings", "bool", True, "memory",
          "Encode every caption once when the text encoder is not trained, then free it from the GPU."),
     # saving
-    _opt("save_every_n_steps", "int", 0, "saving",
+    _opt("save_every_n_steps", "Save every N steps", "int", 0, "saving",
          "Also save a model (and resumable training state) every N steps. 0: only at the end.",
          min=0, max=10_000_000),
-    _opt("save_precision", "choice", "fp16", "saving",
-         "Precision of the saved model: fp16 (about 2 GB for SD1.5) or fp32.", choices=("fp16", "fp32")),
+    _opt("save_precision", "Precision of the saved model", "choice", "fp16", "saving",
+         "fp16 (about 2 GB for SD1.5) or fp32.", choices=("fp16", "fp32")),
     # samples
-    _opt("sample_every_n_steps", "int", 0, "samples", "Render sample images every N steps (0: never).",
-         min=0, max=10_000_000),
-    _opt("sample_prompts", "text", "photo of {token} {class}", "samples",
+    _opt("sample_every_n_steps", "Sample every N steps", "int", 0, "samples",
+         "Render sample images every N steps (0: never).", min=0, max=10_000_000),
+    _opt("sample_prompts", "Sample prompts", "text", "photo of {token} {class}", "samples",
          "One prompt per line for the sample images ({token} and {class} are filled in)."),
-    _opt("sample_negative_prompt", "str", "", "samples", "Negative prompt of the sample images."),
-    _opt("sample_seed", "int", 42, "samples", "Seed of the sample images (fixed, so they are comparable).",
-         min=0, max=2**32 - 1),
-    _opt("sample_steps", "int", 20, "samples", "DDIM steps for each sample image.", min=1, max=1000),
-    _opt("sample_guidance", "float", 7.5, "samples", "Guidance scale of the sample images.", min=1.0, max=50.0),
+    _opt("sample_negative_prompt", "Sample negative prompt", "str", "", "samples",
+         "Negative prompt of the sample images."),
+    _opt("sample_seed", "Sample seed", "int", 42, "samples",
+         "Seed of the sample images (fixed, so they are comparable).", min=0, max=2**32 - 1),
+    _opt("sample_steps", "Sample steps", "int", 20, "samples", "DDIM steps for each sample image.",
+         min=1, max=1000),
+    _opt("sample_guidance", "Sample guidance scale", "float", 7.5, "samples", "Guidance scale of the sample images.",
+         min=1.0, max=50.0),
 )
 
 # The tab's "Lowest memory" button: every option that lowers peak memory, set the way that lowers it most (each

@@ -17,6 +17,7 @@ Its models, pictures and runs go into `folder` (a temporary folder, removed at t
 from __future__ import annotations
 
 import json
+import os
 import sys
 import tempfile
 import urllib.request
@@ -25,7 +26,16 @@ from pathlib import Path
 import gradio as gr
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
-from ui_helpers import make_instance_images, make_models_dir, quick_run_data
+from ui_helpers import (
+    CHROMIUM_ARGS,
+    check_rates_follow_train_mode,
+    find_chromium,
+    make_instance_images,
+    make_models_dir,
+    page_texts,
+    quick_run_data,
+    wording_problems,
+)
 
 from dreambooth_ext import config as schema
 from dreambooth_ext.ui import JobManager, folder_adapter
@@ -48,6 +58,7 @@ def main() -> int:
 
 def smoke(root: Path) -> int:
     check(gr.__version__.startswith("4."), f"gradio {gr.__version__} is 4.x")
+    os.environ["GRADIO_TEMP_DIR"] = str(root / "gradio")  # the gallery's images, with the rest of this test's files
     models = make_models_dir(root)
     images = make_instance_images(root / "photos")
     adapter = folder_adapter(models, root / "work")
@@ -58,6 +69,9 @@ def smoke(root: Path) -> int:
     config = page.get_config_file()
     check({"dreambooth_start", "dreambooth_confirm_save"} <= {d.get("js") for d in config["dependencies"]},
           "page JS attached with js= (not _js=)")
+    choice_values = {c for o in schema.OPTIONS + schema.CONCEPT_OPTIONS for c in o.choices}
+    problems = wording_problems(page_texts(config), choice_values)
+    check(not problems, "every label and help text reads as words" + "".join(f"\n  {p}" for p in problems))
 
     values = tab.form_values(schema.from_dict(quick_run_data("", images, project="g4", sample_every_n_steps=2)))
     outputs = tab.start("task(g4)", "tiny.safetensors", None, *values)
@@ -83,10 +97,29 @@ def smoke(root: Path) -> int:
             check(response.status == 200 and b"dreambooth_start" in response.read(), "the page is served")
         with urllib.request.urlopen(served.url.rstrip("/") + f"{PREFIX}/status", timeout=30) as response:
             check(json.load(response)["state"] == "idle", "the API is served beside the page")
+        in_browser(served.url)
     finally:
         served.close()
     print("gradio 4 smoke test passed")
     return 0
+
+
+def in_browser(url: str) -> None:
+    """Press the tab's controls in headless Chromium, as a user of Forge would."""
+    from playwright.sync_api import sync_playwright
+
+    executable = find_chromium()
+    check(executable is not None, "Chromium is installed (apt-get install -y chromium, or set DREAMBOOTH_CHROMIUM)")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(url)
+            page.wait_for_selector("#dreambooth_start", timeout=60_000)
+            check_rates_follow_train_mode(page)
+            check(True, "in the browser, switching Train mode shows that mode's learning rates and hides the others")
+        finally:
+            browser.close()
 
 
 if __name__ == "__main__":

@@ -6,13 +6,17 @@ the test fails, saying so, when either is missing. The screenshot lands in artif
 
 from __future__ import annotations
 
-import os
-import shutil
 import time
 from pathlib import Path
 
 import pytest
-from ui_helpers import make_instance_images, make_models_dir
+from ui_helpers import (
+    CHROMIUM_ARGS,
+    check_rates_follow_train_mode,
+    find_chromium,
+    make_instance_images,
+    make_models_dir,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "artifacts"
@@ -22,12 +26,7 @@ INSTALL_HINT = ("Chromium is needed for the browser test: install it with "
 
 
 def chromium_path() -> str:
-    candidates = [os.environ.get("DREAMBOOTH_CHROMIUM"), "/usr/bin/chromium", shutil.which("chromium"),
-                  shutil.which("chromium-browser")]
-    for path in candidates:
-        if path and Path(path).is_file():
-            return path
-    pytest.fail(INSTALL_HINT)
+    return find_chromium() or pytest.fail(INSTALL_HINT)
 
 
 @pytest.fixture(scope="module")
@@ -50,9 +49,7 @@ def page():
         pytest.fail(INSTALL_HINT)
     executable = chromium_path()
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path=executable,
-            args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+        browser = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         yield page
         browser.close()
@@ -122,3 +119,9 @@ def test_train_a_tiny_model_from_the_browser(served, page):
                            timeout=30_000)
     assert not errors, errors
     assert not [m for m in console if "Infinite extent" in m], console  # no empty chart drawn at page load
+
+
+def test_the_learning_rates_shown_follow_the_train_mode(served, page):
+    page.goto(served[0].url)
+    page.wait_for_selector("#dreambooth_start", timeout=60_000)
+    check_rates_follow_train_mode(page)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -43,6 +44,33 @@ def test_every_option_is_complete_and_its_default_valid():
             assert option.default in option.choices
     names = [o.name for o in cfg.OPTIONS]
     assert len(names) == len(set(names))
+
+
+def test_help_names_other_options_by_flag_on_the_command_line_and_by_label_in_the_tab():
+    every = {o.name for o in cfg.OPTIONS + cfg.CONCEPT_OPTIONS}
+    for option in cfg.OPTIONS + cfg.CONCEPT_OPTIONS:
+        assert set(re.findall(r"`(\w+)`", option.text)) <= every, option.name  # each reference is an option
+        assert "`" not in option.help and "`" not in option.info, option.name
+    epochs = cfg.OPTIONS_BY_NAME["num_train_epochs"]
+    assert "used when --max_train_steps is 0" in epochs.help
+    assert 'used when "Training steps" is 0' in epochs.info
+
+
+def test_each_learning_rate_belongs_to_the_train_mode_whose_run_uses_it():
+    from dreambooth_ext.train.optim import group_options
+
+    modes = cfg.OPTIONS_BY_NAME["train_mode"].choices
+    bound = [o for o in cfg.OPTIONS if o.mode]
+    assert {o.name for o in bound} == {"learning_rate", "text_encoder_lr", "lora_learning_rate",
+                                       "lora_text_encoder_lr"}
+    for mode in modes:
+        used = {names["lr"] for names in group_options(cfg.default_config(train_mode=mode)).values()}
+        assert used == {o.name for o in bound if o.mode == mode}, mode
+    # A project saved before the rates were tied to a mode (both rates, any order) loads as it was.
+    old = {"train_mode": "lora", "lora_text_encoder_lr": 2e-5, "lora_learning_rate": 3e-4, "learning_rate": 0.01,
+           "text_encoder_lr": 1e-6, "concepts": [{"instance_dir": "photos"}]}
+    config = cfg.from_dict(old)
+    assert (config.learning_rate, config.lora_learning_rate, config.lora_text_encoder_lr) == (0.01, 3e-4, 2e-5)
 
 
 def test_defaults_validate_once_a_folder_is_given():

@@ -12,10 +12,11 @@ import gradio as gr
 import pytest
 import safetensors.torch
 import torch
-from ui_helpers import BlockingHost, quick_run_data
+from ui_helpers import BlockingHost, page_texts, quick_run_data, wording_problems
 
 from dreambooth_ext import config as schema
 from dreambooth_ext.errors import DreamboothError
+from dreambooth_ext.train.optim import group_options
 from dreambooth_ext.ui import JobManager, folder_adapter
 from dreambooth_ext.ui.jobs import CANCELLED, FAILED, FINISHED
 from dreambooth_ext.ui.tab import DEFAULT_PICK, build_tab
@@ -50,13 +51,74 @@ def test_every_option_has_a_widget_of_its_kind_with_its_help(tab_factory):
     for option in schema.OPTIONS:
         widget = tab.widgets[option.name]
         assert isinstance(widget, WIDGET_TYPES[widget_kind(option)]), option.name
-        assert widget.info == option.help and widget.label == option.label
+        assert widget.info == option.info and widget.label == option.label
     assert len(tab.concept_widgets) == 3
     for slot in tab.concept_widgets:
         assert set(slot) == {o.name for o in schema.CONCEPT_OPTIONS}
     assert tab.widgets["sample_prompts"].lines > 1  # 'text' options are multi-line
     assert tab.widgets["optimizer"].choices == [(c, c) for c in schema.OPTIONS_BY_NAME["optimizer"].choices] or \
         list(tab.widgets["optimizer"].choices) == list(schema.OPTIONS_BY_NAME["optimizer"].choices)
+
+
+# Labels that are the option's name with its underscores as spaces, and a phrase of their own all the same.
+REAL_PHRASES = {"Token", "Class word", "Class prompt", "Project name", "Base model", "Prediction type", "Train mode",
+                "Resolution", "Learning rate", "Gradient accumulation steps", "Optimizer", "Prior preservation",
+                "Prior loss weight", "Noise offset", "Seed", "Class image steps", "Device", "Mixed precision",
+                "Gradient checkpointing", "Precompute text embeddings", "Sample prompts", "Sample negative prompt",
+                "Sample seed", "Sample steps"}
+
+
+def test_every_label_and_help_text_of_the_tab_reads_as_words(tab_factory):
+    tab = tab_factory()
+    choice_values = {c for o in schema.OPTIONS + schema.CONCEPT_OPTIONS for c in o.choices}
+    texts = page_texts(tab.blocks.get_config_file()) + [("checkpoint pick default", DEFAULT_PICK)]
+    assert len(texts) > 2 * len(schema.OPTIONS)  # the options' labels and help, the groups, the buttons
+    assert wording_problems(texts, choice_values) == []
+    labels = {o.name: tab.widgets[o.name].label for o in schema.OPTIONS}
+    labels.update({o.name: tab.concept_widgets[0][o.name].label for o in schema.CONCEPT_OPTIONS})
+    made_from_names = {label for name, label in labels.items() if label == name.replace("_", " ").capitalize()}
+    assert made_from_names <= REAL_PHRASES
+    assert not {"Vae", "Ema", "Ema on cpu", "Flip p", "Lr scheduler", "Min snr gamma", "Compile unet"} & set(
+        labels.values())
+    assert labels["vae"] == "VAE" and labels["min_snr_gamma"] == "Min-SNR gamma"
+    assert labels["compile_unet"] == "Compile the UNet" and labels["flip_p"] == "Flip probability"
+    # A help text that points at another option names it as the tab shows it.
+    assert '"Epochs"' in tab.widgets["max_train_steps"].info and "num_train_epochs" not in tab.widgets[
+        "max_train_steps"].info
+
+
+def test_the_wording_check_catches_option_names():
+    bad = [("a", "Vae"), ("b", "Used when max_train_steps is 0."), ("c", "Flip p"), ("d", "Ema on cpu"),
+           ("e", "Lr scheduler"), ("f", "Empty: `base_model`."), ("g", "Train a lora")]
+    assert all(wording_problems([text], set()) for text in bad)
+    good = [("a", "adamw_8bit: 2 bytes; 'lora' uses <lora:name:1> and {token}"), ("b", "The UNet's VAE on the CPU")]
+    assert wording_problems(good, {"adamw_8bit"}) == []
+
+
+def test_only_the_learning_rates_of_the_train_mode_are_shown(tab_factory, tmp_path):
+    tab = tab_factory()
+    full, lora = ["learning_rate", "text_encoder_lr"], ["lora_learning_rate", "lora_text_encoder_lr"]
+    assert all(tab.widgets[name].visible for name in full)
+    assert not any(tab.widgets[name].visible for name in lora)
+    # Train mode's change event (also fired when Load or a page reload sets it) swaps them.
+    config = tab.blocks.get_config_file()
+    ids = {c["id"]: c["props"].get("elem_id") for c in config["components"]}
+    mode_id = tab.widgets["train_mode"]._id
+    wired = [d for d in config["dependencies"] if d["trigger"] == "change" and d["targets"] == [mode_id]]
+    assert len(wired) == 1 and {ids[i] for i in wired[0]["outputs"]} == {f"dreambooth_{n}" for n in full + lora}
+    for mode, shown in (("lora", lora), ("full", full)):
+        updates = dict(zip([o.name for o in tab._mode_bound()], tab.mode_options(mode), strict=True))
+        assert {name for name, change in updates.items() if change["visible"]} == set(shown)
+        # The field shown says its rate's default, the one the run uses when it is left alone.
+        for name in shown:
+            option = schema.OPTIONS_BY_NAME[name]
+            assert f"Default {option.default:.0e}".replace("e-0", "e-") in option.info
+    # A hidden rate keeps its value in the form, and the run uses the rate of its mode.
+    data = quick_run_data(tmp_path / "m.safetensors", tmp_path / "a", train_mode="lora", learning_rate=0.01,
+                          lora_learning_rate=3e-4)
+    config = tab.collect(form_for(tab, data))
+    assert (config.learning_rate, config.lora_learning_rate) == (0.01, 3e-4)
+    assert getattr(config, group_options(config)["unet"]["lr"]) == 3e-4
 
 
 def test_widget_kinds_follow_the_ranges():
@@ -72,8 +134,8 @@ def test_widget_kinds_follow_the_ranges():
 
 
 def test_changing_the_schema_changes_the_tab(tab_factory, monkeypatch):
-    extra = schema.Option(name="brand_new_switch", kind="bool", default=True, help="A new option.", group="saving")
-    other = schema.Option(name="groupless", kind="int", default=3, help="No known group.", group="elsewhere")
+    extra = schema.Option(name="brand_new_switch", kind="bool", default=True, text="A new option.", group="saving")
+    other = schema.Option(name="groupless", kind="int", default=3, text="No known group.", group="elsewhere")
     monkeypatch.setattr(schema, "OPTIONS", schema.OPTIONS + (extra, other))
     tab = tab_factory()
     assert isinstance(tab.widgets["brand_new_switch"], gr.Checkbox) and tab.widgets["brand_new_switch"].value is True

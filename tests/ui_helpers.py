@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import re
+import shutil
 import threading
 from pathlib import Path
 
@@ -81,3 +84,84 @@ def run_until_cancelled(config, host: Host, step: int):
 
     holder["run"] = TrainingRun(config, host, on_progress=stop)
     return holder["run"].run()
+
+
+def find_chromium() -> str | None:
+    """Chromium's path for the browser tests ($DREAMBOOTH_CHROMIUM first), or None when there is none."""
+    candidates = [os.environ.get("DREAMBOOTH_CHROMIUM"), "/usr/bin/chromium", shutil.which("chromium"),
+                  shutil.which("chromium-browser")]
+    return next((path for path in candidates if path and Path(path).is_file()), None)
+
+
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+
+
+# -- the tab's wording (gradio 3 and 4 alike: read from the page's config) ------------------------------------
+
+ACRONYMS = {"vae": "VAE", "ema": "EMA", "unet": "UNet", "lora": "LoRA", "snr": "SNR", "cpu": "CPU", "gpu": "GPU",
+            "gpus": "GPUs", "locon": "LoCon", "ddim": "DDIM", "sdxl": "SDXL"}
+ABBREVIATIONS = {"lr", "num", "dir", "dtype", "p", "te", "ckpt", "cfg"}  # option-name shorthand, not words
+SNAKE_CASE = re.compile(r"\b[A-Za-z0-9]+(?:_[A-Za-z0-9]+)+\b")
+QUOTED = re.compile(r"(?<!\w)'[^']*'(?!\w)")  # a value as the user types it: 'lora', 'cuda:1'
+MARKUP = re.compile(r"<[^<>]*>|\{[^{}]*\}")  # file-name patterns and prompt syntax: <project>, <lora:name:1>, {token}
+
+
+def page_texts(config: dict) -> list[tuple[str, str]]:
+    """(where, text) for every label, help line, placeholder and button text of a gradio page's config."""
+    texts = []
+    for component in config["components"]:
+        props = component.get("props", {})
+        where = props.get("elem_id") or f"{component.get('type')} {component.get('id')}"
+        keys = ("label", "info", "placeholder") + (("value",) if component.get("type") == "button" else ())
+        texts.extend((f"{where} {key}", props[key]) for key in keys if isinstance(props.get(key), str))
+    return texts
+
+
+def wording_problems(texts: list[tuple[str, str]], choice_values: set[str]) -> list[str]:
+    """What in `texts` is not written as words: option names (snake_case that is no dropdown value), `code`,
+    acronyms in the wrong case (Vae, lora), option-name shorthand (Lr, Flip p)."""
+    problems = []
+    for where, text in texts:
+        unmarked = MARKUP.sub(" ", text)
+        if "`" in text:
+            problems.append(f"{where}: backticks in {text!r}")
+        for token in SNAKE_CASE.findall(unmarked):
+            if token not in choice_values:
+                problems.append(f"{where}: {token!r} in {text!r}")
+        for word in re.findall(r"(?<![.\w])[A-Za-z]+", QUOTED.sub(" ", unmarked)):  # not .ckpt, torch.compile
+            proper = ACRONYMS.get(word.lower())
+            if proper and word != proper:
+                problems.append(f"{where}: {word!r} (write {proper}) in {text!r}")
+            if word.lower() in ABBREVIATIONS:
+                problems.append(f"{where}: shorthand {word!r} in {text!r}")
+    return problems
+
+
+def choose(page, elem_id: str, value: str) -> None:
+    """Pick `value` in a gradio dropdown (3.41 and 4.40 both mark the options so)."""
+    page.click(f"#{elem_id} input")
+    page.locator(f"[data-testid='dropdown-option'][aria-label='{value}']").first.click()
+
+
+def check_rates_follow_train_mode(page) -> None:
+    """In a browser on the tab: the Training group shows the learning rates of the chosen train mode, and no
+    other (a rate the run would not use must not be there to be typed in)."""
+    if not page.locator("#dreambooth_max_train_steps").is_visible():
+        page.click("#dreambooth_group_training .label-wrap")  # closed at first
+    full = ("#dreambooth_learning_rate", "#dreambooth_text_encoder_lr")
+    lora = ("#dreambooth_lora_learning_rate", "#dreambooth_lora_text_encoder_lr")
+    _expect_shown(page, full, lora)
+    choose(page, "dreambooth_train_mode", "lora")
+    _expect_shown(page, lora, full)
+    text = page.inner_text("#dreambooth_lora_learning_rate")
+    if "LoRA learning rate" not in text or "Default 1e-4" not in text:
+        raise AssertionError(f"the LoRA rate's field reads {text!r}")
+    choose(page, "dreambooth_train_mode", "full")
+    _expect_shown(page, full, lora)
+
+
+def _expect_shown(page, shown: tuple[str, ...], hidden: tuple[str, ...]) -> None:
+    for selector in shown:
+        page.wait_for_selector(selector, state="visible", timeout=30_000)
+    for selector in hidden:
+        page.wait_for_selector(selector, state="hidden", timeout=30_000)

@@ -91,7 +91,8 @@ def folder_adapter(models_dir: str | Path, work_root: str | Path | None = None) 
 
     def summary() -> dict:
         return {"title": "", "hash": "", "vae": "", "family": "",
-                "problem": "No model is loaded here: the run trains base_model, or the checkpoint picked below."}
+                "problem": "No model is loaded here: the run trains the checkpoint in \"Base model\", or the one "
+                           "picked below."}
 
     return HostAdapter(prepare=prepare, projects_dir=lambda: host.work_root, model_summary=summary,
                        checkpoint_titles=titles)

@@ -24,7 +24,7 @@ from .widgets import HIDDEN, js_kwarg, option_grid, update
 log = logging.getLogger(__name__)
 
 CONCEPT_SLOTS = 3
-DEFAULT_PICK = "(default: base_model, else the loaded model)"
+DEFAULT_PICK = "(default: the Base model field, else the loaded model)"
 GROUP_TITLES = {"model": "Model", "concepts": "Concepts", "training": "Training", "lora": "LoRA",
                 "memory": "Memory and speed",
                 "saving": "Saving", "samples": "Sample images"}
@@ -92,7 +92,8 @@ class DreamboothTab:
                                 self._concept_slots()
                             self.widgets.update(option_grid(
                                 [o for o in self.options if o.group == group], "dreambooth_",
-                                suggestions=self._device_suggestions(), hidden=self._hidden_options()))
+                                suggestions=self._device_suggestions(), hidden=self._hidden_options(),
+                                inactive=self._other_mode_options(schema.OPTIONS_BY_NAME["train_mode"].default)))
                             if group == "memory":
                                 self.lowest_memory_button = gr.Button(
                                     "Lowest memory", elem_id="dreambooth_lowest_memory", size="sm")
@@ -127,6 +128,20 @@ class DreamboothTab:
             hidden.add("compile_unet")
         return frozenset(hidden)
 
+    def _other_mode_options(self, train_mode: str) -> frozenset[str]:
+        """The options of the other train mode (its learning rates): hidden, so that no field shows a rate the run
+        would not use."""
+        return frozenset(o.name for o in self.options if o.mode and o.mode != train_mode)
+
+    def mode_options(self, train_mode: str) -> list:
+        """Show the options `train_mode` uses and hide the other mode's (their values stay in the form)."""
+        return [update(visible=o.mode == train_mode) for o in self._mode_bound()]
+
+    def _mode_bound(self) -> list[schema.Option]:
+        """The options that belong to one train mode, in form order (those hidden on this machine left out)."""
+        hidden = self._hidden_options()
+        return [o for o in self.options if o.mode and o.name not in hidden]
+
     def _ungrouped_options(self) -> None:
         rest = [o for o in self.options if o.name not in self.widgets]
         if rest:  # an option whose group the tab has no place for still gets a widget
@@ -151,7 +166,7 @@ class DreamboothTab:
         with gr.Row():
             self.checkpoint_pick = gr.Dropdown(
                 choices=[DEFAULT_PICK] + self._titles(), value=DEFAULT_PICK, label="Train another checkpoint",
-                info="Train this checkpoint instead of base_model / the loaded model.",
+                info='Train this checkpoint instead of the one in "Base model" (or the loaded model).',
                 elem_id="dreambooth_checkpoint_pick")
             self.model_refresh = gr.Button("Refresh", elem_id="dreambooth_model_refresh")
 
@@ -198,6 +213,9 @@ class DreamboothTab:
         for button in (self.start_button, self.resume_button):  # a run's status has its own dataset check
             button.click(lambda: "", [], [self.dataset_report], queue=False, **quiet)
         self.lowest_memory_button.click(self.lowest_memory, [], [self.widgets[n] for n in schema.LOWEST_MEMORY])
+        # `change` also fires when Load or a page reload sets the mode, so the rates shown always match it.
+        self.widgets["train_mode"].change(self.mode_options, [self.widgets["train_mode"]],
+                                          [self.widgets[o.name] for o in self._mode_bound()], **quiet)
         self.refresh_button.click(self.refresh, [self.seen, self.checkpoint_pick],
                                   view + [self.status, self.model_html], **quiet)
         self.model_refresh.click(self.refresh_model, [self.checkpoint_pick], [self.model_html, self.checkpoint_pick])
@@ -387,7 +405,7 @@ class DreamboothTab:
             path = projects.project_file(self.adapter.projects_dir(), config.project_name)
             if path.exists() and not overwrite:
                 raise DreamboothError(f"Project {config.project_name!r} exists already; not overwritten. Save again "
-                                      "and confirm, or change project_name.")
+                                      "and confirm, or change the project name.")
             projects.save_project(self.adapter.projects_dir(), config)
             message, is_error = f"Saved {path}", False
         except DreamboothError as exc:

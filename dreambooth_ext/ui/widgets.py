@@ -67,7 +67,7 @@ def make_widget(option: Option, *, value: Any = None, elem_id: str | None = None
     that cannot do anything here (it still carries its value)."""
     kind = widget_kind(option)
     value = option.default if value is None else value
-    common = {"label": option.label, "info": option.help, "elem_id": elem_id, "visible": visible}
+    common = {"label": option.label, "info": option.info, "elem_id": elem_id, "visible": visible}
     if suggestions:
         choices = suggestions if value in suggestions else [value, *suggestions]
         return gr.Dropdown(choices=choices, value=value, allow_custom_value=True, **common)
@@ -88,9 +88,11 @@ def make_widget(option: Option, *, value: Any = None, elem_id: str | None = None
 
 def option_grid(options: Sequence[Option], id_prefix: str, values: dict[str, Any] | None = None,
                 suggestions: dict[str, list[str]] | None = None,
-                hidden: frozenset[str] = frozenset()) -> dict[str, gr.components.Component]:
+                hidden: frozenset[str] = frozenset(),
+                inactive: frozenset[str] = frozenset()) -> dict[str, gr.components.Component]:
     """Widgets for `options` in their order, GRID_COLUMNS to a row; a multi-line text takes a row of its own.
-    Each widget's elem_id is id_prefix + the option's name; the options named in `hidden` are not shown."""
+    Each widget's elem_id is id_prefix + the option's name. The options named in `hidden` are never shown (they go
+    last); those in `inactive` are not shown for now but keep their place, for the tab to show them later."""
     values = values or {}
     suggestions = suggestions or {}
     options = [o for o in options if o.name not in hidden] + [o for o in options if o.name in hidden]
@@ -104,7 +106,7 @@ def option_grid(options: Sequence[Option], id_prefix: str, values: dict[str, Any
                     widgets[option.name] = make_widget(option, value=values.get(option.name),
                                                        elem_id=id_prefix + option.name,
                                                        suggestions=suggestions.get(option.name),
-                                                       visible=option.name not in hidden)
+                                                       visible=option.name not in hidden | inactive)
             row.clear()
 
     for option in options:
