@@ -100,3 +100,56 @@ def test_the_speed_bench_reads_the_engines_peak_at_its_last_step_not_after_its_s
                      resolution=64, steps=4)
     figures = speed.run_engine(args, {})
     assert figures["step_s"] > 0 and figures["peak_mib"] < speed._peak_mib() - 900
+
+
+@pytest.fixture(scope="module")
+def small_sd15(tmp_path_factory):
+    """The start bench's checkpoint at SD1.5's architecture with every width / 8, and its diffusers configs."""
+    import start
+    from models import save_sd15
+
+    folder = tmp_path_factory.mktemp("start")
+    path = save_sd15(folder / "sd15.safetensors", shrink=8, dtype=torch.float16)
+    return path, start.write_diffusers_configs(path, folder / "configs")
+
+
+def test_the_start_bench_competitors_load_the_same_model_offline(small_sd15, monkeypatch):
+    """diffusers' from_single_file, given the bench's config folder instead of the hub, builds the same UNet, VAE
+    and text encoder as the engine (the comparison is between two loaders of one model), and so does its
+    save_pretrained + from_pretrained round trip."""
+    import start
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    path, configs = small_sd15
+    loaded = {}
+    for name, (imports, load) in start.PATHS.items():
+        imports()
+        loaded[name] = {part: module.state_dict() for part, module in load(str(path), str(configs)).items()}
+    engine = loaded.pop("engine")
+    assert engine["unet"]["conv_in.weight"].dtype == torch.float32  # the engine trains the UNet in fp32
+    for name, parts in loaded.items():
+        for part, state in parts.items():
+            mine = engine[part]
+            assert state.keys() >= {k for k in mine if not k.endswith("position_ids")}, (name, part)
+            for key, tensor in mine.items():
+                assert torch.equal(tensor.to(state[key].dtype), state[key]), (name, part, key)
+
+
+def test_the_start_bench_measures_interleaved_and_says_where(small_sd15, monkeypatch):
+    import start
+
+    from dreambooth_ext.train import devices
+
+    path, configs = small_sd15
+    results = start.measure(path, configs, repeats=1, names=["engine", "diffusers single-file"])
+    assert all(len(runs) == 1 and runs[0]["from_start"] > runs[0]["seconds"] > 0 and runs[0]["peak_mib"] > 0
+               for runs in results.values())
+    lines = start.report(results, repeats=1)
+    assert lines[-1].startswith("engine / diffusers single-file: load ") and "peak" in lines[-1]
+
+    monkeypatch.setattr(devices, "cpu_computes_bf16", lambda: True)
+    header = start.header(2.1, repeats=3)
+    assert f"with {torch.get_num_threads()} threads" in header and start.cpu_name() in header
+    assert "computes bf16 natively" in header
+    monkeypatch.setattr(devices, "cpu_computes_bf16", lambda: False)
+    assert "no native bf16" in start.header(2.1, repeats=3)
