@@ -476,6 +476,29 @@ def test_a_lora_trained_from_the_tab_is_in_the_hosts_lora_folder_and_list_at_onc
         extension.module.jobs.shutdown(30)
 
 
+def test_a_new_loras_card_is_in_the_lora_tab_of_txt2img_and_img2img(make_webui, tmp_path):
+    """Seen in a real v1.10.1: each of txt2img and img2img keeps its Lora cards' HTML and serves it to every page
+    load, so the card of a LoRA trained since the first page load showed only after a press of the tab's Refresh.
+    The run refreshes the Lora page as that button does, but not the Checkpoints page (whose refresh selects the
+    --ckpt file again: the user's selection stays)."""
+    webui = make_webui(ckpt=True)
+    webui.write_checkpoint("other.safetensors", seed=5)
+    webui.load("other.safetensors")
+    extension = Extension(webui, tmp_path)
+    tabs = ("txt2img", "img2img")
+    for tab in tabs:  # a page loaded before the run: the cards are built and kept
+        assert "data-name='style_2'" not in webui.page_load(f"{tab}_lora_cards_html")
+    selected = webui.shared.opts.sd_model_checkpoint
+
+    outputs = extension.start("style", train_mode="lora", lora_rank=4)
+    assert "data-state='finished'" in outputs[-1], outputs[-1]
+    for tab in tabs:  # a page loaded now shows the new card
+        assert "data-name='style_2'" in webui.page_load(f"{tab}_lora_cards_html"), tab
+    assert webui.shared.opts.sd_model_checkpoint == selected
+    assert "Its card is in the Lora tab of txt2img and img2img" in outputs[-1]
+    extension.module.jobs.shutdown(30)
+
+
 def test_the_tab_lists_the_gpus_and_a_run_on_another_device_leaves_the_hosts_model(make_webui, tmp_path,
                                                                                      monkeypatch):
     from dreambooth_ext.train import devices

@@ -153,6 +153,59 @@ def refresh_lora_list() -> bool:
     return True
 
 
+LORA_PAGE = "lora"  # the built-in Lora extension's extra-networks page (title "Lora")
+
+
+def refresh_lora_cards() -> bool:
+    """Do for the Lora page what its Refresh button does in txt2img and img2img: re-scan the Lora folder, then
+    rebuild the cards each of those tabs keeps (`ExtraNetworksUi.pages_contents`: every page load is served that
+    list, so a new LoRA's card would appear only after a press of Refresh). Only the Lora page: the button also
+    refreshes the Checkpoints page, whose `list_models()` selects the --ckpt file again. A tab no page has loaded
+    yet builds all its cards fresh at the first load. False when the host has no Lora page or list."""
+    from modules import ui_extra_networks
+
+    page = next((p for p in ui_extra_networks.extra_pages if p.name == LORA_PAGE), None)
+    if page is None:  # no UI (--nowebui): the list alone, for <lora:...> in API prompts
+        return refresh_lora_list()
+    page.refresh()
+    for tab in _extra_networks_uis():
+        if tab.pages_contents and page in tab.stored_extra_pages:
+            tab.pages_contents[tab.stored_extra_pages.index(page)] = page.create_html(tab.tabname)
+    return True
+
+
+def _extra_networks_uis() -> list[Any]:
+    """The `ExtraNetworksUi` of txt2img and of img2img. v1.10.1 keeps them nowhere but in the handlers it gives the
+    hidden Refresh buttons of their pages (`{tab}_lora_extra_refresh_internal`): found there, in the page's events.
+    Empty without a page, or with a gradio that keeps its events otherwise (Forge's gradio 4)."""
+    from modules import shared
+
+    demo = getattr(shared, "demo", None)
+    dependencies, handlers = getattr(demo, "dependencies", None), getattr(demo, "fns", None)
+    if not isinstance(dependencies, list) or not isinstance(handlers, list):
+        return []
+    suffix = f"_{LORA_PAGE}_extra_refresh_internal"
+    found = []
+    for dependency, handler in zip(dependencies, handlers, strict=False):
+        targets = [demo.blocks.get(target) for target in dependency.get("targets", ())]
+        if not any(str(getattr(target, "elem_id", "")).endswith(suffix) for target in targets):
+            continue
+        tab = _closure_value(handler.fn, "ui")
+        if tab is not None and hasattr(tab, "pages_contents") and all(tab is not other for other in found):
+            found.append(tab)
+    return found
+
+
+def _closure_value(fn: Any, name: str) -> Any:
+    """The value a nested function closes over under `name`; None if it has none."""
+    code, cells = getattr(fn, "__code__", None), getattr(fn, "__closure__", None) or ()
+    cell = dict(zip(code.co_freevars, cells, strict=False)).get(name) if code is not None else None
+    try:
+        return cell.cell_contents if cell is not None else None
+    except ValueError:  # not assigned yet
+        return None
+
+
 def checkpoints_dir() -> Path:
     """Where trained checkpoints go: --ckpt-dir if given, else models/Stable-diffusion (follows --models-dir)."""
     from modules import sd_models, shared
@@ -595,8 +648,15 @@ class WebUIHost(Host):
         return lora_dir() / project / f"{project}_{step}.safetensors"
 
     def publish_lora(self, path: Path) -> None:
-        if refresh_lora_list():
-            log.info("Published %s to the Lora list: use it with <lora:%s:1>", path, path.stem)
+        """List the LoRA at once: in <lora:...> prompts, and its card in the Lora tab of txt2img and img2img."""
+        try:
+            listed = refresh_lora_cards()
+        except Exception as exc:  # the file is written: a card that fails to draw must not fail the run
+            log.warning("%s is written, but refreshing the Lora tab failed (%s): press the Lora tab's Refresh.",
+                        path, exc)
+            return
+        if listed:
+            log.info("Published %s to the Lora list and tab: use it with <lora:%s:1>", path, path.stem)
         else:
             log.warning("The WebUI's Lora extension is not loaded, so %s is not listed yet; enable the built-in "
                         "Lora extension, or restart the WebUI.", path)

@@ -53,8 +53,8 @@ def status_html(status: dict[str, Any], note: str = "", in_use: bool = False) ->
         items = "".join(f"<li><code>{html.escape(str(p))}</code></li>" for p in loras)
         prompt = html.escape(lora_prompt(loras[-1]))
         parts.append(f"<div class='dreambooth-loras'>LoRA written:<ul>{items}</ul>Add it to a prompt with "
-                     f"<code class='dreambooth-lora-prompt'>{prompt}</code> (it is in the Lora tab; refresh the tab's "
-                     "cards to see it).</div>")
+                     f"<code class='dreambooth-lora-prompt'>{prompt}</code>. Its card is in the Lora tab of txt2img "
+                     "and img2img (a page opened before the run ended shows it after that tab's Refresh).</div>")
     parts.append("</div>")
     return "".join(parts)
 

@@ -79,6 +79,24 @@ class WebUIStub:
         with self.call_queue.queue_lock:
             self.shared.refresh_checkpoints()
 
+    def page_load(self, elem_id: str):
+        """What a page loaded now receives for the component `elem_id` from the events the host runs on page load
+        (e.g. `txt2img_lora_cards_html`: the cards of txt2img's Lora tab); None when no load event sets it."""
+        for dependency, block_fn in zip(self.shared.demo.dependencies, self.shared.demo.fns, strict=True):
+            ids = [output.elem_id for output in block_fn.outputs]
+            if dependency["trigger"] == "load" and elem_id in ids:
+                return block_fn.fn()[ids.index(elem_id)]
+        return None
+
+    def click(self, elem_id: str) -> dict:
+        """Press the button `elem_id` (a hidden one too, as the page's JS does): {output elem_id: value}."""
+        demo = self.shared.demo
+        for dependency, block_fn in zip(demo.dependencies, demo.fns, strict=True):
+            targets = [demo.blocks[target].elem_id for target in dependency["targets"]]
+            if dependency["trigger"] == "click" and elem_id in targets:
+                return dict(zip([output.elem_id for output in block_fn.outputs], block_fn.fn(), strict=True))
+        raise KeyError(f"no button {elem_id!r} on the page")
+
     def select_vae(self, name: str):
         """Settings > VAE > SD VAE = name (or "None"), applied as the host applies it."""
         self.shared.opts.data["sd_vae"] = name
@@ -86,9 +104,10 @@ class WebUIStub:
 
 
 def _purge_modules() -> None:
-    """The host is gone: its modules (the built-in Lora extension's `networks` too), and the torch.load its
+    """The host is gone: its modules (the built-in Lora extension's too), and the torch.load its
     modules.safe put in place."""
-    for name in [n for n in sys.modules if n in ("modules", "networks") or n.startswith("modules.")]:
+    for name in [n for n in sys.modules if n in ("modules", "networks", "ui_extra_networks_lora")
+                 or n.startswith("modules.")]:
         del sys.modules[name]
     torch.load = TORCH_LOAD
 
@@ -111,8 +130,15 @@ def _start(root: Path, args: Sequence[str], load: bool, device: str | None, ckpt
     models_dir = Path(paths.models_path)
     checkpoint = save_tiny(Path(sd_models.model_path) / CHECKPOINT_NAME)
     sd_models.list_models()
-    # The built-in Lora extension: the host puts its folder on sys.path and lists the Lora folder at start.
+    # The built-in Lora extension: the host puts its folder on sys.path and lists the Lora folder at start; its
+    # script registers the Lora page for txt2img and img2img before the UI is built (after the host's own pages).
     importlib.import_module("networks").list_available_networks()
+    from modules import script_callbacks, ui_extra_networks
+
+    ui_extra_networks.initialize()
+    ui_extra_networks.register_default_pages()
+    lora_page = importlib.import_module("ui_extra_networks_lora").ExtraNetworksPageLora
+    script_callbacks.on_before_ui(lambda: ui_extra_networks.register_page(lora_page()))
     if load:
         shared.opts.data["sd_model_checkpoint"] = sd_models.checkpoint_tiles()[0]
         sd_models.load_model()

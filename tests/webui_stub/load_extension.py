@@ -43,9 +43,10 @@ def load_scripts(extension_dir: str | os.PathLike, *, strict: bool = True) -> li
 
 
 def build_ui() -> list:
-    """What the host's create_ui does with extension callbacks, in its order: before_ui, settings, the extension
-    tabs (built on their own), then the page: the quicksettings row (the checkpoint dropdown, announced through
-    the after-component callback as the host's patched gradio does) and the tabs rendered into it.
+    """What the host's create_ui does with extension callbacks, in its order: before_ui, settings, its own txt2img
+    and img2img tabs (their extra-networks pages), the extension tabs (built on their own), then the page: the
+    quicksettings row (the checkpoint dropdown, announced through the after-component callback as the host's
+    patched gradio does) and the tabs rendered into it.
     Each tab's components take the values saved in ui-config.json (modules.ui_loadsave), as in the host.
     The page is `shared.demo`; returns the extension tabs."""
     import gradio as gr
@@ -54,6 +55,7 @@ def build_ui() -> list:
     loadsave = ui_loadsave.UiLoadsave(shared.cmd_opts.ui_config_file)
     script_callbacks.before_ui_callback()
     script_callbacks.ui_settings_callback()
+    host_tabs = [(_generation_tab(name), name, name) for name in ("txt2img", "img2img")]
     interfaces = script_callbacks.ui_tabs_callback()
     with gr.Blocks(analytics_enabled=False, title="Stable Diffusion") as demo:
         with gr.Row(elem_id="quicksettings"):
@@ -63,13 +65,23 @@ def build_ui() -> list:
                                                       elem_id="setting_sd_model_checkpoint")
             shared.settings_components["sd_model_checkpoint"] = dropdown
         with gr.Tabs(elem_id="tabs"):
-            for interface, label, ifid in interfaces:
+            for interface, label, ifid in host_tabs + interfaces:
                 with gr.TabItem(label, id=ifid, elem_id=f"tab_{ifid}"):
                     interface.render()
                 loadsave.add_block(interface, ifid)
     loadsave.dump_defaults()
     shared.demo = demo
     return interfaces
+
+
+def _generation_tab(tabname: str):
+    """The host's txt2img or img2img interface, reduced to its extra-networks pages (Lora, Checkpoints, ...)."""
+    import gradio as gr
+    from modules import ui_extra_networks
+
+    with gr.Blocks(analytics_enabled=False) as interface:
+        ui_extra_networks.create_ui(interface, [], tabname)
+    return interface
 
 
 def start_app(app, demo=None) -> None:
