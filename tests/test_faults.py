@@ -8,11 +8,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors import SafetensorError
 from test_train import class_dir, instance_dir, make_config, tiny_sd1  # noqa: F401 - fixtures
 
 from dreambooth_ext.errors import DreamboothError
 from dreambooth_ext.hosts.files import FolderHost
+from dreambooth_ext.models.checkpoint import read_checkpoint
 from dreambooth_ext.train.run import Progress, TrainingRun
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -92,7 +94,8 @@ def test_disk_full_while_saving_the_state_keeps_the_last_good_one(tiny_sd1, inst
 
     monkeypatch.setattr(state_module, "save_file", full_disk)
     with pytest.raises(DreamboothError, match="Could not save the training state at step 3 to .*: .*No space left"
-                                              ".*the state saved earlier is kept"):
+                                              ".*The training state saved at step 2 is kept: free some disk space "
+                                              "and Resume, which continues from step 2"):
         run.run()
     work = tmp_path / "models" / "dreambooth" / "t"
     assert state_module.load_state(work / "state").step == 2
@@ -116,6 +119,82 @@ def test_disk_full_while_saving_the_model_leaves_no_half_file(tiny_sd1, instance
         TrainingRun(make_config(tiny_sd1, instance_dir, max_train_steps=2), FolderHost(tmp_path / "models")).run()
     folder = tmp_path / "models" / "Stable-diffusion" / "t"
     assert list(folder.iterdir()) == []
+
+
+RESULTS, STATE = "Stable-diffusion/t/", "dreambooth/t/state"
+
+
+def full_disk_for(*targets: str):
+    """safetensors' save_file failing with a full disk for the files whose path holds one of `targets`."""
+    import safetensors.torch
+
+    real = safetensors.torch.save_file
+
+    def save_file(tensors, path, *args, **kwargs):
+        if any(target in str(path) for target in targets):
+            raise SafetensorError(NO_SPACE)
+        return real(tensors, path, *args, **kwargs)
+    return save_file
+
+
+def test_disk_full_at_the_final_save_keeps_the_steps_and_resume_saves_them(tiny_sd1, instance_dir, tmp_path,  # noqa: F811
+                                                                          monkeypatch):
+    import safetensors.torch
+
+    from dreambooth_ext.train import state as state_module
+
+    config = make_config(tiny_sd1, instance_dir, max_train_steps=3)
+    straight = TrainingRun(config, FolderHost(tmp_path / "straight")).run()
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk_for(RESULTS))
+    with pytest.raises(DreamboothError, match=r"Could not save the trained model to .*t_3\.safetensors: .*No space.*"
+                                              r"The training state at step 3 is saved in .*: free some disk space "
+                                              "and Resume, which saves the model without training again"):
+        TrainingRun(config, FolderHost(tmp_path / "models")).run()
+    with pytest.raises(DreamboothError, match="has a run stopped at step 3 of 3.*Resume continues it"):
+        TrainingRun(config, FolderHost(tmp_path / "models")).run()  # Start says the same
+
+    monkeypatch.undo()  # space freed
+    assert state_module.load_state(tmp_path / "models" / "dreambooth" / "t" / "state").step == 3
+    resumed = TrainingRun(config, FolderHost(tmp_path / "models"), resume=True).run()
+    assert resumed.status == "finished" and resumed.losses == []  # nothing trained again
+    saved, expected = read_checkpoint(resumed.checkpoints[-1]), read_checkpoint(straight.checkpoints[-1])
+    assert saved.keys() == expected.keys() and all(torch.equal(saved[k], expected[k]) for k in saved)
+
+
+def test_disk_full_for_the_result_and_the_state_says_truly_that_start_is_left(tiny_sd1, instance_dir,  # noqa: F811
+                                                                             tmp_path, monkeypatch):
+    import safetensors.torch
+
+    from dreambooth_ext.train import state as state_module
+
+    config = make_config(tiny_sd1, instance_dir, max_train_steps=2)
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk_for(RESULTS))
+    monkeypatch.setattr(state_module, "save_file", full_disk_for(STATE))
+    with pytest.raises(DreamboothError, match=r"Could not save the trained model .*No training state could be "
+                                              "saved, so these steps cannot be resumed. Free some disk space and "
+                                              r"Start the run again\.$"):
+        TrainingRun(config, FolderHost(tmp_path / "models")).run()
+    with pytest.raises(DreamboothError, match="has no stopped run to resume"):  # Resume agrees
+        TrainingRun(config, FolderHost(tmp_path / "models"), resume=True).run()
+    monkeypatch.undo()
+    assert TrainingRun(config, FolderHost(tmp_path / "models")).run().status == "finished"  # and Start works
+
+
+def test_disk_full_after_periodic_results_names_them_and_what_start_needs(tiny_sd1, instance_dir, tmp_path,  # noqa: F811
+                                                                         monkeypatch):
+
+    from dreambooth_ext.train import state as state_module
+
+    config = make_config(tiny_sd1, instance_dir, max_train_steps=4, save_every_n_steps=2)
+    monkeypatch.setattr(state_module, "save_file", full_disk_for(STATE))  # after t_2.safetensors, its state fails
+    with pytest.raises(DreamboothError, match=r"the training state at step 2 .*No training state could be saved.*"
+                                              r"start again "
+                                              r"under another project name: this one has the results saved so far "
+                                              r"\(t_2\.safetensors, in .*Start refuses it until they are moved"):
+        TrainingRun(config, FolderHost(tmp_path / "models")).run()
+    monkeypatch.undo()
+    with pytest.raises(DreamboothError, match=r"results of an earlier run .*t_2\.safetensors"):  # as it said
+        TrainingRun(config, FolderHost(tmp_path / "models")).run()
 
 
 def test_the_command_line_says_it_in_one_paragraph(tiny_sd1, instance_dir, tmp_path, capsys):  # noqa: F811

@@ -85,9 +85,21 @@ def check_writable(folder: Path, what: str, fix: str) -> None:
         raise DreamboothError(f"Cannot write {what} to {folder} ({exc.strerror or exc}). {fix}") from exc
 
 
-def output_error(exc: BaseException, what: str, path: Path, kept: str) -> DreamboothError:
+class SaveFailed(DreamboothError):
+    """A write that failed (disk full, a folder gone read-only), with nothing half-written left behind. The message
+    ends with what to do next, which depends on what the run could keep (see `TrainingRun`)."""
+
+    def __init__(self, what: str, path: Path, reason: str, next_step: str = ""):
+        self.what, self.path, self.reason = what, Path(path), reason
+        super().__init__(f"Could not save {what} to {path}: {reason}. Nothing half-written was left behind."
+                         + (f" {next_step}" if next_step else ""))
+
+    def then(self, next_step: str) -> SaveFailed:
+        """The same failure, with what to do next."""
+        return SaveFailed(self.what, self.path, self.reason, next_step)
+
+
+def output_error(exc: BaseException, what: str, path: Path) -> SaveFailed:
     """The user's message for a failed write (disk full, a folder gone read-only...)."""
     reason = getattr(exc, "strerror", None) or str(exc).replace("Error while serializing: ", "")
-    return DreamboothError(f"Could not save {what} to {path}: {reason}. Nothing half-written was left behind; "
-                           f"{kept} Free some disk space (or fix the folder's permissions) and run again with "
-                           "resume.")
+    return SaveFailed(what, path, reason)

@@ -47,7 +47,7 @@ from .devices import (
     resolve_precision,
 )
 from .ema import EMA
-from .guard import check_writable, output_error, project_lock, write_errors
+from .guard import SaveFailed, check_writable, output_error, project_lock, write_errors
 from .loss import dreambooth_loss, min_snr_weights, per_sample_mse, training_target
 from .optim import group_options, param_groups
 from .parallel import SingleProcess, check_parallel
@@ -56,13 +56,14 @@ from .resuming import (
     check_no_earlier_results,
     check_run_choice,
     check_same_base,
+    earlier_results,
     forget_state,
     remove_partial_state,
+    saved_state_meta,
 )
 from .sampling import generate_images, placed
 from .state import (
     TrainingState,
-    find_state,
     load_state,
     restore_weights,
     save_state,
@@ -668,10 +669,41 @@ class _Loop:
             self._save_state(step)
 
     def _save_result(self, step: int) -> None:
-        """Every process (DeepSpeed gathers its fp32 weights from all of them); the main one writes."""
+        """Every process (DeepSpeed gathers its fp32 weights from all of them); the main one writes. A write that
+        fails (a full disk) keeps the steps resumable where it can, and says how to go on."""
         with self.stepper.exact_weights():
             if self.processes.is_main:
-                self._save_model(step)
+                try:
+                    self._save_model(step)
+                except SaveFailed as failed:
+                    raise failed.then(self._keep_state_instead(step)) from failed
+
+    def _keep_state_instead(self, step: int) -> str:
+        """After the result of `step` failed to save: its training state saved instead (with one process; under
+        several, each holds a part of it and they are elsewhere now), so Resume saves the result without training
+        again. Returns what the user can do next."""
+        if self.processes.count == 1:
+            try:
+                self._write_state(step)
+                return (f"The training state at step {step} is saved in {self.work_dir / STATE_FOLDER}: free some "
+                        f"disk space and Resume, which saves the model without training again.")
+            except SaveFailed:
+                pass
+        return self._what_is_kept()
+
+    def _what_is_kept(self) -> str:
+        """What the user can do after a failed save, from what is on disk (Resume and Start say the same)."""
+        meta = saved_state_meta(self.work_dir / STATE_FOLDER)
+        if meta:
+            return (f"The training state saved at step {meta.get('step')} is kept: free some disk space and Resume, "
+                    f"which continues from step {meta.get('step')}.")
+        lost = "No training state could be saved, so these steps cannot be resumed."
+        results = earlier_results(self.config.project_name, result_folders(self.run.host, self.config))
+        if results:
+            return (f"{lost} Free some disk space, then start again under another project name: this one has the "
+                    f"results saved so far ({', '.join(p.name for p in results[:3])}, in {results[0].parent}), "
+                    "which a new run would write over, so Start refuses it until they are moved elsewhere.")
+        return f"{lost} Free some disk space and Start the run again."
 
     def _whole_ema(self) -> None:
         """Every process: the EMA made whole where each process averaged only its part of DeepSpeed's weights."""
@@ -697,6 +729,12 @@ class _Loop:
 
     def _save_state(self, step: int) -> None:
         """Called by every process (under DeepSpeed each holds a part of the optimizer); the main one writes."""
+        try:
+            self._write_state(step)
+        except SaveFailed as failed:
+            raise failed.then(self._what_is_kept()) from failed
+
+    def _write_state(self, step: int) -> None:
         optimizer, lr_scheduler, scaler = self.stepper.state_dict()
         if not self.processes.is_main:
             return
@@ -711,9 +749,7 @@ class _Loop:
         try:
             save_state(folder, state)
         except write_errors() as exc:
-            kept = find_state(folder)
-            raise output_error(exc, f"the training state at step {step}", folder,
-                               "the state saved earlier is kept." if kept else "no earlier state exists.") from exc
+            raise output_error(exc, f"the training state at step {step}", folder) from exc
 
     def _save_model(self, step: int) -> None:
         config, bundle = self.config, self.bundle

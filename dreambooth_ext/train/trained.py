@@ -218,7 +218,7 @@ def _write(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str
     try:
         save_checkpoint(tensors, path, metadata, yaml_text=yaml_text)
     except write_errors() as exc:
-        raise output_error(exc, what, path, "models and training state saved earlier are kept.") from exc
+        raise output_error(exc, what, path) from exc
 
 
 def trained_kind(config: Config) -> FullFineTune | LoRATraining:
