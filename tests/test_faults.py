@@ -3,6 +3,7 @@ loads, and a full disk while saving leaves the last good state and results, with
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -195,6 +196,26 @@ def test_disk_full_after_periodic_results_names_them_and_what_start_needs(tiny_s
     monkeypatch.undo()
     with pytest.raises(DreamboothError, match=r"results of an earlier run .*t_2\.safetensors"):  # as it said
         TrainingRun(config, FolderHost(tmp_path / "models")).run()
+
+
+@pytest.mark.parametrize("flag", ["--models-dir", "--work-dir"])
+def test_a_read_only_output_folder_is_named_before_the_lock_and_the_model(flag, tiny_sd1, instance_dir,  # noqa: F811
+                                                                          tmp_path):
+    """A read-only bind mount (in a mount namespace of the test's own, so no privilege is needed beyond user
+    namespaces) for the folder the flag names: one plain message, rc 2, nothing written, no model loaded."""
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    train = [sys.executable, "-m", "dreambooth_ext", "train", "--project_name", "p", "--training_model",
+             str(tiny_sd1), "--training_images", str(instance_dir), "--resolution", "64", flag, str(folder)]
+    done = subprocess.run(["unshare", "--map-root-user", "--mount", "sh", "-c",
+                           f"mount --bind -o ro '{folder}' '{folder}' && exec \"$@\"", "sh", *train],
+                          cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
+                          timeout=300)
+    what = "the trained model" if flag == "--models-dir" else "training state"
+    assert done.returncode == 2, done.stderr
+    assert f"Cannot write {what} to {folder}" in done.stderr and "Read-only file system" in done.stderr
+    assert "Traceback" not in done.stderr and "Loading the base model" not in done.stdout + done.stderr
+    assert list(folder.iterdir()) == []
 
 
 def test_the_command_line_says_it_in_one_paragraph(tiny_sd1, instance_dir, tmp_path, capsys):  # noqa: F811

@@ -203,12 +203,13 @@ class TrainingRun(RunControl):
             require_compile()
         work_dir = self.host.work_dir(config.project_name)
         main = self.processes.is_main
+        if main:
+            self._check_outputs(config, work_dir)  # before the lock, which is a file in the work folder
         with project_lock(work_dir, config.project_name) if main else contextlib.nullcontext():
             if main:
                 check_run_choice(config.project_name, work_dir, resume=self.resume)
                 if not self.resume:
                     check_no_earlier_results(config.project_name, result_folders(self.host, config))
-                self._check_outputs(config, work_dir)
                 self._remove_leftovers(config, work_dir)
             self.processes.wait_for_all()
             state = load_state(work_dir / STATE_FOLDER) if self.resume else None
@@ -251,16 +252,23 @@ class TrainingRun(RunControl):
         self._emit(Progress("checking", message=message, warnings=tuple(report.warnings)))
 
     def _check_outputs(self, config: Config, work_dir: Path) -> None:
-        """Every folder the run will write to, tried now rather than after the model has loaded."""
-        check_writable(work_dir, "training state", "Give a work folder you can write to (--work-dir on the command "
-                       "line, --dreambooth-dir in the WebUI).")
-        for folder, what in trained_kind(config).folders(self.host, config):
-            check_writable(folder, what, "Give a models folder you can write to (--models-dir; in the WebUI "
-                           "--ckpt-dir, --lora-dir).")
-        for job in plan_class_images(config, work_dir)[1]:
-            if job.missing:
-                check_writable(job.folder, "generated class images", f"class_dir of concept {job.concept + 1} "
-                               "must be a folder you can write to (or already hold num_class_images images).")
+        """Every folder the run will write to, tried now rather than after the model has loaded; every one that
+        cannot be written is named in one message."""
+        checks = [(work_dir, "training state", "Give a work folder you can write to (--work-dir on the command "
+                   "line, --dreambooth-dir in the WebUI).")]
+        checks += [(folder, what, "Give a models folder you can write to (--models-dir; in the WebUI --ckpt-dir, "
+                    "--lora-dir).") for folder, what in trained_kind(config).folders(self.host, config)]
+        checks += [(job.folder, "generated class images", f"class_dir of concept {job.concept + 1} must be a "
+                    "folder you can write to (or already hold num_class_images images).")
+                   for job in plan_class_images(config, work_dir)[1] if job.missing]
+        problems = []
+        for folder, what, fix in checks:
+            try:
+                check_writable(folder, what, fix)
+            except DreamboothError as exc:
+                problems.append(str(exc))
+        if problems:
+            raise DreamboothError(" ".join(problems))
 
     def _remove_leftovers(self, config: Config, work_dir: Path) -> None:
         """What a killed save of this project left half-written: hidden model files and a partial state."""
