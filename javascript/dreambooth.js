@@ -28,6 +28,7 @@ function dreamboothWatch() {
     if (dreamboothPoll.timer) return;
     dreamboothRefresh();
     dreamboothPoll.timer = setInterval(function() {
+        dreamboothShowLoraCards();
         var state = dreamboothState();
         var settled = state === null || ['idle', 'finished', 'cancelled', 'failed'].indexOf(state) >= 0;
         if (settled && Date.now() - dreamboothPoll.since > 4000) {
@@ -37,6 +38,62 @@ function dreamboothWatch() {
         }
         dreamboothRefresh();
     }, 1000);
+}
+
+// The cards of the LoRA files the last run wrote, in the Lora tab of txt2img and img2img. The host rebuilds the
+// cards it sends to pages loaded from now on, but a page already open keeps the cards it drew: ask the host for
+// each missing card (its own get-single-card route, as its card editor does) once the run has ended (no more
+// files to come, and no refresh of the Lora list under way). Not on the standalone page, which has no Lora tab,
+// nor where the host's extraNetworks.js (requestGet) is missing. Not the Lora tab's Refresh either: it also
+// refreshes the Checkpoints page, which selects the --ckpt file again.
+var dreamboothCardsAsked = {};
+
+function dreamboothLoraNames() {
+    var status = dreamboothApp().querySelector('#dreambooth_status .dreambooth-status');
+    if (!status || !status.dataset.loraNames || ['finished', 'cancelled', 'failed'].indexOf(status.dataset.state) < 0) {
+        return [];
+    }
+    try {
+        return JSON.parse(status.dataset.loraNames);
+    } catch (e) {
+        return [];
+    }
+}
+
+function dreamboothShowLoraCards() {
+    if (typeof requestGet !== 'function') return;
+    dreamboothLoraNames().forEach(function(name) {
+        ['txt2img', 'img2img'].forEach(function(tab) {
+            var key = tab + '/' + name;
+            var cards = dreamboothApp().querySelector('#' + tab + '_lora_cards');
+            if (!cards || dreamboothCardsAsked[key] || dreamboothLoraCard(cards, name)) return;
+            dreamboothCardsAsked[key] = true; // once a page: a host without the route is not asked again
+            requestGet('./sd_extra_networks/get-single-card', {page: 'lora', tabname: tab, name: name}, function(data) {
+                dreamboothAddLoraCard(tab, name, data && data.html);
+            }, function() {
+                console.warn('Dreambooth: the WebUI did not send the Lora card of ' + name + ' (' + tab + '); ' +
+                             "the Lora tab's Refresh shows it.");
+            });
+        });
+    });
+}
+
+function dreamboothLoraCard(cards, name) {
+    return cards.querySelector('.card[data-name="' + CSS.escape(name) + '"]');
+}
+
+function dreamboothAddLoraCard(tab, name, cardHtml) {
+    var cards = dreamboothApp().querySelector('#' + tab + '_lora_cards');
+    if (!cards || !cardHtml) return; // no card: the host hides that file's card (a hidden folder)
+    var holder = document.createElement('div');
+    holder.innerHTML = cardHtml;
+    var card = holder.firstElementChild;
+    if (!card || dreamboothLoraCard(cards, name)) return; // drawn meanwhile (the tab's Refresh)
+    var none = cards.querySelector('.nocards');
+    if (none) none.remove();
+    cards.appendChild(card);
+    // The tab's search box and sort order apply to the new card too, as after its Refresh.
+    if (typeof applyExtraNetworkFilter === 'function') applyExtraNetworkFilter(tab + '_lora');
 }
 
 // _js of Start and Resume: the first input is the task id the host's progress API tracks.
@@ -68,8 +125,10 @@ function dreambooth_confirm_save() {
 
 // The model box shows what the host has loaded, which changes outside this tab (the checkpoint dropdown at the
 // top of the page). While the tab is on screen and no run is being followed, ask every few seconds; the answer
-// carries the box only when the host loaded another model.
+// carries the box only when the host loaded another model. Every tick, visible or not, adds the Lora cards that
+// the status last shown names and the page lacks.
 setInterval(function() {
+    dreamboothShowLoraCards();
     if (dreamboothPoll.timer || document.visibilityState !== 'visible') return;
     var status = dreamboothApp().querySelector('#dreambooth_status');
     if (status && status.offsetParent !== null) dreamboothRefresh();

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html
+import json
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +22,13 @@ def _fmt_time(seconds: float | None) -> str:
 
 
 def status_html(status: dict[str, Any], note: str = "", in_use: bool = False) -> str:
-    """The status area. `data-state` is what the page's JS reads to know when to stop polling; `in_use`: the
-    host has the run's last checkpoint loaded."""
+    """The status area. `data-state` is what the page's JS reads to know when to stop polling, `data-lora-names`
+    the names of the LoRA files the run wrote (the WebUI's names for them), whose cards it adds to a Lora tab drawn
+    before they existed; `in_use`: the host has the run's last checkpoint loaded."""
     state = status.get("state", "idle")
-    parts = [f"<div class='dreambooth-status' data-state='{html.escape(state)}'>"]
+    loras = status.get("loras") or []
+    names = f" data-lora-names='{html.escape(json.dumps([Path(p).stem for p in loras]))}'" if loras else ""
+    parts = [f"<div class='dreambooth-status' data-state='{html.escape(state)}'{names}>"]
     if note:
         parts.append(f"<div class='dreambooth-note'>{html.escape(note)}</div>")
     if state == "idle":
@@ -48,13 +52,12 @@ def status_html(status: dict[str, Any], note: str = "", in_use: bool = False) ->
         if in_use:
             parts.append("<p class='dreambooth-in-use'>The last one is the WebUI's loaded model: the next generation "
                          "uses it.</p>")
-    loras = status.get("loras") or []
     if loras:
         items = "".join(f"<li><code>{html.escape(str(p))}</code></li>" for p in loras)
         prompt = html.escape(lora_prompt(loras[-1]))
         parts.append(f"<div class='dreambooth-loras'>LoRA written:<ul>{items}</ul>Add it to a prompt with "
                      f"<code class='dreambooth-lora-prompt'>{prompt}</code>. Its card is in the Lora tab of txt2img "
-                     "and img2img (a page opened before the run ended shows it after that tab's Refresh).</div>")
+                     "and img2img.</div>")
     parts.append("</div>")
     return "".join(parts)
 
