@@ -153,47 +153,51 @@ def _apply_joepenna_rules(given: dict, data: dict, concept: dict, *, from_file: 
 
 
 class ConsoleProgress:
-    """A console progress bar: step, loss, it/s and ETA."""
+    """A console progress bar (a terminal's live line, or about ten lines in a log) for the training steps and the
+    class images; a line for each other phase."""
 
     def __init__(self, stream=None):
         self.stream = stream or sys.stderr
         self.interactive = hasattr(self.stream, "isatty") and self.stream.isatty()
         self.last_phase = None
+        self.bar_open = False  # a terminal's live line is being drawn
 
     def __call__(self, p: Progress) -> None:
         if p.phase == "training":
-            self._bar(p)
+            self._bar(p, p.step, p.total_steps, f"step {p.step}/{p.total_steps} loss {p.loss:.4f} lr {p.lr:.2e}",
+                      "it/s")
             return
-        if self.last_phase == "training" and self.interactive:
+        if p.phase == "class_images" and p.done:
+            self._bar(p, p.done, p.total, f"class image {p.done}/{p.total}", "images/s")
+            return
+        if self.bar_open:
             self.stream.write("\n")
-        if p.message and (p.phase != self.last_phase or p.phase in ("saving", "finished", "cancelled")
-                          or p.done in (1, p.total)):
+            self.bar_open = False
+        if p.message and (p.phase != self.last_phase or p.phase in ("saving", "finished", "cancelled")):
             self.stream.write(f"[{p.phase}] {p.message}\n")
         self.stream.flush()
         self.last_phase = p.phase
 
-    def _bar(self, p: Progress) -> None:
-        if not self.interactive and p.step not in (1, p.total_steps) and p.step % max(1, p.total_steps // 10):
+    def _bar(self, p: Progress, done: int, total: int, what: str, unit: str) -> None:
+        if self.bar_open and p.phase != self.last_phase:
+            self.stream.write("\n")
+        self.last_phase = p.phase
+        if not self.interactive and done not in (1, total) and done % max(1, total // 10):
             return  # a log file gets about ten lines, a terminal a live bar
+        from .train.run import clock  # loaded by the run that reports
+
         width = 30
-        filled = int(width * p.step / max(1, p.total_steps))
-        eta = _clock(p.eta_s) if p.eta_s is not None else "--:--"
-        rate = f"{p.it_per_s:.2f} it/s" if p.it_per_s else "-- it/s"
+        filled = int(width * done / max(1, total))
+        eta = clock(p.eta_s) if p.eta_s is not None else "--:--"
+        rate = f"{p.it_per_s:.2f} {unit}" if p.it_per_s else f"-- {unit}"
         start, end = ("\r", "   ") if self.interactive else ("", "\n")
-        self.stream.write(f"{start}[{'#' * filled}{'.' * (width - filled)}] step {p.step}/{p.total_steps} "
-                          f"loss {p.loss:.4f} lr {p.lr:.2e} {rate} ETA {eta}{end}")
+        self.stream.write(f"{start}[{'#' * filled}{'.' * (width - filled)}] {what} {rate} ETA {eta}{end}")
         self.stream.flush()
-        self.last_phase = "training"
+        self.bar_open = self.interactive
 
 
 def json_progress(p: Progress) -> None:
     print(p.to_line(), flush=True)
-
-
-def _clock(seconds: float) -> str:
-    seconds = int(seconds)
-    hours, rest = divmod(seconds, 3600)
-    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60:02d}:{rest % 60:02d}"
 
 
 def folder_host(args: argparse.Namespace):

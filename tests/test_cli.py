@@ -358,3 +358,50 @@ def test_the_engines_own_process_reuses_freed_memory_and_a_host_process_is_left_
     pages = 8 * 160 * 2**20 // 4096  # what the 8 steps allocate, in 4 KiB pages
     assert faults["command"] < pages // 3, faults  # mostly served from what the previous steps freed
     assert faults["host"] >= pages * 9 // 10, faults  # glibc's own behaviour: fresh pages every time
+
+
+def test_the_readmes_example_project_is_read_and_uses_what_the_demo_wrote(tmp_path, monkeypatch):
+    """The README's first screen shows a whole project file that runs once `demo` has: the engine reads it, and its
+    model, pictures and class images are where the demo puts them (with the default --models-dir)."""
+    import re
+
+    from dreambooth_ext.config import load_json
+    from dreambooth_ext.demo import demo_config
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    first_screen = readme.split("\n## Training from the command line")[0]
+    blocks = re.findall(r"```json\n(.*?)```", first_screen, re.S)
+    assert len(blocks) == 1, "the first screen shows one project file"
+    (tmp_path / "my_project.json").write_text(blocks[0])
+    assert "train --config my_project.json" in first_screen and "train --help" in first_screen
+    example = load_json(tmp_path / "my_project.json")
+    monkeypatch.chdir(tmp_path)  # the demo's files, as it writes them in the folder it runs in
+    args = cli.build_parser().parse_args(["demo"])
+    demo = demo_config(args, Path(args.models_dir) / "dreambooth" / "demo")
+    assert Path(example.base_model) == Path(demo.base_model) and Path(example.base_model).is_file()
+    for name in ("resolution", "learning_rate", "save_precision", "prior_preservation"):
+        assert getattr(example, name) == getattr(demo, name), name
+    ours, theirs = example.concepts[0], demo.concepts[0]
+    assert Path(ours.instance_dir) == Path(theirs.instance_dir) and Path(ours.class_dir) == Path(theirs.class_dir)
+    assert (ours.token, ours.class_word, ours.num_class_images) == (theirs.token, theirs.class_word,
+                                                                    theirs.num_class_images)
+
+
+def test_class_image_generation_shows_count_rate_and_eta_on_the_console():
+    """A log gets a line at the first and the last image and about ten between; a terminal a live line."""
+    import io
+
+    from dreambooth_ext.cli import ConsoleProgress
+    from dreambooth_ext.train.run import Progress
+
+    log = io.StringIO()
+    show = ConsoleProgress(log)
+    show(Progress("class_images", total=40, message="Generating 40 class images"))
+    for done in range(1, 41):
+        show(Progress("class_images", done=done, total=40, it_per_s=0.5, eta_s=(40 - done) / 0.5))
+    show(Progress("caching", message="Caching latents"))
+    lines = log.getvalue().splitlines()
+    assert lines[0] == "[class_images] Generating 40 class images"
+    assert lines[1] == "[" + "." * 30 + "] class image 1/40 0.50 images/s ETA 1:18"
+    assert lines[-2] == "[" + "#" * 30 + "] class image 40/40 0.50 images/s ETA 0:00"
+    assert len(lines) == 2 + 10 + 1 and lines[-1] == "[caching] Caching latents"

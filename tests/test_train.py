@@ -644,3 +644,23 @@ def test_pictures_read_ahead_in_a_thread_are_the_ones_the_step_reads(tiny_sd1, i
     inline = unet_of(train(config, tmp_path / "inline")[1].checkpoints[-1])
     assert not any(name.startswith("dreambooth-pictures") for name in readers)
     assert max_difference(ahead, inline) == 0.0
+
+
+def test_a_concept_without_images_is_reported_and_gets_no_class_images(tiny_sd1, instance_dir, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    concepts = [{"instance_dir": str(folder), "token": token, "class_word": "toy", "num_class_images": 3}
+                for folder, token in ((instance_dir, "ohwx"), (empty, "zwx"))]
+    config = make_config(tiny_sd1, instance_dir, max_train_steps=1, prior_preservation=True, class_image_steps=2,
+                         concepts=concepts)
+    seen: list[Progress] = []
+    result = train(config, tmp_path, on_progress=seen.append)[1]
+    assert result.status == "finished"
+    check = next(p for p in seen if p.phase == "checking")
+    assert check.message == "Dataset check: 1 warning(s)"
+    assert [w for w in check.warnings if "will not be trained" in w] == [
+        f"concept 2: no usable images in {str(empty)!r}, so it will not be trained (and no class images are made "
+        "for it). Add its photos to that folder, or remove the concept."]
+    assert max(p.total or 0 for p in seen if p.phase == "class_images") == 3  # concept 1's only
+    made = sorted(p.name for p in (tmp_path / "models" / "dreambooth" / "t" / "class_images").iterdir())
+    assert len(made) == 1 and made[0].startswith("0_")

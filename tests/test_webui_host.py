@@ -410,3 +410,18 @@ def test_forge_reads_the_selected_checkpoint_from_disk(webui, caplog):
     webui.write_checkpoint("other.safetensors", seed=5)
     title = webui_host.load_checkpoint_now(webui.checkpoint.parent / "other.safetensors")
     assert webui.shared.opts.data["sd_model_checkpoint"] == title  # selected; Forge loads it on its next use
+
+
+def test_class_image_generation_moves_the_hosts_bar_with_its_own_rate(webui, instance_dir, tmp_path):
+    cfg = config(instance_dir, max_train_steps=1, prior_preservation=True, class_image_steps=2,
+                 concepts=[{"instance_dir": str(instance_dir), "token": "ohwx", "class_word": "toy",
+                            "class_dir": str(tmp_path / "classes"), "num_class_images": 2}])
+    (result, _), seen = run_as_job(webui, cfg)
+    assert result.status == "finished"
+    images = [(p, a, text) for p, a, text in seen if p.phase == "class_images" and p.done]
+    assert [p.done for p, _, _ in images] == [1, 2]
+    progress, answer, text = images[0]
+    assert answer.active and answer.progress == pytest.approx(0.5)
+    assert text == f"Generating class images: 1/2, {progress.it_per_s:.2f} images/s"
+    assert progress.eta_s == pytest.approx(1 / progress.it_per_s)  # one image left at that rate
+    assert answer.eta is not None and abs(answer.eta - progress.eta_s) < 1.0  # the bar's ETA is the run's

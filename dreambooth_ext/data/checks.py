@@ -54,6 +54,11 @@ def check_dataset(config: Config, instances: list[Example] | None = None, tokeni
     for index, concept in enumerate(config.concepts):
         own = [e for e in instances if e.concept == index]
         label = f"concept {index + 1}" if len(config.concepts) > 1 else "the concept"
+        if not own:
+            report.warnings.append(
+                f"{label}: no usable images in {concept.instance_dir!r}, so it will not be trained (and no class "
+                "images are made for it). Add its photos to that folder, or remove the concept.")
+            continue
         _check_token(report, label, concept, tokenizer)
         _check_image_count(report, label, own)
         _check_class_images(report, config, label, index, own)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,13 +39,15 @@ def class_folder(concept: Concept, index: int, work_dir: Path) -> Path:
     return work_dir / "class_images" / f"{index}_{slug}"
 
 
-def plan_class_images(config: Config, work_dir: Path) -> tuple[list[Path], list[ClassImageJob]]:
-    """Class folders of every concept, and what is missing in each."""
+def plan_class_images(config: Config, work_dir: Path,
+                      trained: Collection[int] | None = None) -> tuple[list[Path], list[ClassImageJob]]:
+    """Class folders of every concept, and what is missing in each of those `trained` (the concepts that have
+    training images; all when None): a concept that is not trained needs no class images."""
     folders, jobs = [], []
     for index, concept in enumerate(config.concepts):
         folder = class_folder(concept, index, work_dir)
         folders.append(folder)
-        if not needs_class_images(config, concept):
+        if not needs_class_images(config, concept) or (trained is not None and index not in trained):
             continue
         existing = len(find_images(folder)) if folder.is_dir() else 0
         missing = max(0, concept.num_class_images - existing) if concept.generate_class_images else 0

@@ -6,6 +6,7 @@ import hashlib
 import logging
 import math
 import os
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -123,8 +124,10 @@ def collect_instance_examples(config: Config) -> list[Example]:
     return examples
 
 
-def collect_class_examples(config: Config, class_dirs: list[Path]) -> list[Example]:
-    """Class images of the concepts that use prior preservation: the first num_class_images readable ones."""
+def collect_class_examples(config: Config, class_dirs: list[Path],
+                           trained: Collection[int] | None = None) -> list[Example]:
+    """Class images of the concepts that use prior preservation (of those `trained`, the concepts that have
+    training images; all when None): the first num_class_images readable ones."""
     if len(class_dirs) != len(config.concepts):
         raise ValueError(f"got {len(class_dirs)} class folders for {len(config.concepts)} concepts")
     if not config.prior_preservation:
@@ -132,7 +135,7 @@ def collect_class_examples(config: Config, class_dirs: list[Path]) -> list[Examp
     buckets = _buckets(config)
     examples: list[Example] = []
     for i, (concept, folder) in enumerate(zip(config.concepts, class_dirs, strict=True)):
-        if not _uses_class_images(concept):
+        if not _uses_class_images(concept) or (trained is not None and i not in trained):
             continue
         folder = Path(folder)
         if not folder.is_dir():

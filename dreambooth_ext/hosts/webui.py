@@ -699,8 +699,8 @@ class WebUIHost(Host):
         """Mirror a train.run.Progress into shared.state: the host's progress bar and /sdapi/v1/progress follow.
 
         The host's bar computes its own ETA from the time since the job began and the fraction done; during
-        training `time_start` is set so that this ETA is the run's own (steps left / it/s), and the text carries
-        no second one.
+        training and class-image generation `time_start` is set so that this ETA is the run's own (what is left /
+        its rate), and the text carries no second one.
         """
         from modules import shared
 
@@ -711,8 +711,8 @@ class WebUIHost(Host):
             state.job_no = 0
             state.sampling_steps = total
             state.sampling_step = min(done, total)
-        if progress.phase == "training" and progress.it_per_s:
-            state.time_start = time.time() - progress.step / progress.it_per_s
+        if progress.it_per_s and done:  # training steps or class images: the bar's ETA is the run's own
+            state.time_start = time.time() - done / progress.it_per_s
         state.textinfo = describe_progress(progress)
 
     def cancel_requested(self) -> bool:
@@ -738,6 +738,9 @@ def _same_device(a: torch.device, b: torch.device) -> bool:
 
 def describe_progress(progress: Any) -> str:
     """One line for the progress bar: "Training step 12/400, loss 0.1234, 1.52 it/s" (the bar adds the ETA)."""
+    if progress.phase == "class_images" and progress.done:
+        rate = f", {progress.it_per_s:.2f} images/s" if progress.it_per_s else ""
+        return f"Generating class images: {progress.done}/{progress.total}{rate}"
     if progress.phase != "training":
         return progress.message or progress.phase.replace("_", " ").capitalize()
     parts = [f"Training step {progress.step}/{progress.total_steps}"]

@@ -81,16 +81,23 @@ LOSS_READ_EVERY = 10
 LOSS_READ_SECONDS = 1.0
 
 
+def clock(seconds: float) -> str:
+    """A duration as m:ss, or h:mm:ss from an hour on."""
+    hours, rest = divmod(int(seconds), 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
 @dataclass
 class Progress:
     """What a run reports: the phase, and during training the step, loss, learning rate, speed and ETA."""
 
-    phase: str
+    phase: str  # during "training" the step counts; during "class_images" and "caching" done and total do
     step: int = 0
     total_steps: int = 0
     loss: float | None = None
     lr: float | None = None
-    it_per_s: float | None = None
+    it_per_s: float | None = None  # steps (or class images) per second
     eta_s: float | None = None
     memory_gib: float | None = None  # memory in use: the GPU's (memory_kind "GPU") or the process's ("RAM")
     memory_kind: str = ""
@@ -204,7 +211,7 @@ class TrainingRun(RunControl):
         work_dir = self.host.work_dir(config.project_name)
         main = self.processes.is_main
         if main:
-            self._check_outputs(config, work_dir)  # before the lock, which is a file in the work folder
+            self._check_outputs(config, work_dir, instances)  # before the lock, a file in the work folder
         with project_lock(work_dir, config.project_name) if main else contextlib.nullcontext():
             if main:
                 check_run_choice(config.project_name, work_dir, resume=self.resume)
@@ -229,11 +236,12 @@ class TrainingRun(RunControl):
                 log.warning(warning)
             if warnings:
                 self._emit(Progress("loading", message="Loaded the base model", warnings=warnings))
-            class_dirs = self._class_images(config, bundle, work_dir, device, precision)
+            class_dirs = self._class_images(config, bundle, work_dir, device, precision, instances)
             if self.processes.any(self.cancelled):  # also where the others wait for the main process's images
                 self.result = RunResult("cancelled", 0, 0)
                 return self.result
-            classes = collect_class_examples(config, class_dirs) if config.prior_preservation else []
+            classes = (collect_class_examples(config, class_dirs, trained_concepts(instances))
+                       if config.prior_preservation else [])
             _check_class_images(config, classes)
             loop = _Loop(self, config, bundle, instances, classes, device, precision, work_dir)
             self.result = loop.train(state)
@@ -251,7 +259,7 @@ class TrainingRun(RunControl):
                    else "Dataset check: no problems found")
         self._emit(Progress("checking", message=message, warnings=tuple(report.warnings)))
 
-    def _check_outputs(self, config: Config, work_dir: Path) -> None:
+    def _check_outputs(self, config: Config, work_dir: Path, instances: list[Example]) -> None:
         """Every folder the run will write to, tried now rather than after the model has loaded; every one that
         cannot be written is named in one message."""
         checks = [(work_dir, "training state", "Give a work folder you can write to (--work-dir on the command "
@@ -260,7 +268,7 @@ class TrainingRun(RunControl):
                     "--lora-dir).") for folder, what in trained_kind(config).folders(self.host, config)]
         checks += [(job.folder, "generated class images", f"class_dir of concept {job.concept + 1} must be a "
                     "folder you can write to (or already hold num_class_images images).")
-                   for job in plan_class_images(config, work_dir)[1] if job.missing]
+                   for job in plan_class_images(config, work_dir, trained_concepts(instances))[1] if job.missing]
         problems = []
         for folder, what, fix in checks:
             try:
@@ -277,8 +285,8 @@ class TrainingRun(RunControl):
         remove_partial_state(work_dir / STATE_FOLDER)
 
     def _class_images(self, config: Config, bundle: ModelBundle, work_dir: Path, device: torch.device,
-                      precision: Precision) -> list[Path]:
-        folders, jobs = plan_class_images(config, work_dir)
+                      precision: Precision, instances: list[Example]) -> list[Path]:
+        folders, jobs = plan_class_images(config, work_dir, trained_concepts(instances))
         missing = sum(job.missing for job in jobs)
         if not missing or not self.processes.is_main:
             return folders
@@ -291,9 +299,14 @@ class TrainingRun(RunControl):
                                    guidance=config.class_image_guidance, seed=seed, width=size, height=size,
                                    autocast_dtype=precision.autocast_dtype)[0]
 
+        started = time.perf_counter()
+
         def on_image(done: int, total: int) -> None:
-            self._emit(Progress("class_images", done=done, total=total,
-                                message=f"Generated class image {done}/{total}"))
+            rate = done / max(time.perf_counter() - started, 1e-9)
+            eta = (total - done) / rate
+            self._emit(Progress("class_images", done=done, total=total, it_per_s=rate, eta_s=eta,
+                                message=f"Generated class image {done}/{total}, {rate:.2f} images/s, "
+                                        f"ETA {clock(eta)}"))
 
         # The UNet renders in its own dtype (its trained weights are fp32 from the start); the text encoders as
         # they encode the captions for training.
@@ -302,6 +315,11 @@ class TrainingRun(RunControl):
                 placed([bundle.vae], device, vae_dtype):
             generate_class_images(jobs, render, on_image=on_image, should_stop=lambda: self.cancelled)
         return folders
+
+
+def trained_concepts(instances: list[Example]) -> set[int]:
+    """The concepts that have training images (one whose folder has none is not trained)."""
+    return {example.concept for example in instances}
 
 
 def settled_config(config: Config, host: Host) -> Config:
