@@ -137,6 +137,21 @@ def test_api_auth_is_enforced_when_set(tmp_path, ui_models):
     assert client.get(f"{PREFIX}/status", headers=basic("bob", "pa:ss")).status_code == 200  # ':' in a password
 
 
+def test_credentials_are_checked_before_the_body_and_the_body_is_capped(tmp_path, ui_models):
+    """A body is read only after the credentials check (FastAPI parsed it first: an unauthenticated caller got a
+    422 echoing what it sent), and at most 1 MB of it (see test_api_limits.py for the same over real servers)."""
+    app = FastAPI()
+    register_api(app, JobManager(), folder_adapter(ui_models, tmp_path / "work"), "alice:s3cret")
+    client = TestClient(app)
+    for path in ("/start", "/cancel"):
+        response = client.post(PREFIX + path, content=b"{not json")
+        assert response.status_code == 401 and "not json" not in response.text
+    refused = client.post(f"{PREFIX}/start", content=bytes(2 << 20), headers=basic("alice", "s3cret"))
+    assert refused.status_code == 413 and "1 MB" in refused.json()["detail"]["message"]
+    unread = client.post(f"{PREFIX}/start", content=b"{not json", headers=basic("alice", "s3cret"))
+    assert unread.status_code == 422 and "not JSON" in unread.json()["detail"]["problems"][0]
+
+
 def test_no_auth_when_unset_and_routes_registered_once(tmp_path, ui_models):
     app = FastAPI()
     adapter = folder_adapter(ui_models, tmp_path / "work")

@@ -3,14 +3,22 @@
 Routes added to the WebUI's app get no authentication from the host, so they check the `--api-auth`
 credentials themselves (HTTP basic, like the host's own /sdapi routes). Handlers are plain `def`s: FastAPI runs
 them in its thread pool, and training itself runs in the JobManager's background thread.
+
+A body FastAPI parses for a handler's parameter is read, whole, before any dependency runs (the credentials
+check included): anyone who could reach the port could make the server hold what they sent. So the handlers take
+their JSON from `json_object`, a dependency solved after the credentials check, which reads at most
+MAX_BODY_BYTES. Both servers (the WebUI's app and the standalone one) get the routes, and so this, from
+`register_api`. The standalone server, all of whose routes are ours, also caps gradio's own (`limit_every_body`).
 """
 
 from __future__ import annotations
 
+import json
 import secrets
 from typing import Any
 
-from fastapi import Depends, FastAPI, HTTPException
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.responses import JSONResponse
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
 
 from .. import config as schema
@@ -20,6 +28,8 @@ from .adapter import HostAdapter
 from .jobs import JobManager, error_message
 
 PREFIX = "/dreambooth/v1"
+MAX_BODY_BYTES = 1024 * 1024  # a project JSON is a few KB
+JSON_KINDS = {list: "an array", str: "a string", int: "a number", float: "a number", bool: "true or false"}
 
 
 def parse_credentials(auth: str | None) -> dict[str, str]:
@@ -53,6 +63,92 @@ def _auth_dependency(credentials: dict[str, str]):
     return check
 
 
+def _too_large() -> HTTPException:
+    return HTTPException(status_code=413, detail={
+        "message": f"The request body is over {MAX_BODY_BYTES // (1024 * 1024)} MB ({MAX_BODY_BYTES} bytes), the "
+                   "most this API reads. Send the project's JSON only (a project is a few KB); image folders are "
+                   "given as paths, not sent."})
+
+
+async def read_capped_body(request: Request) -> bytes:
+    """The body, refused (413) as soon as it is known to be over MAX_BODY_BYTES: by its Content-Length before a
+    byte is read, else once one more byte than the limit has arrived (the rest is never read)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise _too_large()
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_BODY_BYTES:
+            raise _too_large()
+    return bytes(body)
+
+
+class BodyLimit:
+    """ASGI middleware refusing (413) every request body over MAX_BODY_BYTES, for a whole app this extension owns:
+    the standalone server, whose gradio routes (/run/predict...) read a body before their login check. Never on the
+    WebUI's app: its routes are the host's; ours carry their own cap (`json_object`)."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or scope["path"].startswith(PREFIX):  # ours check credentials first
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+            return await self._refuse(scope, receive, send)
+        received = 0
+        started = False
+
+        async def counted_receive():
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > MAX_BODY_BYTES:
+                raise _too_large()  # FastAPI passes an HTTPException from a body read through as the answer
+            return message
+
+        async def watched_send(message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counted_receive, watched_send)
+        except HTTPException as exc:  # a route that did not turn it into an answer
+            if exc.status_code != 413 or started:
+                raise
+            await self._refuse(scope, receive, send)
+
+    @staticmethod
+    async def _refuse(scope, receive, send) -> None:
+        await JSONResponse({"detail": _too_large().detail}, status_code=413)(scope, receive, send)
+
+
+def limit_every_body(app: FastAPI) -> None:
+    """Put BodyLimit in front of all of `app`, once, also after it has served (gradio's launch already made
+    requests): the stack is built again at the next request, as the WebUI does for its own middleware."""
+    if any(middleware.cls is BodyLimit for middleware in app.user_middleware):
+        return
+    app.middleware_stack = None
+    app.add_middleware(BodyLimit)
+
+
+async def json_object(request: Request) -> dict[str, Any]:
+    """The body as a JSON object. A route dependency, so it runs after the credentials check."""
+    body = await read_capped_body(request)
+    try:
+        data = json.loads(body) if body.strip() else None
+    except ValueError as exc:  # bad UTF-8 too
+        raise _unprocessable([f"The body is not JSON: {exc}"], "The request body cannot be read") from None
+    if not isinstance(data, dict):
+        got = "an empty body" if data is None else JSON_KINDS.get(type(data), "another JSON value")
+        raise _unprocessable([f"The body must be a JSON object ({{...}}); got {got}."],
+                             "The request body cannot be read")
+    return data
+
+
 def _unprocessable(problems: list[str], message: str) -> HTTPException:
     return HTTPException(status_code=422, detail={"message": message, "problems": problems})
 
@@ -64,7 +160,9 @@ def register_api(app: FastAPI, jobs: JobManager, host_adapter: HostAdapter, auth
     credentials = parse_credentials(auth)
     dependencies = [Depends(_auth_dependency(credentials))] if credentials else []
 
-    def start(body: dict[str, Any], resume: bool = False, checkpoint: str | None = None) -> dict:
+    body = Depends(json_object)  # solved after `dependencies`: FastAPI puts a route's own dependencies first
+
+    def start(body: dict[str, Any] = body, resume: bool = False, checkpoint: str | None = None) -> dict:
         """Body: a project config as JSON (as in project.json). `checkpoint`: a checkpoint title to train instead
         of base_model / the loaded model. `resume`: continue the project's saved state."""
         try:
@@ -92,10 +190,10 @@ def register_api(app: FastAPI, jobs: JobManager, host_adapter: HostAdapter, auth
     def status() -> dict:
         return jobs.status()
 
-    def load(body: dict[str, Any]) -> dict:
+    def load(body: dict[str, Any] = body) -> dict:
         """Body: {"checkpoint": a path from status()["checkpoints"] or a title from the host's list}. Loads it and
         makes it the host's selected checkpoint, so the next generation uses it."""
-        wanted = body.get("checkpoint") if isinstance(body, dict) else None
+        wanted = body.get("checkpoint")
         if not isinstance(wanted, str) or not wanted.strip():
             raise _unprocessable(['Give the checkpoint to load: {"checkpoint": "<path or title>"}'],
                                  "Nothing to load")

@@ -15,7 +15,7 @@ from pathlib import Path
 import gradio as gr
 
 from .adapter import HostAdapter, folder_adapter
-from .api import parse_credentials, register_api
+from .api import limit_every_body, parse_credentials, register_api
 from .jobs import JobManager
 from .tab import DreamboothTab, build_tab
 from .widgets import enable_queue, js_kwarg
@@ -92,5 +92,6 @@ def serve(models_dir: str | Path, work_root: str | Path | None = None, *, host: 
     credentials = parse_credentials(api_auth)
     server_app, _, _ = page.launch(server_name=host, server_port=port, prevent_thread_lock=True, quiet=True,
                                    show_api=False, auth=list(credentials.items()) or None)
+    limit_every_body(server_app)  # gradio's own routes read a body before their login check
     register_api(server_app, jobs, adapter, api_auth)
     return StandaloneApp(page, tab, jobs, adapter)
