@@ -88,6 +88,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 def _say(session: pytest.Session, line: str) -> None:
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
     if reporter is not None:
+        reporter.ensure_newline()  # not on the line of the progress dots
         reporter.write_line(line)
     else:
         print(line)
