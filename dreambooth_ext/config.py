@@ -520,11 +520,16 @@ def config_problems(config: Config) -> list[str]:
                             "gradients could be averaged; turn fused_backward off")
     if config.deepspeed_offload:
         problems.extend(f"deepspeed_offload with {problem}" for problem in zero_problems(config))
+    problems.extend(_schedule_problems(config))
     if config.max_train_steps == 0 and config.num_train_epochs == 0:
         problems.append("max_train_steps = 0 and num_train_epochs = 0: set one of them to say when to stop")
     if not config.project_name.strip() or not _is_plain_name(config.project_name):
         problems.append(f"project_name = {config.project_name!r}: use letters, digits, spaces, '-', '_' or '.' "
                         "(it becomes a folder and file name)")
+    else:
+        from .train.guard import project_name_problem  # the one home of what a run writes (no torch there)
+
+        problems.extend(filter(None, [project_name_problem(config)]))
     if not config.concepts:
         problems.append("concepts = []: add at least one concept with the folder of your training images "
                         "(instance_dir)")
@@ -545,7 +550,82 @@ def config_problems(config: Config) -> list[str]:
                                 "class word such as 'person'")
         if config.prior_preservation and not concept.token_only and not concept.class_prompt.strip():
             problems.append(f"concepts[{i}].class_prompt = '': prior preservation needs a class prompt")
+    problems.extend(_overlap_problems(config))
     return problems
+
+
+# diffusers' polynomial schedule decays to this rate and refuses a starting rate that is not above it.
+POLYNOMIAL_LR_END = 1e-7
+
+
+def _schedule_problems(config: Config) -> list[str]:
+    """What the learning-rate schedule cannot run with. Only the UNet's rate counts: diffusers decays from the
+    optimizer's own rate (the UNet group's) and scales the text encoder's by the same factor."""
+    unet_lr = "lora_learning_rate" if config.train_mode == "lora" else "learning_rate"
+    rate = getattr(config, unet_lr)
+    if config.lr_scheduler == "polynomial" and 0 < rate <= POLYNOMIAL_LR_END:
+        return [f"{unet_lr} = {rate:g} with lr_scheduler polynomial: the polynomial schedule decays to "
+                f"{POLYNOMIAL_LR_END:g} and needs a learning rate above that (up to 1); raise {unet_lr}, or use "
+                "lr_scheduler constant or linear"]
+    return []
+
+
+def uses_class_images(config: Config, concept: Concept) -> bool:
+    """Whether the run reads (and may write) the concept's class folder."""
+    return config.prior_preservation and not concept.token_only and concept.num_class_images > 0
+
+
+def resolved(folder: str | os.PathLike) -> Path:
+    """The folder as the file system sees it: absolute, symlinks followed, case folded where the system ignores
+    case (it need not exist yet)."""
+    return Path(os.path.normcase(Path(folder).expanduser().resolve()))
+
+
+def contains(outer: Path, inner: Path) -> bool:
+    """Whether resolved folder `inner` is `outer` or inside it."""
+    return inner == outer or outer in inner.parents
+
+
+def _overlap_problems(config: Config) -> list[str]:
+    """A class folder that is, holds or sits in a training folder (of any concept): both are read with their
+    sub-folders, so the subject's photos would count as class images, or class images (generated ones too, which
+    are written there) would be trained as the subject."""
+    problems = []
+    for j, concept in enumerate(config.concepts):
+        if not concept.class_dir or not uses_class_images(config, concept):
+            continue
+        class_folder = resolved(concept.class_dir)
+        for i, other in enumerate(config.concepts):
+            if other.instance_dir:
+                problem = _overlap(f"concepts[{j}].class_dir", concept.class_dir, class_folder,
+                                   f"concepts[{i}].instance_dir", other.instance_dir, resolved(other.instance_dir))
+                if problem:
+                    problems.append(problem)
+    return problems
+
+
+def _overlap(class_name: str, class_value: str, class_folder: Path, instance_name: str, instance_value: str,
+             instance_folder: Path) -> str | None:
+    both = (f"{class_name} = {_as_found(class_value, class_folder)} and {instance_name} = "
+            f"{_as_found(instance_value, instance_folder)}")
+    if class_folder == instance_folder:
+        harm = ("are the same folder: your subject's photos would count as class images, and generated class "
+                "images would be written among them and trained as your subject next time")
+    elif contains(instance_folder, class_folder):
+        harm = ("overlap: the class folder is inside the training images folder, whose sub-folders are read too, so "
+                "the class images (generated ones too) would be trained as your subject")
+    elif contains(class_folder, instance_folder):
+        harm = ("overlap: the training images folder is inside the class folder, whose sub-folders are read too, so "
+                "your subject's photos would count as class images")
+    else:
+        return None
+    return (f"{both} {harm}; give {class_name} a folder of its own outside the training images (or leave it "
+            "empty: a folder in the project's work folder)")
+
+
+def _as_found(value: str, folder: Path) -> str:
+    """A folder as typed, and where it leads when that differs (a relative path, a symlink)."""
+    return repr(value) if os.path.normcase(os.path.normpath(value)) == str(folder) else f"{value!r} ({folder})"
 
 
 def _is_plain_name(name: str) -> bool:

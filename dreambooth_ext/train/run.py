@@ -47,7 +47,7 @@ from .devices import (
     resolve_precision,
 )
 from .ema import EMA
-from .guard import SaveFailed, check_writable, output_error, project_lock, write_errors
+from .guard import SaveFailed, check_where_it_writes, check_writable, output_error, project_lock, write_errors
 from .loss import dreambooth_loss, min_snr_weights, per_sample_mse, training_target
 from .optim import group_options, param_groups
 from .parallel import SingleProcess, check_parallel
@@ -196,6 +196,7 @@ class TrainingRun(RunControl):
         config = settled_config(validate(self.config), self.host)
         instances = collect_instance_examples(config)  # bad image folders fail here, before any model loads
         self._check_dataset(config, instances)
+        check_where_it_writes(config, self.host, len(instances))  # before the lock makes its folder
         check_parallel(config, self.processes)
         if zero_launch() is not None:
             check_zero(config, self.processes)

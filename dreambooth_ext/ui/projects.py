@@ -7,6 +7,7 @@ from pathlib import Path
 
 from .. import config as schema
 from ..errors import DreamboothError
+from ..train.guard import NAME_MAX, project_name_problem
 from ..train.resuming import STATE_FOLDER, find_state, saved_state_meta
 
 PROJECT_FILE = "project.json"
@@ -26,6 +27,9 @@ def check_project_name(name: str) -> str:
     if not all(ch.isalnum() or ch in " -_." for ch in name):
         raise DreamboothError(f"Project name {name!r} has characters that cannot be in a folder name; use "
                               "letters, digits, spaces, '-', '_' or '.'.")
+    if len(name.encode("utf-8")) > NAME_MAX:
+        raise DreamboothError(f"Project name {name[:30]!r}... has {len(name)} characters: it becomes a folder name, "
+                              f"and folder names can have at most {NAME_MAX} bytes. Use a shorter name.")
     return name
 
 
@@ -55,7 +59,13 @@ def project_info(projects_dir: Path, name: str) -> dict:
 
 
 def save_project(projects_dir: Path, config: schema.Config) -> Path:
-    return schema.save_json(config, project_file(projects_dir, config.project_name))
+    """Save the project; refused when its name is too long for the results a run of it writes (saved, it could
+    never be trained)."""
+    path = project_file(projects_dir, config.project_name)
+    problem = project_name_problem(config)
+    if problem:
+        raise DreamboothError(f"Not saved: {problem}.")
+    return schema.save_json(config, path)
 
 
 def load_project(projects_dir: Path, name: str) -> schema.Config:
