@@ -10,6 +10,7 @@ import torch
 from test_api import api  # noqa: F401 - fixture
 from test_faults import CountingHost
 from test_train import class_dir, instance_dir, make_config, tiny_sd1  # noqa: F401 - fixtures
+from test_ui import form_for, tab_factory  # noqa: F401 - fixture
 from ui_helpers import quick_run_data
 
 from dreambooth_ext import config as cfg
@@ -19,6 +20,7 @@ from dreambooth_ext.train import guard
 from dreambooth_ext.train.run import TrainingRun
 from dreambooth_ext.ui import projects
 from dreambooth_ext.ui.api import PREFIX
+from dreambooth_ext.ui.tab import DEFAULT_PICK
 
 
 def concepts_config(*concepts: dict, **options) -> cfg.Config:
@@ -198,6 +200,19 @@ def test_the_api_answers_422_for_a_long_project_name(api, ui_images):  # noqa: F
         assert any("at most 255 bytes" in p for p in response.json()["detail"]["problems"])
     assert api.jobs.active is None
     assert api.get(f"{PREFIX}/projects/{'n' * 300}").status_code == 422
+
+
+def test_the_tab_shows_both_refusals_and_starts_nothing(tab_factory, ui_models, ui_images):  # noqa: F811
+    tab, base = tab_factory(), ui_models / "Stable-diffusion" / "tiny.safetensors"
+    values = form_for(tab, quick_run_data(base, ui_images, project="n" * 240))
+    status = tab.start("task(n)", DEFAULT_PICK, None, *values)[-1]
+    assert "dreambooth-error" in status and "at most 255 bytes" in status and "at most 223 characters" in status
+    assert "Not saved" in tab.save(False, "", "", *values)[-1]
+    values = form_for(tab, quick_run_data(base, ui_images, prior_preservation=True,
+                                          concept={"class_dir": str(ui_images), "num_class_images": 2}))
+    status = tab.start("task(c)", DEFAULT_PICK, None, *values)[-1]
+    assert "dreambooth-error" in status and "same folder" in status
+    assert tab.jobs.active is None and tab.jobs.status()["state"] == "idle"
 
 
 def test_a_project_whose_runs_could_not_save_is_not_saved(tmp_path):
