@@ -202,6 +202,18 @@ def test_the_api_answers_422_for_a_long_project_name(api, ui_images):  # noqa: F
     assert api.get(f"{PREFIX}/projects/{'n' * 300}").status_code == 422
 
 
+def test_the_api_answers_422_for_a_name_over_its_hosts_file_system_limit(api, ui_images, monkeypatch):  # noqa: F811
+    """The checks that need the host's folders (here a file system with shorter names) refuse before a run starts,
+    as those of the options alone do."""
+    real = os.pathconf
+    monkeypatch.setattr(os, "pathconf", lambda path, key: 143 if key == "PC_NAME_MAX" else real(path, key))
+    data = quick_run_data("", ui_images, project="n" * 120)
+    response = api.post(f"{PREFIX}/start", json=data, params={"checkpoint": "tiny.safetensors"})
+    assert response.status_code == 422, response.text
+    assert "names of at most 143 bytes" in response.text
+    assert api.jobs.active is None
+
+
 def test_the_tab_shows_both_refusals_and_starts_nothing(tab_factory, ui_models, ui_images):  # noqa: F811
     tab, base = tab_factory(), ui_models / "Stable-diffusion" / "tiny.safetensors"
     values = form_for(tab, quick_run_data(base, ui_images, project="n" * 240))

@@ -14,9 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import Config, fill_prompt
+from ..config import Config, fill_prompt, uses_class_images
 from ..errors import DreamboothError
-from .class_images import needs_class_images
 from .dataset import Example, collect_instance_examples, find_images, read_image_size
 
 log = logging.getLogger(__name__)
@@ -104,7 +103,7 @@ def _check_image_count(report: DatasetReport, label: str, own: list[Example]) ->
 
 def _check_class_images(report: DatasetReport, config: Config, label: str, index: int, own: list[Example]) -> None:
     concept = config.concepts[index]
-    if not needs_class_images(config, concept):
+    if not uses_class_images(config, concept):
         return
     class_prompt = fill_prompt(concept.class_prompt, concept)
     if concept.class_word.strip() and concept.class_word.lower() not in class_prompt.lower():

@@ -10,7 +10,7 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import Concept, Config, fill_prompt
+from ..config import Concept, Config, fill_prompt, uses_class_images
 from .dataset import find_images
 
 log = logging.getLogger(__name__)
@@ -27,8 +27,6 @@ class ClassImageJob:
     missing: int
 
 
-def needs_class_images(config: Config, concept: Concept) -> bool:
-    return config.prior_preservation and not concept.token_only and concept.num_class_images > 0
 
 
 def class_folder(concept: Concept, index: int, work_dir: Path) -> Path:
@@ -47,7 +45,7 @@ def plan_class_images(config: Config, work_dir: Path,
     for index, concept in enumerate(config.concepts):
         folder = class_folder(concept, index, work_dir)
         folders.append(folder)
-        if not needs_class_images(config, concept) or (trained is not None and index not in trained):
+        if not uses_class_images(config, concept) or (trained is not None and index not in trained):
             continue
         existing = len(find_images(folder)) if folder.is_dir() else 0
         missing = max(0, concept.num_class_images - existing) if concept.generate_class_images else 0

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from ..config import Concept, Config
+from ..config import Config, uses_class_images
 from ..errors import DreamboothError
 from ..inputs import IMAGE_EXTENSIONS, check_instance_folders, image_files
 from .buckets import make_buckets, nearest_bucket
@@ -135,7 +135,7 @@ def collect_class_examples(config: Config, class_dirs: list[Path],
     buckets = _buckets(config)
     examples: list[Example] = []
     for i, (concept, folder) in enumerate(zip(config.concepts, class_dirs, strict=True)):
-        if not _uses_class_images(concept) or (trained is not None and i not in trained):
+        if not uses_class_images(config, concept) or (trained is not None and i not in trained):
             continue
         folder = Path(folder)
         if not folder.is_dir():
@@ -160,10 +160,6 @@ def tag_frequency(examples: list[Example]) -> dict[str, dict[str, int]]:
             if tag:
                 counts[tag] = counts.get(tag, 0) + 1
     return table
-
-
-def _uses_class_images(concept: Concept) -> bool:
-    return not concept.token_only and concept.num_class_images > 0
 
 
 # ----------------------------------------------------------------------------------------------------------

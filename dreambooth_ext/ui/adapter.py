@@ -16,8 +16,9 @@ from ..config import Config
 from ..errors import DreamboothError
 from ..hosts.base import Host
 from ..hosts.files import FolderHost
-from ..inputs import check_inputs
+from ..inputs import check_inputs, image_files
 from ..train.devices import deepspeed_installed, device_choices
+from ..train.guard import check_where_it_writes
 from ..train.resuming import check_no_earlier_results, check_run_choice
 
 
@@ -57,12 +58,14 @@ class HostAdapter:
     deepspeed_installed: Callable[[], bool] = lambda: deepspeed_installed()
 
     def prepare_checked(self, config: Config, title: str | None, *, resume: bool = False) -> tuple[Config, Host]:
-        """`prepare`, then the checks that need no weights (the host's; Start or Resume against the project's
-        stopped run; Start against its earlier results) and that the files and folders it names exist: a refusal
-        comes before any run starts."""
+        """`prepare`, then the checks that need no weights (the host's; the paths the run will write; Start or
+        Resume against the project's stopped run; Start against its earlier results) and that the files and folders
+        it names exist: a refusal comes before any run starts."""
         config, host = self.prepare(config, title)
         check_inputs(config)
         host.check(config)
+        images = sum(len(image_files(concept.instance_dir)) for concept in config.concepts)
+        check_where_it_writes(config, host, images)
         check_run_choice(config.project_name, host.work_dir(config.project_name), resume=resume)
         if not resume:
             from ..train.trained import result_folders
