@@ -173,7 +173,7 @@ class ConsoleProgress:
         if self.bar_open:
             self.stream.write("\n")
             self.bar_open = False
-        if p.message and (p.phase != self.last_phase or p.phase in ("saving", "finished", "cancelled")):
+        if p.message and (p.phase != self.last_phase or p.phase in ("saving", "monitoring", "finished", "cancelled")):
             self.stream.write(f"[{p.phase}] {p.message}\n")
         self.stream.flush()
         self.last_phase = p.phase

@@ -273,6 +273,15 @@ OPTIONS: tuple[Option, ...] = (
          min=1, max=1000),
     _opt("sample_guidance", "Sample guidance scale", "float", 7.5, "samples", "Guidance scale of the sample images.",
          min=1.0, max=50.0),
+    _opt("monitor_every_n_steps", "Learning monitor every N steps", "int", 0, "samples",
+         "How often the learning monitor measures whether the model is still learning, has learned, copies the "
+         "training photos, forgets the class or ignores prompts (a few fixed denoising passes and one 8-step "
+         "render, no images written). It always measures the base model, every saved result and the end; 0: also "
+         "every tenth of the run; N: also every N steps; -1: off.", min=-1, max=10_000_000),
+    _opt("monitor_prompts", "Learning monitor prompt contexts", "text", "in a watercolor painting\non a beach",
+         "samples",
+         "One context per line that the learning monitor adds to the training captions, to measure whether prompts "
+         "still change the subject (e.g. a style or a place). Empty: that signal is not measured."),
 )
 
 # The tab's "Lowest memory" button: every option that lowers peak memory, set the way that lowers it most (each

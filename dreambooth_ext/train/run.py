@@ -49,6 +49,7 @@ from .devices import (
 from .ema import EMA
 from .guard import SaveFailed, check_where_it_writes, check_writable, output_error, project_lock, write_errors
 from .loss import dreambooth_loss, min_snr_weights, per_sample_mse, training_target
+from .monitor import CLASS_PICTURES, Monitor, is_point, monitor_pictures
 from .optim import group_options, param_groups
 from .parallel import SingleProcess, check_parallel
 from .resuming import (
@@ -110,6 +111,8 @@ class Progress:
     warnings: tuple[str, ...] = ()  # each reported once: the dataset check's findings, a resume's changed options
     # The smoothed loss at each step whose loss was read since the last report (read every LOSS_READ_EVERY steps)
     losses: tuple[tuple[int, float], ...] = ()
+    # The learning monitor's series, verdict and best step (train/monitor.py), with each of its points
+    monitor: dict | None = None
 
     LINE_PREFIX = "dreambooth-progress "  # marks progress lines among whatever else reaches a child's stdout
 
@@ -502,6 +505,7 @@ class _Loop:
     def train(self, state: TrainingState | None) -> RunResult:
         self._setup_modules()
         self._setup_data()
+        self.monitor = self._start_monitor(state)  # the base's predictions: before trained weights load
         step = self._setup_optimization(state)
         try:
             return self._train_from(step)
@@ -537,6 +541,7 @@ class _Loop:
         self._whole_ema()
         if self.processes.is_main:
             self._sample(step)
+            self._monitor_point(step)
         self._save_result(step)
         if self.processes.is_main:
             forget_state(self.work_dir / STATE_FOLDER)  # finished: the state is no longer needed
@@ -687,10 +692,13 @@ class _Loop:
         main = self.processes.is_main
         sample = config.sample_every_n_steps and step % config.sample_every_n_steps == 0
         save = config.save_every_n_steps and step % config.save_every_n_steps == 0
-        if sample or save:
+        point = self.monitor is not None and is_point(config, step, self.total_steps)
+        if sample or save or is_point(config, step, self.total_steps):
             self._whole_ema()
         if main and sample:
             self._sample(step)
+        if main and point:
+            self._monitor_point(step)
         if save:
             self._save_result(step)
             self._save_state(step)
@@ -789,6 +797,9 @@ class _Loop:
                  "dreambooth.learning_rate": str(getattr(config, group_options(config)["unet"]["lr"])),
                  "dreambooth.resolution": str(config.resolution), "dreambooth.ema": str(bool(self.ema)),
                  "dreambooth.train_mode": config.train_mode}
+        if self.monitor is not None:
+            self.monitor.mark_saved(step)
+            extra.update(self.monitor.metadata())
         saving = Saving(step=step, config_json=json.dumps(to_dict(config)), extra=extra,
                         unet_state=self.ema.weights_for_export(bundle.unet) if self.ema else None,
                         num_images=len(self.instances), tag_frequency=tag_frequency(self.instances),
@@ -796,12 +807,47 @@ class _Loop:
         saved = self.kind.save(bundle, config, self.run.host, saving)
         self.result.checkpoints.extend(saved.checkpoints)
         self.result.loras.extend(saved.loras)
+        monitor = self.monitor.summary() if self.monitor is not None else None  # this step now among the saved
         for path in saved.checkpoints:
             self.run._emit(Progress("saving", step=step, total_steps=self.total_steps, checkpoint=path,
-                                    message=f"Saved {path.name}"))
+                                    message=f"Saved {path.name}", monitor=monitor))
         for path in saved.loras:
             self.run._emit(Progress("saving", step=step, total_steps=self.total_steps, lora=path,
-                                    message=f"Saved {path.name}"))
+                                    message=f"Saved {path.name}", monitor=monitor))
+
+    def _start_monitor(self, state: TrainingState | None) -> Monitor | None:
+        """The learning monitor (main process; none with monitor_every_n_steps -1), its base point measured now."""
+        config, bundle = self.config, self.bundle
+        if not self.processes.is_main or config.monitor_every_n_steps < 0:
+            return None
+        self.run._emit(Progress("monitoring", message="Measuring the base model for the learning monitor"))
+        cache = self.instance_feed.cache
+        common = {"cache": cache, "vae": bundle.vae, "crop": config.crop, "seed": config.seed}
+        vae = placed([bundle.vae], self.device, self.vae_dtype) if cache is None else contextlib.nullcontext()
+        with vae:
+            instances = monitor_pictures(self.instances, is_class=False, **common)
+            classes = monitor_pictures(self.classes, is_class=True, count=CLASS_PICTURES, **common)
+        frozen = [] if config.train_text_encoder else list(bundle.text_encoders)
+        monitor = Monitor(config=config, bundle=bundle, instances=instances, classes=classes, device=self.device,
+                          autocast=self._autocast, text_trained=config.train_text_encoder,
+                          text_placed=lambda: placed(frozen, self.device, self.precision.frozen_dtype),
+                          work_dir=self.work_dir, total_steps=self.total_steps)
+        point = monitor.start(state.step if state is not None else None)
+        self._report_monitor(monitor, 0 if point is not None else state.step)
+        return monitor
+
+    def _monitor_point(self, step: int) -> None:
+        """A point of the learning monitor, on the weights that are exported (the EMA's when it is on)."""
+        if self.monitor is None:
+            return
+        averaged = self.ema.applied_to(self.bundle.unet) if self.ema else contextlib.nullcontext()
+        with averaged:
+            self.monitor.measure(step)
+        self._report_monitor(self.monitor, step)
+
+    def _report_monitor(self, monitor: Monitor, step: int) -> None:
+        self.run._emit(Progress("monitoring", step=step, total_steps=self.total_steps, message=monitor.line(),
+                                monitor=monitor.summary()))
 
     @torch.no_grad()
     def _sample(self, step: int) -> None:

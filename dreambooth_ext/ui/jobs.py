@@ -67,6 +67,7 @@ class JobStatus:
     checkpoints: list[str] = field(default_factory=list)
     loras: list[str] = field(default_factory=list)  # LoRA files written (in the host's Lora folder)
     warnings: list[str] = field(default_factory=list)  # the dataset check's findings, then the run's own
+    monitor: dict | None = None  # the learning monitor: its points, last verdict and remedy, best step
     error: str | None = None
     resume: bool = False
     started_at: float | None = None
@@ -96,6 +97,8 @@ class JobStatus:
             self.message = f"Training step {progress.step}/{progress.total_steps}"
         for step, loss in progress.losses:  # the steps whose loss has been read: not a point per report
             self._add_loss(step, loss)
+        if progress.monitor is not None:  # the whole series each time: a resumed run's earlier points too
+            self.monitor = progress.monitor
         self.samples.extend(str(p) for p in progress.samples)
         self.warnings.extend(progress.warnings)
         if progress.checkpoint is not None and str(progress.checkpoint) not in self.checkpoints:
