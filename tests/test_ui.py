@@ -461,3 +461,15 @@ def test_a_reloaded_page_gets_the_last_runs_form_back(tab_factory, ui_models, ui
     restored = tab.collect(tab.restore_form())
     assert restored.project_name == "again" and restored.learning_rate == 3e-5
     assert restored.concepts[0].instance_dir == str(ui_images)
+
+
+def test_the_status_shows_the_learning_monitors_verdict_remedy_and_best_step():
+    import html
+
+    from dreambooth_ext.train.monitor import LEARNED, REMEDIES
+    from dreambooth_ext.ui import render
+
+    monitor = {"points": [], "verdict": LEARNED, "remedy": REMEDIES[LEARNED], "best_step": 40}
+    shown = html.unescape(render.status_html({"state": "running", "project": "p", "monitor": monitor}))
+    assert f"Learning monitor: learned. {REMEDIES[LEARNED]} Best saved step so far: 40." in shown
+    assert "dreambooth-monitor" not in render.status_html({"state": "running", "project": "p", "monitor": None})

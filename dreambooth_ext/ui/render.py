@@ -41,6 +41,7 @@ def status_html(status: dict[str, Any], note: str = "", in_use: bool = False) ->
         if status.get("message"):
             parts.append(f"<p>{html.escape(status['message'])}</p>")
         parts.append(_numbers(status))
+        parts.append(_monitor_line(status.get("monitor")))
     if status.get("error"):
         parts.append(f"<div class='dreambooth-error'><b>Error</b><pre>{html.escape(status['error'])}</pre></div>")
     if status.get("warnings"):
@@ -65,6 +66,16 @@ def status_html(status: dict[str, Any], note: str = "", in_use: bool = False) ->
 def lora_prompt(path: str) -> str:
     """The prompt text that uses a LoRA at full strength: the WebUI names it by its file name."""
     return f"<lora:{Path(path).stem}:1>"
+
+
+def _monitor_line(monitor: dict[str, Any] | None) -> str:
+    """The learning monitor's last verdict, its remedy and the best saved step so far."""
+    if not monitor or not monitor.get("verdict"):
+        return ""
+    text = f"Learning monitor: {monitor['verdict']}. {monitor.get('remedy') or ''}".strip()
+    if monitor.get("best_step") is not None:
+        text += f" Best saved step so far: {monitor['best_step']}."
+    return f"<p class='dreambooth-monitor'>{html.escape(text)}</p>"
 
 
 def _numbers(status: dict[str, Any]) -> str:
