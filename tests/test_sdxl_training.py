@@ -99,7 +99,8 @@ def test_each_picture_gets_the_time_ids_of_its_own_fit(sdxl_base, photos, tmp_pa
     mirrored, the window starts 9 px from the left edge. The pooled vector rides along as text_embeds."""
     for flip_p, left in ((0.0, 8), (1.0, 9)):
         unet_calls.clear()
-        config = config_for(sdxl_base, photos, max_train_steps=1, flip_p=flip_p, sample_every_n_steps=0)
+        config = config_for(sdxl_base, photos, max_train_steps=1, flip_p=flip_p, sample_every_n_steps=0,
+                            monitor_every_n_steps=-1)  # the training step's call alone
         TrainingRun(config, FolderHost(tmp_path / str(flip_p))).run()
         (call,) = unet_calls
         assert call["added_cond_kwargs"]["time_ids"].tolist() == [[64, 81, 0, left, 64, 64]]
@@ -112,7 +113,7 @@ def test_a_bucketed_picture_is_conditioned_on_its_bucket(sdxl_base, tmp_path, un
     folder.mkdir()
     Image.new("RGB", (384, 128), (90, 120, 200)).save(folder / "wide.png")
     config = config_for(sdxl_base, folder, max_train_steps=1, resolution=128, aspect_ratio_buckets=True,
-                        sample_every_n_steps=0)
+                        sample_every_n_steps=0, monitor_every_n_steps=-1)  # the training step's call alone
     TrainingRun(config, FolderHost(tmp_path)).run()
     (call,) = unet_calls
     assert call["sample"].shape[-2:] == (8, 24)  # the 192x64 bucket: resized, nothing cut
