@@ -66,8 +66,8 @@ REMEDIES = {
     LEARNED: "It has learned the subject: this step is a good one to keep.",
     COPYING: "Renders look like the training photos themselves: keep an earlier saved step or train fewer steps, "
              "use more varied photos, and put the style first in the prompt and the token later.",
-    FORGETTING: "The class itself is changing (every 'person' looks like the subject): keep an earlier saved step, "
-                "lower the learning rate, or turn on prior preservation (or raise its weight).",
+    FORGETTING: "The class itself is changing (any picture of the class looks like the subject): keep an earlier "
+                "saved step, lower the learning rate, or turn on prior preservation (or raise its weight).",
     IGNORING: "It looks like the subject but no longer follows the prompt's setting or style: keep an earlier saved "
               "step or train fewer steps, use more varied photos, and repeat the token in the prompt "
               "('ohwx person in a watercolor painting, ohwx person').",
