@@ -9,16 +9,9 @@ from typing import Any
 
 from PIL import Image
 
+from ..train.run import clock
+
 MAX_GALLERY = 16  # the newest sample images shown
-
-
-def _fmt_time(seconds: float | None) -> str:
-    if seconds is None:
-        return "?"
-    seconds = int(seconds)
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
 def status_html(status: dict[str, Any], note: str = "", in_use: bool = False) -> str:
@@ -93,7 +86,7 @@ def _numbers(status: dict[str, Any]) -> str:
     if status.get("state") == "running" and status.get("memory_gib"):
         cells.append(f"{status['memory_gib']:.1f} GiB {status.get('memory_kind', '')}".rstrip())
     if status.get("state") == "running" and status.get("eta_s") is not None:
-        cells.append(f"ETA {_fmt_time(status['eta_s'])}")
+        cells.append(f"ETA {clock(status['eta_s'])}")
     return f"<p class='dreambooth-numbers'>{html.escape(' · '.join(cells))}</p>" if cells else ""
 
 
