@@ -397,21 +397,6 @@ def test_job_wrapper_reports_errors_as_html(webui):
     assert "task(y)" in webui.progress.finished_tasks and webui.shared.state.job == ""
 
 
-def test_forge_reads_the_selected_checkpoint_from_disk(webui, caplog):
-    webui.sd_models.forge_model_reload = lambda: (webui.shared.sd_model, False)  # what marks a Forge host
-    assert webui_host.is_forge()
-    with caplog.at_level("WARNING", logger="dreambooth_ext.hosts.webui"):
-        bundle = WebUIHost().load_base(config())
-    assert "Forge" in caplog.text and "reading" in caplog.text
-    original = tiny_state_dict()
-    assert all(torch.equal(bundle.base[k], original[k]) for k in original)  # the file's fp32, not the live fp16
-    assert webui_host.loaded_model_summary()["problem"] is None
-
-    webui.write_checkpoint("other.safetensors", seed=5)
-    title = webui_host.load_checkpoint_now(webui.checkpoint.parent / "other.safetensors")
-    assert webui.shared.opts.data["sd_model_checkpoint"] == title  # selected; Forge loads it on its next use
-
-
 def test_class_image_generation_moves_the_hosts_bar_with_its_own_rate(webui, instance_dir, tmp_path):
     cfg = config(instance_dir, max_train_steps=1, prior_preservation=True, class_image_steps=2,
                  concepts=[{"instance_dir": str(instance_dir), "token": "ohwx", "class_word": "toy",

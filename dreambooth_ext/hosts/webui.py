@@ -9,9 +9,9 @@ What the live model looks like (AUTOMATIC1111 v1.10.1, read from its source and 
 - weights are fp16 unless --no-half, schedule buffers too (only `alphas_cumprod` is kept in fp32), Linear/Conv
   weights are fp8 with Settings > Optimizations > FP8 weight, and a generation with `<lora:…>` leaves LoRA deltas
   added in place, with clean copies in `network_weights_backup`/`network_bias_backup` (extensions-builtin/Lora).
-Forge keeps the same callbacks and checkpoint list, but its model is a different object (`forge_objects`) and
-several `sd_models` functions are stubs there (`read_state_dict`, `send_model_to_device`, `reload_model_weights`):
-on Forge the base model is read from the selected checkpoint's file instead.
+Forge keeps the same callbacks and checkpoint list, but its model is a different object (`forge_objects`), it
+loads lazily and several `sd_models` functions are stubs there: what differs lives in hosts/forge.py, called from
+here where `is_forge()`.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from ..models.bundle import (
 )
 from ..models.checkpoint import read_named_tensors, read_vae
 from ..models.family import FAMILIES, UNET_PREFIX, Family, detect_family, normalize_keys
+from . import forge
 from .base import Host
 
 log = logging.getLogger(__name__)
@@ -60,9 +61,7 @@ NO_MODEL = ("No checkpoint is loaded: pick one in the Stable Diffusion checkpoin
 
 def is_forge() -> bool:
     """Forge (lllyasviel/stable-diffusion-webui-forge) loads models through sd_models.forge_model_reload."""
-    from modules import sd_models
-
-    return hasattr(sd_models, "forge_model_reload")
+    return forge.is_forge()
 
 
 def _current_model() -> Any:
@@ -267,36 +266,20 @@ def load_checkpoint_now(path_or_title: str | os.PathLike) -> str:
         raise DreamboothError(f"{str(path_or_title)!r} is not in the WebUI's checkpoint list: give a file inside "
                               f"{checkpoints_dir()} (or --ckpt-dir) or the title of a listed checkpoint.")
     if is_forge():
-        _forge_select(info)
+        forge.select_and_load(info)
     else:
         sd_models.reload_model_weights(info=info)
         shared.opts.data["sd_model_checkpoint"] = info.title  # the title now has its hash
     return info.title
 
 
-def _forge_select(info: Any) -> None:
-    """Forge loads lazily: select the checkpoint and let its next generation (or forge_model_reload) load it."""
-    from modules import sd_models, shared
-
-    shared.opts.data["sd_model_checkpoint"] = info.title
-    try:
-        from modules_forge import main_entry
-
-        main_entry.refresh_model_loading_parameters()
-        sd_models.forge_model_reload()
-    except Exception as exc:  # Forge internals change often; selecting it is what matters
-        log.warning("Forge: selected %s, but loading it now failed (%s); it loads with the next generation.",
-                    info.title, exc)
-
-
-def _forge_checkpoint_info() -> Any:
-    from modules import sd_models
-
+def _forge_checkpoint_file() -> Path:
+    """The checkpoint file Forge's next generation uses: the selected one when it differs from memory."""
     model = _current_model()
-    if model is not None:
-        return model.sd_checkpoint_info
-    params = getattr(getattr(sd_models, "model_data", None), "forge_loading_parameters", None) or {}
-    return params.get("checkpoint_info") or sd_models.select_checkpoint()
+    info = forge.selected_checkpoint() if model is None or forge.load_pending() else model.sd_checkpoint_info
+    if info is None:
+        raise DreamboothError(NO_MODEL)
+    return Path(info.filename)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -346,10 +329,19 @@ def live_model_problem(model: Any = None) -> str | None:
         if model is None:
             return NO_MODEL
         if is_forge():
-            return None  # read from its file, see load_base
+            return _forge_problem(model)
         _refuse_unusable(model, model.state_dict())
     except DreamboothError as exc:
         return str(exc)
+    return None
+
+
+def _forge_problem(model: Any) -> str | None:
+    """Why Forge's loaded model cannot be trained (not SD 1.x, 2.x or SDXL), or None; a quantized one is read from
+    its file, which is no problem."""
+    if forge.family_name(model) == "unknown":
+        return ("Forge has loaded a model that is not SD 1.x, 2.x or SDXL (e.g. Flux or SD3); only those can be "
+                "trained. Select such a checkpoint at the top of the page, generate once, then start training.")
     return None
 
 
@@ -484,6 +476,11 @@ def _used_config_text(model: Any) -> str | None:
 def loaded_file() -> str | None:
     """The checkpoint file the host's next generation uses: the loaded model's, or the selected one that replaces
     it first; None when it has no model loaded (never loads one)."""
+    if is_forge():
+        try:
+            return str(_forge_checkpoint_file())
+        except DreamboothError:
+            return None
     model = _current_model()
     if model is None:
         return None
@@ -496,10 +493,13 @@ def loaded_model_summary() -> dict[str, str | None]:
     Keys: title (the checkpoint's name, without the hash the host's title carries), hash (10 hex chars or ""),
     vae (the external VAE's file name, "" for the checkpoint's own),
     family ("sd1", "sd2", "sdxl", "" when nothing is loaded), prediction ("v_prediction" when the host runs it
-    as one, else ""), problem (None when it can be trained).
+    as one, else ""), problem (None when it can be trained), note (on Forge, when a quantized model is read from
+    its file instead of memory; else absent).
     """
     from modules import sd_vae
 
+    if is_forge():
+        return _forge_summary()
     model = _current_model()
     if model is None:
         return {"title": "", "hash": "", "vae": "", "family": "", "problem": NO_MODEL}
@@ -532,6 +532,46 @@ def _selected_summary(info: Any) -> dict[str, str | None]:
             "prediction": prediction, "problem": problem}
 
 
+def _forge_facts() -> BaseFacts | None:
+    """What Forge's next generation uses, without reading weights: its file's facts where the selection is not
+    loaded yet (a run loads it first) or Forge holds a quantized UNet (read from the file), else the memory's."""
+    model = _current_model()
+    if model is None or forge.load_pending():
+        return check_checkpoint_file(_forge_checkpoint_file())
+    problem = _forge_problem(model)
+    if problem is not None:
+        raise DreamboothError(problem)
+    if forge.unet_storage(model) is not None:
+        return check_checkpoint_file(Path(model.sd_checkpoint_info.filename))
+    return forge.live_facts(model)
+
+
+def _forge_summary() -> dict[str, str | None]:
+    """The summary on Forge: the model in memory, or the selection its next generation (and a run) loads first;
+    the VAE line names Forge's "VAE / Text Encoder" selection."""
+    model = _current_model()
+    vae = forge.modules_summary()
+    if model is None or forge.load_pending():
+        info = forge.selected_checkpoint()
+        if info is None:
+            return {"title": "", "hash": "", "vae": "", "family": "", "problem": NO_MODEL}
+        try:
+            facts, problem = check_checkpoint_file(Path(info.filename)), None
+        except DreamboothError as exc:
+            facts, problem = None, str(exc)
+        prediction = facts.prediction_type if facts is not None and facts.prediction_type == "v_prediction" else ""
+        return {"title": info.name, "hash": getattr(info, "shorthash", None) or "", "vae": vae,
+                "family": facts.family.name if facts else "", "prediction": prediction, "problem": problem}
+    info = model.sd_checkpoint_info
+    summary = {"title": info.name, "hash": getattr(info, "shorthash", None) or "", "vae": vae,
+               "family": forge.family_name(model), "prediction": forge.prediction_type(model) or "",
+               "problem": _forge_problem(model)}
+    storage = forge.unet_storage(model)
+    if storage is not None:
+        summary["note"] = forge.quantized_note(storage)
+    return summary
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The host object
 
@@ -551,11 +591,33 @@ class WebUIHost(Host):
         if path is not None:
             return self._from_file(path, config)
         if is_forge():
-            info = _forge_checkpoint_info()
-            log.warning("Forge: its loaded model cannot be read in place; reading %s from disk instead.",
-                        info.filename)
-            return self._from_file(Path(info.filename), config)
+            return self._from_forge(config)
         return bundle_from_live_model(self._selected_model(), config)
+
+    def _from_forge(self, config: Config) -> ModelBundle:
+        """Forge's model in memory (its selected VAE / text encoder modules in it, a merged LoRA undone); from
+        the checkpoint's file where Forge holds the UNet quantized."""
+        model = self._forge_model()
+        storage = forge.unet_storage(model)
+        if storage is None:
+            return forge.bundle_from_live(model, config)
+        path = Path(model.sd_checkpoint_info.filename)
+        log.warning("%s", forge.quantized_note(storage))
+        vae = config.vae or forge.selected_vae()
+        return load_bundle_from_file(path, vae_path=vae or None, prediction_type=config.prediction_type)
+
+    def _forge_model(self) -> Any:
+        """Forge's loaded model, after loading the selection first where memory holds another (or none), as its
+        next generation would."""
+        from modules import sd_models
+
+        if _current_model() is not None and not forge.load_pending():
+            return _current_model()
+        model = forge.load_selection()
+        if self._released is not None:
+            sd_models.unload_model_weights(model)
+            self._released = model
+        return model
 
     def _selected_model(self) -> Any:
         """The loaded model, after loading the selected checkpoint if memory holds another (as a generation would);
@@ -576,7 +638,7 @@ class WebUIHost(Host):
         before the run starts, without reading any weights."""
         path = self._source_file(config)
         if path is None and is_forge():
-            path = Path(_forge_checkpoint_info().filename)
+            return _forge_facts()
         if path is not None:
             return check_checkpoint_file(path)
         model = _current_model()
@@ -595,16 +657,16 @@ class WebUIHost(Host):
         if path is not None:
             return path, Path(config.vae) if config.vae else None
         if is_forge():
-            info = _forge_checkpoint_info()
-        else:
-            model = _current_model()
-            if model is None:
-                raise DreamboothError(NO_MODEL)
-            pending = pending_selection(model)
-            if pending is not None:  # the selected checkpoint, which the host loads with its own VAE choice
-                vae = config.vae or sd_vae.resolve_vae(pending.filename).vae
-                return Path(pending.filename), Path(vae) if vae else None
-            info = model.sd_checkpoint_info
+            vae = config.vae or forge.selected_vae()
+            return _forge_checkpoint_file(), Path(vae) if vae else None
+        model = _current_model()
+        if model is None:
+            raise DreamboothError(NO_MODEL)
+        pending = pending_selection(model)
+        if pending is not None:  # the selected checkpoint, which the host loads with its own VAE choice
+            vae = config.vae or sd_vae.resolve_vae(pending.filename).vae
+            return Path(pending.filename), Path(vae) if vae else None
+        info = model.sd_checkpoint_info
         vae = config.vae or getattr(sd_vae, "loaded_vae_file", None)
         return Path(info.filename), Path(vae) if vae else None
 
