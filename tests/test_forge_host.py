@@ -97,6 +97,23 @@ def test_forges_vae_selection_is_what_trains_and_what_the_box_names(forge):
     assert checkpoint_file == forge.checkpoint and vae == vae_file
 
 
+def test_forges_text_encoder_selection_is_what_trains(forge):
+    prefix = "cond_stage_model.transformer."
+    other = {k[len(prefix):]: v for k, v in tiny_state_dict("sd1", seed=12).items() if k.startswith(prefix)}
+    te_file = forge.data_dir / "models" / "text_encoder" / "clip_l_other.safetensors"
+    te_file.parent.mkdir(parents=True)
+    safetensors.torch.save_file(other, str(te_file))  # a CLIP-L in the transformers layout
+    forge.select_modules(te_file)
+    forge.generate()
+
+    summary = webui_host.loaded_model_summary()
+    assert "text encoder: clip_l_other.safetensors" in summary["vae"]
+    bundle = WebUIHost().load_base(config())
+    weights = [k for k, v in other.items() if v.is_floating_point()]
+    assert_is_fp16_copy_of({k[len(prefix):]: v for k, v in bundle.base.items() if k.startswith(prefix)}, other, weights)
+    assert WebUIHost().base_files(config())[1] is None  # no VAE among the selected modules
+
+
 def test_a_vae_selected_but_not_loaded_yet_is_loaded_first(forge):
     vae_file = forge.write_vae("later_vae.safetensors", seed=8)
     forge.select_modules(vae_file)  # no generation since: memory still holds the checkpoint's own VAE
@@ -204,3 +221,32 @@ def test_a_result_forge_cannot_load_is_an_error_with_its_reason(forge):
 
     assert forge.shared.opts.sd_model_checkpoint == "tiny_sd1.safetensors"  # the previous selection is kept
     assert forge.generate().sd_model.sd_checkpoint_info.filename == str(forge.checkpoint)  # and loads again
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A run end to end
+
+
+def test_a_run_trains_forges_memory_and_its_result_loads_in_forge(forge, tmp_path):
+    from PIL import Image
+
+    from dreambooth_ext.train.run import TrainingRun
+
+    images = tmp_path / "instance"
+    images.mkdir()
+    for i, color in enumerate([(200, 30, 30), (30, 200, 30)]):
+        Image.new("RGB", (64, 64), color).save(images / f"img{i}.png")
+    vae_file = forge.write_vae("run_vae.safetensors", seed=11)
+    forge.select_modules(vae_file)
+    forge.generate()
+    cfg = config(concepts=[{"instance_dir": str(images), "token": "ohwx", "class_word": "toy"}])
+
+    result = TrainingRun(cfg, WebUIHost()).run()  # Forge's tensors are inference tensors: the copies must train
+
+    assert result.status == "finished" and result.checkpoints
+    saved = safetensors.torch.load_file(str(result.checkpoints[-1]))
+    chosen = safetensors.torch.load_file(str(vae_file))
+    assert all(torch.equal(saved[VAE + k].float(), fp16(v)) for k, v in chosen.items())  # Forge's VAE went in
+    name = webui_host.load_checkpoint_now(result.checkpoints[-1])
+    assert forge.model.sd_checkpoint_info.title == name
+    assert forge.shared.opts.sd_model_checkpoint in forge.dropdown_choices()
