@@ -250,3 +250,22 @@ def test_a_run_trains_forges_memory_and_its_result_loads_in_forge(forge, tmp_pat
     name = webui_host.load_checkpoint_now(result.checkpoints[-1])
     assert forge.model.sd_checkpoint_info.title == name
     assert forge.shared.opts.sd_model_checkpoint in forge.dropdown_choices()
+
+
+def test_the_api_answers_422_with_forges_reason_when_forge_cannot_load(forge):
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+    from webui_stub import load_extension as loader
+
+    (module,) = loader.load_scripts(Path(__file__).resolve().parent.parent)
+    app = FastAPI()
+    loader.start_app(app)
+    try:
+        broken = Path(forge.sd_models.model_path) / "broken.safetensors"
+        safetensors.torch.save_file({"some.weight": torch.zeros(2)}, str(broken))
+        response = TestClient(app).post("/dreambooth/v1/load", json={"checkpoint": str(broken)})
+        assert response.status_code == 422 and "Failed to recognize model type" in response.text
+        ok = TestClient(app).post("/dreambooth/v1/load", json={"checkpoint": "tiny_sd1.safetensors"})
+        assert ok.status_code == 200 and forge.shared.opts.sd_model_checkpoint in forge.dropdown_choices()
+    finally:
+        module.jobs.shutdown(10)
