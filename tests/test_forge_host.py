@@ -269,3 +269,35 @@ def test_the_api_answers_422_with_forges_reason_when_forge_cannot_load(forge):
         assert ok.status_code == 200 and forge.shared.opts.sd_model_checkpoint in forge.dropdown_choices()
     finally:
         module.jobs.shutdown(10)
+
+
+def test_an_sdxl_run_trains_from_forges_memory(forge, tmp_path):
+    from PIL import Image
+
+    from dreambooth_ext.train.run import TrainingRun
+
+    images = tmp_path / "instance"
+    images.mkdir()
+    for i, color in enumerate([(200, 30, 30), (30, 200, 30)]):
+        Image.new("RGB", (64, 64), color).save(images / f"img{i}.png")
+    path = forge.write_checkpoint("tiny_sdxl.safetensors", "sdxl", seed=2)
+    forge.select_checkpoint(path.name)
+    forge.generate()
+    objects = forge.model.forge_objects
+    with torch.inference_mode():  # in memory only: the UNet's (trained) and the VAE's (frozen)
+        getattr(objects.unet.model.diffusion_model.out, "2").bias.add_(1.0)
+        objects.vae.first_stage_model.decoder.conv_out.bias.add_(1.0)
+    cfg = config(max_train_steps=1, concepts=[{"instance_dir": str(images), "token": "ohwx", "class_word": "toy"}])
+
+    result = TrainingRun(cfg, WebUIHost()).run()
+
+    assert result.status == "finished"
+    saved = safetensors.torch.load_file(str(result.checkpoints[-1]))
+    original = tiny_state_dict("sdxl", seed=2)
+    assert set(saved) == set(original)
+    for key, trained in ((UNET + "out.2.bias", True), (VAE + "decoder.conv_out.bias", False)):
+        held = (original[key].half() + 1.0).float()
+        if trained:  # one step of 1e-3 from Forge's value
+            assert (saved[key] - held).abs().max() < 0.01, key
+        else:
+            assert torch.equal(saved[key], held), key
