@@ -282,6 +282,20 @@ OPTIONS: tuple[Option, ...] = (
          "samples",
          "One context per line that the learning monitor adds to the training captions, to measure whether prompts "
          "still change the subject (e.g. a style or a place). Empty: that signal is not measured."),
+    _opt("stop_when_memorizing", "Stop when it copies the photos", "bool", False, "samples",
+         "Stop the run early, as a finished one, when the learning monitor finds its renders copying the training "
+         "photos: the result is saved at that step (and the monitor's best step is in its metadata). The monitor "
+         "then renders at each of its points, not only at saves and the end. Needs `monitor_every_n_steps` 0 or "
+         "more."),
+    _opt("validation_dir", "Held-out photos folder", "path", "", "samples",
+         "A folder of other photos of the subject, never trained on, captioned as the training images are (by "
+         "the first concept's rules). The learning monitor measures its fit on them too and reports the held-out "
+         "gap: their loss over the training photos' (near 1: it learns the subject; growing: it learns these "
+         "photos only). Must be outside every training and class images folder."),
+    _opt("hold_out_photos", "Hold out one photo in 8", "bool", False, "samples",
+         "Keep one training photo in 8 (the 8th, 16th, ... of each concept's folder in name order, for a concept "
+         "with 8 or more) out of training, for the learning monitor's held-out gap (as `validation_dir`, whose "
+         "photos it adds to). Needs `monitor_every_n_steps` 0 or more."),
 )
 
 # The tab's "Lowest memory" button: every option that lowers peak memory, set the way that lowers it most (each
@@ -560,6 +574,46 @@ def config_problems(config: Config) -> list[str]:
         if config.prior_preservation and not concept.token_only and not concept.class_prompt.strip():
             problems.append(f"concepts[{i}].class_prompt = '': prior preservation needs a class prompt")
     problems.extend(_overlap_problems(config))
+    problems.extend(_monitor_problems(config))
+    return problems
+
+
+def _monitor_problems(config: Config) -> list[str]:
+    """Options that only the learning monitor uses, with the monitor off; a held-out folder that does not exist,
+    holds no image or overlaps the training or class images."""
+    problems = [f"{name} with monitor_every_n_steps = -1: {why}; set monitor_every_n_steps to 0 (or N), or turn "
+                f"{name} off" for name, why in (
+                    ("stop_when_memorizing", "only the learning monitor can find the renders copying the photos"),
+                    ("hold_out_photos", "the held-out photos would be kept out of training for nothing"))
+                if getattr(config, name) and config.monitor_every_n_steps < 0]
+    if config.validation_dir:
+        problems.extend(_validation_dir_problems(config))
+    return problems
+
+
+def _validation_dir_problems(config: Config) -> list[str]:
+    from .inputs import image_files  # no torch there
+
+    folder = Path(config.validation_dir).expanduser()
+    if not folder.is_dir():
+        return [f"validation_dir = {config.validation_dir!r}: the folder does not exist or is not a folder; give a "
+                "folder of held-out photos of the subject, or leave it empty"]
+    if not image_files(folder):
+        return [f"validation_dir = {config.validation_dir!r} holds no image; put a few photos of the subject that "
+                "are not among the training images there, or leave it empty"]
+    held, problems = resolved(folder), []
+    for i, concept in enumerate(config.concepts):
+        folders = [("instance_dir", concept.instance_dir)]
+        if concept.class_dir and uses_class_images(config, concept):
+            folders.append(("class_dir", concept.class_dir))
+        for name, value in folders:
+            other = resolved(value) if value else None
+            if other is not None and (contains(other, held) or contains(held, other)):
+                problems.append(
+                    f"validation_dir = {_as_found(config.validation_dir, held)} and concepts[{i}].{name} = "
+                    f"{_as_found(value, other)} overlap (each folder is read with its sub-folders), so the held-out "
+                    f"photos would be trained on, or other images measured as held out; give validation_dir a "
+                    "folder of its own outside the training and class images")
     return problems
 
 

@@ -190,3 +190,42 @@ def test_shivam_concepts_list_is_imported(tmp_path):
 def test_token_only_drops_the_class_word():
     concept = cfg.Concept(token="zwx", class_word="dog", token_only=True)
     assert cfg.fill_prompt("photo of {token} {class}", concept) == "photo of zwx"
+
+
+def test_the_monitors_options_need_the_monitor():
+    photos = [{"instance_dir": "photos"}]
+    for name in ("stop_when_memorizing", "hold_out_photos"):
+        (problem,) = cfg.config_problems(cfg.default_config(concepts=photos, monitor_every_n_steps=-1,
+                                                            **{name: True}))
+        assert problem.startswith(f"{name} with monitor_every_n_steps = -1: ")
+        assert "set monitor_every_n_steps" in problem
+        assert not cfg.config_problems(cfg.default_config(concepts=photos, **{name: True}))
+
+
+def test_a_validation_dir_must_hold_photos_outside_the_training_and_class_images(tmp_path):
+    photos, classes, held = tmp_path / "photos", tmp_path / "classes", tmp_path / "held"
+    for folder in (photos, classes, held, photos / "sub"):
+        folder.mkdir()
+    for folder in (photos, classes, held, photos / "sub"):
+        (folder / "a.png").write_bytes(b"")
+
+    def problems(validation_dir, **concept) -> list[str]:
+        concepts = [{"instance_dir": str(photos), **concept}]
+        return cfg.config_problems(cfg.default_config(concepts=concepts, validation_dir=str(validation_dir)))
+
+    assert problems(held) == []
+    (missing,) = problems(tmp_path / "nowhere")
+    assert "does not exist" in missing and "leave it empty" in missing
+    (tmp_path / "empty").mkdir()
+    (empty,) = problems(tmp_path / "empty")
+    assert "holds no image" in empty
+    for inside in (photos, photos / "sub", tmp_path):
+        (overlap,) = problems(inside)
+        assert "concepts[0].instance_dir" in overlap and "overlap" in overlap and "a folder of its own" in overlap
+    (overlap,) = cfg.config_problems(cfg.default_config(
+        concepts=[{"instance_dir": str(photos), "class_dir": str(held)}], prior_preservation=True,
+        validation_dir=str(held)))
+    assert "concepts[0].class_dir" in overlap
+    assert not cfg.config_problems(cfg.default_config(  # a class folder prior preservation does not read
+        concepts=[{"instance_dir": str(photos), "class_dir": str(held)}], prior_preservation=False,
+        validation_dir=str(held)))

@@ -17,6 +17,7 @@ from dreambooth_ext.data.captions import caption_for_image, class_caption
 from dreambooth_ext.data.dataset import (
     BatchPlan,
     collect_class_examples,
+    collect_examples,
     collect_instance_examples,
     find_images,
     flip_decision,
@@ -281,6 +282,51 @@ def test_missing_instance_dir_names_concept(tmp_path):
     with pytest.raises(DreamboothError, match=r"concepts\[1\]") as info:
         collect_instance_examples(config)
     assert str(missing) in str(info.value)
+
+
+def test_hold_out_photos_keeps_one_in_8_of_a_concept_out_of_training(tmp_path):
+    for i in range(17):
+        png(tmp_path / "many" / f"{i:02d}.png")
+    for i in range(7):
+        png(tmp_path / "few" / f"{i}.png")
+    concepts = [{"instance_dir": str(tmp_path / "many")}, {"instance_dir": str(tmp_path / "few"), "token": "zwx"}]
+    config = default_config(resolution=64, concepts=concepts, hold_out_photos=True)
+    training, held = collect_examples(config)
+    assert [(e.concept, e.path.name) for e in held] == [(0, "07.png"), (0, "15.png")]
+    assert len(training) == 15 + 7 and not {e.path for e in held} & {e.path for e in training}
+    assert collect_instance_examples(config) == training  # every other reader of the photos trains on these
+    everything = collect_examples(default_config(resolution=64, concepts=concepts))
+    assert len(everything[0]) == 24 and everything[1] == []  # off by default
+
+
+def test_validation_dir_photos_are_held_out_and_captioned_as_training_photos(tmp_path):
+    png(tmp_path / "photos" / "a.png")
+    png(tmp_path / "held" / "b.png")
+    png(tmp_path / "held" / "c@ohwx dog on a sofa.png")
+    config = default_config(resolution=64, validation_dir=str(tmp_path / "held"),
+                            concepts=[{"instance_dir": str(tmp_path / "photos"), "token": "ohwx", "class_word": "dog"}])
+    training, held = collect_examples(config)
+    assert [e.path.name for e in training] == ["a.png"]
+    assert [(e.path.name, e.caption, e.concept, e.is_class, e.size) for e in held] == [
+        ("b.png", "photo of ohwx dog", 0, False, (64, 64)), ("c@ohwx dog on a sofa.png", "ohwx dog on a sofa", 0,
+                                                              False, (64, 64))]
+    (tmp_path / "held" / "b.png").write_bytes(b"broken")
+    (tmp_path / "held" / "c@ohwx dog on a sofa.png").unlink()
+    with pytest.raises(DreamboothError, match="validation_dir .* holds no readable image"):
+        collect_examples(config)
+
+
+def test_the_dataset_check_says_when_hold_out_photos_holds_none_out(tmp_path):
+    from dreambooth_ext.data.checks import check_dataset
+    from dreambooth_ext.models.tokenizer import load_tokenizer
+
+    for i in range(7):
+        png(tmp_path / f"{i}.png", color=(30 * i, 20, 30))
+    config = default_config(resolution=64, hold_out_photos=True, concepts=[{"instance_dir": str(tmp_path)}])
+    warnings = check_dataset(config, tokenizer=load_tokenizer()).warnings
+    assert any("hold_out_photos is on but it has 7 photos, fewer than 8, so none is held out" in w for w in warnings)
+    png(tmp_path / "7.png", color=(250, 20, 30))
+    assert not any("hold_out_photos" in w for w in check_dataset(config, tokenizer=load_tokenizer()).warnings)
 
 
 def test_bucketed_sizes(tmp_path):

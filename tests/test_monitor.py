@@ -9,12 +9,23 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from test_exact import assert_identical, result_tensors, run_stopped_at
 from test_train import class_dir, instance_dir, make_config, read_metadata, tiny_sd1, train  # noqa: F401 (fixtures)
 
 from dreambooth_ext.cli import ConsoleProgress
 from dreambooth_ext.hosts.files import FolderHost
-from dreambooth_ext.train.monitor import LEARNED, MONITOR_FILE, STILL_LEARNING, best_step, is_point, verdict
+from dreambooth_ext.train import batches as feeding
+from dreambooth_ext.train import monitor as monitor_module
+from dreambooth_ext.train.monitor import (
+    COPYING,
+    LEARNED,
+    MONITOR_FILE,
+    STILL_LEARNING,
+    best_step,
+    is_point,
+    verdict,
+)
 from dreambooth_ext.train.run import Progress, TrainingRun
 from dreambooth_ext.ui import jobs as jobs_module
 from dreambooth_ext.ui.jobs import JobManager
@@ -121,3 +132,77 @@ def test_the_schedule_and_the_rules():
               {"step": 6, "fit": 0.5, "verdict": "copying the photos", "saved": True},
               {"step": 5, "fit": 0.6, "verdict": LEARNED, "saved": False}]
     assert best_step(points) == 4
+
+
+@pytest.mark.parametrize("copying_from, saved", [(6, [4, 6]), (4, [4])])
+def test_stop_when_memorizing_ends_the_run_at_the_first_copying_point(tiny_sd1, instance_dir, tmp_path,  # noqa: F811
+                                                                      monkeypatch, copying_from, saved):
+    """A point called 'copying' stops the run there as a finished one: its result saved once (at a save step too),
+    no state kept, the reason and the best saved step said, the best step in the result's metadata."""
+    def rule(point: dict, base_fit: float | None) -> str:
+        return COPYING if point["step"] >= copying_from and point["memorization"] is not None else STILL_LEARNING
+
+    monkeypatch.setattr(monitor_module, "verdict", rule)
+    config = make_config(tiny_sd1, instance_dir, max_train_steps=10, monitor_every_n_steps=2, save_every_n_steps=4,
+                         stop_when_memorizing=True)
+    shown = []
+    run, result = train(config, tmp_path, on_progress=shown.append)
+    assert (result.status, result.step) == ("finished", copying_from)
+    points = series(tmp_path)
+    assert [p["step"] for p in points] == list(range(0, copying_from + 1, 2))
+    assert all(p["memorization"] is not None for p in points)  # a render at every point: the stop can see it
+    assert [p["step"] for p in points if p["saved"]] == saved
+    assert [int(path.stem.rsplit("_", 1)[-1]) for path in result.checkpoints] == saved
+    assert shown[-1].phase == "finished" and shown[-1].message == (
+        f"Stopped: the monitor found the renders copying the training photos at step {copying_from}; the best "
+        f"saved step is 4")
+    assert read_metadata(result.checkpoints[-1])["dreambooth.monitor_best_step"] == "4"
+    assert not (FolderHost(tmp_path / "models").work_dir("t") / "state").exists()
+
+
+def test_without_stop_when_memorizing_a_copying_run_goes_on(tiny_sd1, instance_dir, tmp_path,  # noqa: F811
+                                                           monkeypatch):
+    monkeypatch.setattr(monitor_module, "verdict", lambda point, base_fit: COPYING)
+    config = make_config(tiny_sd1, instance_dir, max_train_steps=4, monitor_every_n_steps=2)
+    assert train(config, tmp_path)[1].step == 4
+    assert [p["memorization"] is not None for p in series(tmp_path)] == [True, False, True]
+
+
+@pytest.fixture(scope="module")
+def held_out_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("held_out")
+    for i, color in enumerate([(180, 60, 60), (60, 180, 60)]):
+        image = Image.new("RGB", (64, 64), color)
+        image.paste((250, 250, 0), (20, 12 + 6 * i, 44, 40))
+        image.save(folder / f"other{i}.png")
+    return folder
+
+
+def test_the_held_out_gap_is_measured_on_photos_never_trained_on(tiny_sd1, instance_dir, held_out_dir,  # noqa: F811
+                                                                 tmp_path, monkeypatch):
+    read = []
+    prepare = feeding.prepare_picture
+
+    def spy(path, *args, **kwargs):
+        read.append(Path(path))
+        return prepare(path, *args, **kwargs)
+
+    monkeypatch.setattr(feeding, "prepare_picture", spy)
+    config = make_config(tiny_sd1, instance_dir, max_train_steps=4, monitor_every_n_steps=2,
+                         validation_dir=str(held_out_dir), cache_latents=False)
+    lines = []
+    result = train(config, tmp_path, on_progress=lambda p: p.phase == "monitoring" and lines.append(p.message))[1]
+    points = series(tmp_path)
+    for point in points:
+        assert point["held_out_fit"] > 0
+        assert point["held_out_gap"] == pytest.approx(point["held_out_fit"] / point["fit"])
+    assert all("held-out gap" in line for line in lines if line.startswith("Monitor at step"))
+    assert monitored(tmp_path)["held_out_gap"] == points[-1]["held_out_gap"]
+    assert json.loads(read_metadata(result.checkpoints[-1])["dreambooth.monitor"])["held_out_gap"] == \
+        points[-1]["held_out_gap"]
+    assert not {p for p in read if p.parent == held_out_dir}  # the training feed never read a held-out photo
+    assert {p.parent for p in read} == {instance_dir}
+    without = make_config(tiny_sd1, instance_dir, max_train_steps=4, monitor_every_n_steps=2)
+    train(without, tmp_path / "without")
+    assert [p["fit"] for p in series(tmp_path / "without")] == [p["fit"] for p in points]
+    assert all(p["held_out_gap"] is None for p in series(tmp_path / "without"))

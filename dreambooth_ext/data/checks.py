@@ -16,7 +16,7 @@ from typing import Any
 
 from ..config import Config, fill_prompt, uses_class_images
 from ..errors import DreamboothError
-from .dataset import Example, collect_instance_examples, find_images, read_image_size
+from .dataset import HOLD_OUT_EVERY, Example, collect_examples, find_images, read_image_size
 
 log = logging.getLogger(__name__)
 
@@ -37,12 +37,14 @@ class DatasetReport:
             raise DreamboothError("The dataset cannot be trained:\n" + "\n".join(f"  - {e}" for e in self.errors))
 
 
-def check_dataset(config: Config, instances: list[Example] | None = None, tokenizer: Any = None) -> DatasetReport:
-    """Everything below, for every concept. `instances` and `tokenizer` are computed when not given."""
+def check_dataset(config: Config, instances: list[Example] | None = None, tokenizer: Any = None, *,
+                  held_out: list[Example] | None = None) -> DatasetReport:
+    """Everything below, for every concept. `instances` (the training images), `held_out` (the photos the
+    learning monitor holds out) and `tokenizer` are computed when not given."""
     report = DatasetReport()
     if instances is None:
         try:
-            instances = collect_instance_examples(config)
+            instances, held_out = collect_examples(config)
         except DreamboothError as exc:
             report.errors.append(str(exc))
             return report
@@ -61,6 +63,10 @@ def check_dataset(config: Config, instances: list[Example] | None = None, tokeni
         _check_token(report, label, concept, tokenizer)
         _check_image_count(report, label, own)
         _check_class_images(report, config, label, index, own)
+        if config.hold_out_photos and held_out is not None and not any(e.concept == index for e in held_out):
+            report.warnings.append(
+                f"{label}: hold_out_photos is on but it has {len(own)} photos, fewer than {HOLD_OUT_EVERY}, so none "
+                f"is held out (all are trained on). Add photos, or give held-out ones in validation_dir.")
     _check_captions(report, config, instances, tokenizer)
     _check_sizes(report, config, instances)
     _check_duplicates(report, instances)

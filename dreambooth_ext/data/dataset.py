@@ -101,8 +101,51 @@ def _buckets(config: Config) -> list[tuple[int, int]]:
 # Examples
 
 
+HOLD_OUT_EVERY = 8  # hold_out_photos: one photo in this many, of a concept with at least this many
+
+
 def collect_instance_examples(config: Config) -> list[Example]:
-    """Every readable training image of every concept, with its caption and training size."""
+    """Every readable training image of every concept, with its caption and training size; without the photos
+    that hold_out_photos keeps out of training."""
+    return collect_examples(config)[0]
+
+
+def collect_examples(config: Config) -> tuple[list[Example], list[Example]]:
+    """The training images (as collect_instance_examples) and the held-out ones the learning monitor measures
+    on: the photos hold_out_photos keeps out, then those of validation_dir."""
+    everything = _every_instance_example(config)
+    held = held_out_photos(everything) if config.hold_out_photos else []
+    kept_out = {(e.concept, e.path) for e in held}
+    training = [e for e in everything if (e.concept, e.path) not in kept_out]
+    return training, held + _validation_examples(config)
+
+
+def held_out_photos(examples: list[Example]) -> list[Example]:
+    """One photo in HOLD_OUT_EVERY of each concept that has at least that many: its 8th, 16th, ... (in the
+    order of its folder, sorted by path)."""
+    held = []
+    for concept in sorted({e.concept for e in examples}):
+        own = [e for e in examples if e.concept == concept]
+        held.extend(own[HOLD_OUT_EVERY - 1::HOLD_OUT_EVERY] if len(own) >= HOLD_OUT_EVERY else [])
+    return held
+
+
+def _validation_examples(config: Config) -> list[Example]:
+    """The photos of validation_dir, captioned by the first concept's rules (as its training images are)."""
+    if not config.validation_dir or not config.concepts:
+        return []
+    folder = Path(config.validation_dir).expanduser()
+    usable = _usable_images(find_images(folder))
+    if not usable:
+        raise DreamboothError(f"validation_dir = {config.validation_dir!r} holds no readable image; put a few "
+                              "photos of the subject that are not among the training images there, or leave it "
+                              "empty")
+    buckets, concept = _buckets(config), config.concepts[0]
+    return [Example(path=path, caption=caption_for_image(path, folder, concept), concept=0, is_class=False,
+                    size=_train_size(config, size, buckets)) for path, size in usable]
+
+
+def _every_instance_example(config: Config) -> list[Example]:
     buckets = _buckets(config)
     examples: list[Example] = []
     folders = []

@@ -9,7 +9,12 @@ the run's seed), so points compare along a run and between runs, and the global 
 - memorization: a few-step render of the instance prompt, as latents, against the training latents: its distance to
   the nearest training picture relative to the training pictures' median distance to their own nearest neighbour
   (copies of a training photo drive it to 0). A render is the costliest signal: it is measured at the base, at every
-  save and at the end only (where the best step is chosen); None at the other points;
+  save and at the end only (where the best step is chosen; at every point with stop_when_memorizing); None at the
+  other points;
+- held-out gap (with held-out photos: validation_dir, hold_out_photos): the same fit on (up to FIT_PICTURES of) the
+  photos of the subject never trained on, over the training pictures' fit, a ratio (the held-out fit is in the
+  point too): near the base's value while the model learns the subject, growing while it learns the training photos
+  themselves; None without held-out photos;
 - class drift: how far the predictions on (up to CLASS_PICTURES of) the class pictures with their class prompt have
   moved from the base model's, relative to the size of the base's (None without class pictures);
 - prompt response: how much each context of `monitor_prompts` added to the captions changes the prediction on the
@@ -17,7 +22,9 @@ the run's seed), so points compare along a run and between runs, and the global 
 
 The base model's predictions it needs are computed once, at step 0, before any trained weights load (a resumed run
 computes them again from the base, before its weights are restored) and kept: their size is CLASS_PICTURES latents
-(256 KB at 512 px, 1 MB at 1024 px) and one number.
+(256 KB at 512 px, 1 MB at 1024 px) and one number. It also keeps the latents of the training pictures (the
+memorization compares renders with all of them) and of up to FIT_PICTURES held-out ones: 64 KB each at 512 px,
+256 KB at 1024 px.
 
 The verdict rules and their thresholds (below) are provisional until bench/quality.py justifies them.
 """
@@ -136,7 +143,7 @@ def describe(point: dict, base_fit: float | None) -> str:
     """One line for the log: the point's signals and its verdict."""
     parts = [f"fit {point['fit']:.4f}" + (f" ({point['fit'] / base_fit:.2f} of the base)" if base_fit else "")]
     for key, name in (("memorization", "memorization"), ("class_drift", "class drift"),
-                      ("prompt_response", "prompt response")):
+                      ("prompt_response", "prompt response"), ("held_out_gap", "held-out gap")):
         if point.get(key) is not None:
             parts.append(f"{name} {point[key]:.2f}")
     return f"Monitor at step {point['step']}: {', '.join(parts)}: {point['verdict']}. {REMEDIES[point['verdict']]}"
@@ -148,7 +155,8 @@ class Monitor:
 
     def __init__(self, *, config, bundle, instances: list[Picture], classes: list[Picture], device: torch.device,
                  autocast: Callable[[], contextlib.AbstractContextManager], text_trained: bool,
-                 text_placed: Callable[[], contextlib.AbstractContextManager], work_dir: Path, total_steps: int):
+                 text_placed: Callable[[], contextlib.AbstractContextManager], work_dir: Path, total_steps: int,
+                 held_out: list[Picture] | None = None):
         self.config, self.bundle, self.device, self.autocast = config, bundle, device, autocast
         self.text_trained, self.work_dir, self.total_steps = text_trained, work_dir, total_steps
         self.contexts = [line.strip() for line in config.monitor_prompts.splitlines() if line.strip()]
@@ -156,6 +164,7 @@ class Monitor:
         self.fit_pictures = _pick(instances, FIT_PICTURES, config.seed, "instance")
         self.prompt_pictures = self.fit_pictures[:PROMPT_PICTURES]
         self.class_pictures = _pick(classes, CLASS_PICTURES, config.seed, "class")
+        self.held_out_pictures = _pick(held_out or [], FIT_PICTURES, config.seed, "held out")
         self.render_prompt = _render_prompt(config)
         self.points: list[dict] = []
         self.base_class: list[torch.Tensor] = []  # the base model's class predictions (CPU, fp32)
@@ -166,7 +175,7 @@ class Monitor:
     # -- setup ------------------------------------------------------------------------------------------
 
     def _captions(self) -> list[str]:
-        prompts = [p.caption for p in self.fit_pictures + self.class_pictures]
+        prompts = [p.caption for p in self.fit_pictures + self.class_pictures + self.held_out_pictures]
         return prompts + [_with_context(p.caption, c) for p in self.prompt_pictures for c in self.contexts]
 
     def _precompute(self, text_placed) -> tuple[TextConditioning, Conditioning]:
@@ -203,13 +212,16 @@ class Monitor:
         unet = self.bundle.unet
         was_training = unet.training
         unet.eval()
-        render = base or is_save(self.config, step, self.total_steps)
+        render = base or is_save(self.config, step, self.total_steps) or self.config.stop_when_memorizing
         try:
             with self.autocast():
                 point = {"step": step, "fit": self._fit(), "memorization": self._memorization() if render else None,
-                         "class_drift": self._class_drift(base), "prompt_response": self._prompt_response(base)}
+                         "class_drift": self._class_drift(base), "prompt_response": self._prompt_response(base),
+                         "held_out_fit": self._held_out_fit()}
         finally:
             unet.train(was_training)
+        point["held_out_gap"] = (point["held_out_fit"] / max(point["fit"], 1e-12)
+                                 if point["held_out_fit"] is not None else None)
         point["saved"] = False
         point["verdict"] = verdict(point, point["fit"] if base else self.base_fit)
         if not base:
@@ -255,12 +267,19 @@ class Monitor:
     def _fit(self) -> float:
         """The mean denoising loss over the fit pictures and FIT_LEVELS (the predictions at PROBE_LEVEL are kept:
         the prompt response starts from them)."""
+        return self._fit_of(self.fit_pictures, "instance")
+
+    def _held_out_fit(self) -> float | None:
+        """The same fit on the held-out pictures (their own fixed noise); None without held-out pictures."""
+        return self._fit_of(self.held_out_pictures, "held out") if self.held_out_pictures else None
+
+    def _fit_of(self, pictures: list[Picture], kind: str) -> float:
         scheduler, errors = self.bundle.noise_scheduler, []
-        indices = list(range(len(self.fit_pictures)))
-        captions = [p.caption for p in self.fit_pictures]
+        indices = list(range(len(pictures)))
+        captions = [p.caption for p in pictures]
         for level in FIT_LEVELS:
-            predictions, latents, noises, t = self._predict(self.fit_pictures, captions, level, "instance", indices)
-            if level == PROBE_LEVEL:
+            predictions, latents, noises, t = self._predict(pictures, captions, level, kind, indices)
+            if level == PROBE_LEVEL and kind == "instance":
                 self._plain = predictions[:PROMPT_PICTURES]
             for prediction, x0, noise in zip(predictions, latents, noises, strict=True):
                 errors.append(per_sample_mse(prediction, training_target(scheduler, x0, noise, t)).item())
@@ -342,7 +361,7 @@ class Monitor:
         last = self.points[-1] if self.points else None
         return {"points": [dict(p) for p in self.points], "verdict": last and last["verdict"],
                 "remedy": last and REMEDIES[last["verdict"]], "best_step": self.best_step,
-                "base_fit": self.base_fit}
+                "base_fit": self.base_fit, "held_out_gap": last and last.get("held_out_gap")}
 
     def metadata(self) -> dict[str, str]:
         """The last point and the best step, for a saved result's metadata."""

@@ -19,7 +19,7 @@ import torch
 from ..config import Config, fill_prompt, to_dict, validate
 from ..data.checks import check_dataset
 from ..data.class_images import generate_class_images, plan_class_images
-from ..data.dataset import BatchPlan, Example, collect_class_examples, collect_instance_examples, tag_frequency
+from ..data.dataset import BatchPlan, Example, collect_class_examples, collect_examples, tag_frequency
 from ..errors import DreamboothError
 from ..hosts.base import Host
 from ..models.bundle import BaseFacts, ModelBundle
@@ -49,7 +49,7 @@ from .devices import (
 from .ema import EMA
 from .guard import SaveFailed, check_where_it_writes, check_writable, output_error, project_lock, write_errors
 from .loss import dreambooth_loss, min_snr_weights, per_sample_mse, training_target
-from .monitor import CLASS_PICTURES, Monitor, is_point, monitor_pictures
+from .monitor import CLASS_PICTURES, COPYING, FIT_PICTURES, Monitor, is_point, monitor_pictures
 from .optim import group_options, param_groups
 from .parallel import SingleProcess, check_parallel
 from .resuming import (
@@ -197,8 +197,9 @@ class TrainingRun(RunControl):
     def run(self) -> RunResult:
         """Check everything that can be checked cheaply, take the project's lock, then load and train."""
         config = settled_config(validate(self.config), self.host)
-        instances = collect_instance_examples(config)  # bad image folders fail here, before any model loads
-        self._check_dataset(config, instances)
+        # Bad image folders fail here, before any model loads; the held-out photos are not trained on.
+        instances, held_out = collect_examples(config)
+        self._check_dataset(config, instances, held_out)
         check_where_it_writes(config, self.host, len(instances))  # before the lock makes its folder
         check_parallel(config, self.processes)
         if zero_launch() is not None:
@@ -226,10 +227,11 @@ class TrainingRun(RunControl):
             state = load_state(work_dir / STATE_FOLDER) if self.resume else None
             if state is not None:
                 check_zero_resume(state.optimizer, self.processes)
-            return self._train(config, instances, device, precision, work_dir, state)
+            return self._train(config, (instances, held_out), device, precision, work_dir, state)
 
-    def _train(self, config: Config, instances: list[Example], device: torch.device, precision: Precision,
-               work_dir: Path, state: TrainingState | None) -> RunResult:
+    def _train(self, config: Config, examples: tuple[list[Example], list[Example]], device: torch.device,
+               precision: Precision, work_dir: Path, state: TrainingState | None) -> RunResult:
+        instances, held_out = examples
         self._emit(Progress("loading", message="Loading the base model"))
         # "auto" trains where the host's model is; a device the user picked may be another one.
         self.host.release_device(None if device_name(config.device) == "auto" else device)
@@ -247,15 +249,15 @@ class TrainingRun(RunControl):
             classes = (collect_class_examples(config, class_dirs, trained_concepts(instances))
                        if config.prior_preservation else [])
             _check_class_images(config, classes)
-            loop = _Loop(self, config, bundle, instances, classes, device, precision, work_dir)
+            loop = _Loop(self, config, bundle, instances, classes, device, precision, work_dir, held_out)
             self.result = loop.train(state)
             return self.result
         finally:
             free_memory(device)
             self.host.restore_device()
 
-    def _check_dataset(self, config: Config, instances: list[Example]) -> None:
-        report = check_dataset(config, instances)
+    def _check_dataset(self, config: Config, instances: list[Example], held_out: list[Example]) -> None:
+        report = check_dataset(config, instances, held_out=held_out)
         report.raise_errors()
         for warning in report.warnings:
             log.warning("Dataset check: %s", warning)
@@ -319,6 +321,11 @@ class TrainingRun(RunControl):
                 placed([bundle.vae], device, vae_dtype):
             generate_class_images(jobs, render, on_image=on_image, should_stop=lambda: self.cancelled)
         return folders
+
+
+def _every(n: int, step: int) -> bool:
+    """Whether an every-N-steps option (0: never) acts at `step`."""
+    return bool(n) and step % n == 0
 
 
 def trained_concepts(instances: list[Example]) -> set[int]:
@@ -403,8 +410,10 @@ class _Loop:
     """The training loop proper, for one run (split from TrainingRun to keep each piece short)."""
 
     def __init__(self, run: TrainingRun, config: Config, bundle: ModelBundle, instances: list[Example],
-                 classes: list[Example], device: torch.device, precision: Precision, work_dir: Path):
+                 classes: list[Example], device: torch.device, precision: Precision, work_dir: Path,
+                 held_out: list[Example] | None = None):
         self.run, self.config, self.bundle = run, config, bundle
+        self.held_out = held_out or []  # photos of the subject never trained on: the monitor's held-out gap
         self.processes = run.processes
         self.device, self.precision, self.work_dir = device, precision, work_dir
         self.vae_dtype = precision.vae_dtype(bundle.family.vae_fp16_safe)
@@ -537,19 +546,43 @@ class _Loop:
             self._report(step, self.smoothed, started, start_step)
             if step < self.total_steps:
                 self._periodic(step)
+                if self._copying(step):
+                    break
+        return self._finish(step)
+
+    def _finish(self, step: int) -> RunResult:
+        """The end of a run: at its last step, or earlier where stop_when_memorizing stopped it (then what the
+        step's periodic work already did, its samples, monitor point and save, is not done again)."""
+        config, stopped = self.config, step < self.total_steps
         self.result.step = step
         self._whole_ema()
         if self.processes.is_main:
-            self._sample(step)
-            self._monitor_point(step)
-        self._save_result(step)
+            if not (stopped and _every(config.sample_every_n_steps, step)):
+                self._sample(step)
+            if not stopped:
+                self._monitor_point(step)
+        if not (stopped and _every(config.save_every_n_steps, step)):
+            self._save_result(step)
         if self.processes.is_main:
             forget_state(self.work_dir / STATE_FOLDER)  # finished: the state is no longer needed
+        message = "Training finished"
+        if stopped and self.monitor is not None:
+            message = (f"Stopped: the monitor found the renders copying the training photos at step {step}; the "
+                       f"best saved step is {self.monitor.best_step}")
+            log.warning("%s (stop_when_memorizing).", message)
         self.run._emit(Progress("finished", step=step, total_steps=self.total_steps,
                                 checkpoint=self.result.checkpoints[-1] if self.result.checkpoints else None,
                                 lora=self.result.loras[-1] if self.result.loras else None,
-                                message="Training finished"))
+                                message=message))
         return self.result
+
+    def _copying(self, step: int) -> bool:
+        """stop_when_memorizing: whether the monitor's point at `step` called the renders copies of the photos
+        (every process asks, at the same steps; the main one, which measures, answers for all)."""
+        if not self.config.stop_when_memorizing or not is_point(self.config, step, self.total_steps):
+            return False
+        last = self.monitor.points[-1] if self.monitor is not None and self.monitor.points else None
+        return self.processes.any(last is not None and last["step"] == step and last["verdict"] == COPYING)
 
     def _loss_is_stale(self) -> bool:
         """Whether the last read loss is LOSS_READ_SECONDS old (one process only: several must all read together,
@@ -823,15 +856,18 @@ class _Loop:
         self.run._emit(Progress("monitoring", message="Measuring the base model for the learning monitor"))
         cache = self.instance_feed.cache
         common = {"cache": cache, "vae": bundle.vae, "crop": config.crop, "seed": config.seed}
-        vae = placed([bundle.vae], self.device, self.vae_dtype) if cache is None else contextlib.nullcontext()
+        encoding = cache is None or self.held_out  # the cache holds no held-out photo
+        vae = placed([bundle.vae], self.device, self.vae_dtype) if encoding else contextlib.nullcontext()
         with vae:
             instances = monitor_pictures(self.instances, is_class=False, **common)
             classes = monitor_pictures(self.classes, is_class=True, count=CLASS_PICTURES, **common)
+            held_out = monitor_pictures(self.held_out, is_class=False, count=FIT_PICTURES,
+                                        **{**common, "cache": None})
         frozen = [] if config.train_text_encoder else list(bundle.text_encoders)
         monitor = Monitor(config=config, bundle=bundle, instances=instances, classes=classes, device=self.device,
                           autocast=self._autocast, text_trained=config.train_text_encoder,
                           text_placed=lambda: placed(frozen, self.device, self.precision.frozen_dtype),
-                          work_dir=self.work_dir, total_steps=self.total_steps)
+                          work_dir=self.work_dir, total_steps=self.total_steps, held_out=held_out)
         point = monitor.start(state.step if state is not None else None)
         self._report_monitor(monitor, 0 if point is not None else state.step)
         return monitor
