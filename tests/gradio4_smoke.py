@@ -80,6 +80,10 @@ def smoke(root: Path) -> int:
     check(tab.chart.postprocess(chart) is not None, "the loss chart's data is accepted by gr.LinePlot")
     check(len(tab.gallery.postprocess(gallery).root) == 1, "the sample images are accepted by gr.Gallery")
     check(tab.refresh(outputs[2])[0] == gr.update(), "polling sends the chart only on change")
+    monitor = outputs[4]
+    check(monitor["visible"] and tab.monitor_chart.postprocess(monitor["value"]) is not None
+          and "Best saved step: 2." in monitor["caption"], "the learning monitor's chart is accepted by gr.LinePlot")
+    check(tab.refresh(outputs[2])[4] == gr.update(), "polling sends the monitor's chart only on change")
     check(jobs.active is None and tab.jobs is jobs, "the run's slot is free again")
 
     app = FastAPI()

@@ -107,6 +107,9 @@ def test_train_a_tiny_model_from_the_browser(served, page):
     assert "browser run_12.safetensors" in status_text and "browser run_6.safetensors" in status_text
     page.wait_for_selector("#dreambooth_gallery img", timeout=30_000)
     page.wait_for_selector("#dreambooth_loss_chart canvas, #dreambooth_loss_chart svg", timeout=30_000)
+    # The learning monitor's chart beside it: its signals, the verdict and the best saved step in its caption.
+    page.wait_for_selector("#dreambooth_monitor_chart canvas, #dreambooth_monitor_chart svg", timeout=30_000)
+    page.wait_for_selector("#dreambooth_monitor_chart :text('Best saved step:')", timeout=30_000)
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "dreambooth_tab.png"), full_page=True)
     assert "step" in progress_text

@@ -182,14 +182,14 @@ def test_start_trains_with_the_picked_checkpoint_and_reports_it(tab_factory, ui_
         ("tiny.safetensors", "tiny.safetensors") in tab.checkpoint_pick.choices
     outputs = tab.start("task(abc123)", "tiny.safetensors", None, *values)
 
-    assert calls == [("task(abc123)", 6)]  # the task id reaches the host's wrapper; extra outputs fit
-    chart, gallery, seen, load_button, pick, token, status = outputs
+    assert calls == [("task(abc123)", 8)]  # the task id reaches the host's wrapper; extra outputs fit
+    chart, gallery, seen, load_button, monitor_chart, load_best, pick, token, status = outputs
     result = ui_models / "Stable-diffusion" / "tabrun" / "tabrun_2.safetensors"
     assert result.is_file()
     assert "data-state='finished'" in status and str(result) in status, status
     assert list(chart["value"]["step"]) == [1, 2] and chart["value"]["loss"].notna().all() and chart["visible"]
     assert len(gallery) == 2 and all(caption.endswith(".png") for _, caption in gallery)  # samples at steps 1, 2
-    assert load_button["visible"] is False  # a folder host has no loaded model to replace
+    assert load_button["visible"] is False and load_best["visible"] is False  # no loaded model to replace here
     assert "tabrun/tabrun_2.safetensors" in pick["choices"]  # the new model is listed at once
     assert tab.jobs.status()["checkpoints"] == [str(result)]
     # Polling afterwards sends the chart and gallery only when they changed.

@@ -190,7 +190,7 @@ def test_the_load_after_training_setting_selects_the_result(extension):
 def shown_load_state(tab) -> tuple[bool, bool]:
     """(Load button visible, the status says the result is the loaded model) as the page's next poll draws them."""
     outputs = tab.refresh(None)
-    return outputs[3]["visible"], "the WebUI's loaded model" in outputs[4]
+    return outputs[3]["visible"], "the WebUI's loaded model" in outputs[-2]
 
 
 def test_start_again_on_the_loaded_result_is_refused_and_leaves_the_file_alone(extension):
@@ -237,10 +237,31 @@ def test_what_the_host_appends_to_the_status_stays_while_the_page_polls(extensio
     seen = outputs[2]
     for _ in range(3):
         polled = tab.refresh(seen)
-        assert polled[4] == gr.update(), polled[4]
+        assert polled[-2] == gr.update(), polled[-2]
         seen = polled[2]
     tab.load_model()  # the status changes (the result is now the loaded model): it is drawn again
-    assert "the WebUI's loaded model" in tab.refresh(seen)[4]
+    assert "the WebUI's loaded model" in tab.refresh(seen)[-2]
+
+
+def test_load_best_selects_the_learning_monitors_best_saved_step(extension):
+    """A run with saves ends; "Load best" (beside "Load this model now") loads the file of the step the monitor
+    chose, the host's dropdown follows, the next generation uses it, and the button goes once it is loaded."""
+    webui, tab = extension.webui, extension.tab
+    outputs = extension.start("best", max_train_steps=4, save_every_n_steps=2)
+    status = extension.status()
+    best = status["monitor"]["best_step"]
+    assert status["state"] == "finished" and best in (2, 4), outputs[-1]
+    assert outputs[5] == gr.update(value=f"Load best (step {best})", visible=True)
+    assert outputs[4]["visible"] and f"Best saved step: {best}." in outputs[4]["caption"]
+
+    message, token = tab.load_best()
+    title = webui.shared.sd_model.sd_checkpoint_info.title
+    assert f"Loaded best/best_{best}.safetensors [" in message and token
+    assert webui.shared.sd_model.sd_checkpoint_info.filename == str(Path(status["checkpoints"][-1]).with_name(
+        f"best_{best}.safetensors"))
+    assert tab.checkpoint_dropdown_update()["value"] == title == webui.shared.opts.sd_model_checkpoint
+    assert webui.generate().checkpoint_title == title
+    assert tab.refresh(None)[5]["visible"] is False  # loaded: nothing left to do
 
 
 def test_api_load_selects_a_checkpoint_by_path_or_title(extension):

@@ -153,6 +153,24 @@ def _unprocessable(problems: list[str], message: str) -> HTTPException:
     return HTTPException(status_code=422, detail={"message": message, "problems": problems})
 
 
+def load_target(body: dict[str, Any]) -> str | int:
+    """What `POST /load` is asked for: the "checkpoint" (a path or title, stripped) or the "step" ("best" or a
+    number); 422 naming the problem for anything else."""
+    usage = 'Give the checkpoint to load: {"checkpoint": "<path or title>"} or {"step": "best"} or {"step": <number>}'
+    if "checkpoint" in body and "step" in body:
+        raise _unprocessable([f'Give "checkpoint" or "step", not both. {usage}'], "Nothing to load")
+    if "step" in body:
+        step = body["step"]
+        if step == "best" or (isinstance(step, int) and not isinstance(step, bool) and step >= 0):
+            return step
+        raise _unprocessable([f'"step" must be "best" or a step number (0 or more); got {json.dumps(step)}.'],
+                             "Nothing to load")
+    wanted = body.get("checkpoint")
+    if not isinstance(wanted, str) or not wanted.strip():
+        raise _unprocessable([usage], "Nothing to load")
+    return wanted.strip()
+
+
 def register_api(app: FastAPI, jobs: JobManager, host_adapter: HostAdapter, auth: str | None) -> None:
     """Add the routes to `app` (again on a new app after the host reloads; once per app)."""
     if any(getattr(route, "path", "").startswith(PREFIX) for route in app.routes):
@@ -191,17 +209,17 @@ def register_api(app: FastAPI, jobs: JobManager, host_adapter: HostAdapter, auth
         return jobs.status()
 
     def load(body: dict[str, Any] = body) -> dict:
-        """Body: {"checkpoint": a path from status()["checkpoints"] or a title from the host's list}. Loads it and
-        makes it the host's selected checkpoint, so the next generation uses it."""
-        wanted = body.get("checkpoint")
-        if not isinstance(wanted, str) or not wanted.strip():
-            raise _unprocessable(['Give the checkpoint to load: {"checkpoint": "<path or title>"}'],
-                                 "Nothing to load")
+        """Body: {"checkpoint": a path from status()["checkpoints"] or a title from the host's list}, or
+        {"step": a step the last run saved, or "best": the learning monitor's best saved step}. Loads it and makes
+        it the host's selected checkpoint, so the next generation uses it."""
+        wanted = load_target(body)
         if jobs.active is not None:
             raise HTTPException(status_code=409, detail={"message": "A training run is active; load the model when "
                                                          "it has finished (or cancel it)."})
         try:
-            title = host_adapter.queued(host_adapter.load_checkpoint)(wanted.strip())
+            if "step" in body:
+                wanted = str(jobs.saved_model(wanted))
+            title = host_adapter.queued(host_adapter.load_checkpoint)(wanted)
         except DreamboothError as exc:
             raise _unprocessable([error_message(exc)], "Cannot load that checkpoint") from None
         return {"loaded": title}

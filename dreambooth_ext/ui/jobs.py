@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from ..config import Config
@@ -122,6 +123,7 @@ class Job:
         self.status = JobStatus(project=config.project_name, state=WAITING, resume=resume,
                                 message="Waiting for the device", started_at=time.time())
         self.result: RunResult | None = None
+        self.host: Host | None = None  # the host it runs with, which names its saved files
         self._run: TrainingRun | ChildRun | None = None
         self._cancel_requested = False
         self._lock = threading.Lock()
@@ -139,6 +141,7 @@ class Job:
         """Train in this thread. Never raises: an error becomes `status.error`; an expected refusal (a
         DreamboothError) is logged as one line, anything else with its traceback."""
         status = self.status
+        self.host = host
         try:
             with self._lock:
                 if self._cancel_requested:
@@ -156,6 +159,37 @@ class Job:
             status.finished_at = time.time()
             self.manager._release(self)
         return status
+
+    def saved_model(self, step: int | str) -> Path:
+        """The model file this run saved at `step` ("best": the learning monitor's best saved step), named as the
+        host names it (a resumed run's earlier saves too). Raises DreamboothError saying why there is none: a run
+        that saves only LoRA files has no model file to load; a step that was not saved has none either."""
+        status, project = self.status, self.config.project_name
+        monitor = status.monitor or {}
+        if step == "best":
+            step = monitor.get("best_step")
+            if step is None:
+                raise DreamboothError(f"The last run (project {project!r}) has no best step: "
+                                      + ("no step of it was saved yet." if monitor else
+                                         "its learning monitor was off (monitor_every_n_steps -1)."))
+        if not status.checkpoints:
+            raise DreamboothError(f"The last run (project {project!r}) wrote no model file to load"
+                                  + (" (a LoRA run writes LoRA files; add them to a prompt instead)."
+                                     if status.loras else "."))
+        path = self.host.checkpoint_path(project, step) if self.host is not None else None
+        if path is None or not path.is_file():
+            steps = self.saved_steps()
+            saved = (f"its saved steps: {', '.join(map(str, steps))}" if steps else
+                     f"the model files it wrote: {', '.join(status.checkpoints)}")
+            raise DreamboothError(f"The last run (project {project!r}) has no saved model at step {step}; {saved}.")
+        return path
+
+    def saved_steps(self) -> list[int]:
+        """The steps the learning monitor marked saved whose model file exists (none without the monitor)."""
+        points = (self.status.monitor or {}).get("points") or []
+        project = self.config.project_name
+        return [p["step"] for p in points
+                if p.get("saved") and self.host is not None and self.host.checkpoint_path(project, p["step"]).is_file()]
 
     def _finish(self, result: RunResult) -> None:
         status = self.status
@@ -240,6 +274,20 @@ class JobManager:
             return False
         job.cancel()
         return True
+
+    @property
+    def last(self) -> Job | None:
+        """The active or last run's job, None before the first."""
+        return self._last
+
+    def saved_model(self, step: int | str) -> Path:
+        """The model file the last run saved at `step` or "best" (see Job.saved_model); DreamboothError when there
+        is none, or no run yet."""
+        job = self._last
+        if job is None:
+            raise DreamboothError("No training run yet since the start: there is no saved step to load. Give the "
+                                  "file to load instead.")
+        return job.saved_model(step)
 
     def status(self) -> dict[str, Any]:
         job = self._last

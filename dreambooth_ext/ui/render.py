@@ -1,4 +1,5 @@
-"""What the tab shows, built from a job status dict: status HTML, the loss chart's data, the sample gallery."""
+"""What the tab shows, built from a job status dict: status HTML, the loss and learning monitor charts' data, the
+sample gallery."""
 
 from __future__ import annotations
 
@@ -12,6 +13,10 @@ from PIL import Image
 from ..train.run import clock
 
 MAX_GALLERY = 16  # the newest sample images shown
+# The learning monitor's signals in the chart, by their key in a point (a key not named here shows with its own name)
+MONITOR_SIGNALS = {"fit": "fit (of the base's)", "memorization": "memorization", "class_drift": "class drift",
+                   "prompt_response": "prompt response", "held_out_gap": "held-out gap"}
+NOT_SIGNALS = ("step", "saved", "verdict")
 
 
 def status_html(status: dict[str, Any], note: str = "", in_use: bool = False) -> str:
@@ -136,6 +141,56 @@ def loss_frame(status: dict[str, Any]):
         return None
     return pd.DataFrame({"step": pd.Series([s for s, _ in losses], dtype="int64"),
                          "loss": pd.Series([v for _, v in losses], dtype="float64")})
+
+
+def monitor_frame(monitor: dict[str, Any] | None):
+    """The learning monitor's signals over the steps, as the DataFrame gr.LinePlot takes (columns step, value,
+    signal, verdict; one line per signal), each relative as the monitor reports it and the fit as a fraction of the
+    base model's; a signal not measured at a point has no row there. The best saved step is a vertical line of its
+    own. None before the monitor's first point (the chart is then hidden)."""
+    import pandas as pd
+
+    points = (monitor or {}).get("points") or []
+    base_fit = (monitor or {}).get("base_fit")
+    rows = []
+    for point in points:
+        for key, value in point.items():
+            if key in NOT_SIGNALS or not isinstance(value, (int, float)) or isinstance(value, bool):
+                continue
+            if key == "fit":
+                if not base_fit:
+                    continue  # no base to compare with: an absolute loss would not share the others' scale
+                value = value / base_fit
+            rows.append((point["step"], float(value), monitor_signal_name(key), point.get("verdict") or ""))
+    if not rows:
+        return None
+    best = monitor.get("best_step")
+    if best is not None:
+        top = max(1.0, max(value for _, value, _, _ in rows))
+        verdict = next((p.get("verdict") or "" for p in points if p["step"] == best), "")
+        rows += [(best, 0.0, best_step_name(best), verdict), (best, top, best_step_name(best), verdict)]
+    steps, values, signals, verdicts = zip(*rows, strict=True)
+    return pd.DataFrame({"step": pd.Series(steps, dtype="int64"), "value": pd.Series(values, dtype="float64"),
+                         "signal": list(signals), "verdict": list(verdicts)})
+
+
+def monitor_signal_name(key: str) -> str:
+    return MONITOR_SIGNALS.get(key, key.replace("_", " "))
+
+
+def best_step_name(step: int) -> str:
+    return f"best saved step ({step})"
+
+
+def monitor_caption(monitor: dict[str, Any] | None) -> str:
+    """Under the monitor's chart: the last point's verdict and the best saved step so far."""
+    if not monitor or not monitor.get("verdict"):
+        return ""
+    points = monitor.get("points") or []
+    at = f" at step {points[-1]['step']}" if points else ""
+    best = monitor.get("best_step")
+    return (f"Verdict{at}: {monitor['verdict']}. "
+            + (f"Best saved step: {best}." if best is not None else "No step saved yet."))
 
 
 def gallery_items(status: dict[str, Any]) -> list[tuple[Image.Image, str]]:

@@ -18,7 +18,7 @@ from ..errors import DreamboothError
 from ..train.devices import compile_problem
 from . import projects, render
 from .adapter import HostAdapter
-from .jobs import FINISHED, JobManager, error_message, log_failure
+from .jobs import FINISHED, TERMINAL, JobManager, error_message, log_failure
 from .widgets import HIDDEN, js_kwarg, option_grid, update
 
 log = logging.getLogger(__name__)
@@ -29,6 +29,7 @@ GROUP_TITLES = {"model": "Model", "concepts": "Concepts", "training": "Training"
                 "memory": "Memory and speed",
                 "saving": "Saving", "samples": "Sample images"}
 OPEN_GROUPS = ("model", "concepts")
+CHART_MIN_WIDTH = 320  # the loss and monitor charts side by side from twice this width, else one below the other
 
 
 class DreamboothTab:
@@ -187,10 +188,21 @@ class DreamboothTab:
         gr.HTML("<div id='dreambooth_progressbar'></div>", elem_id="dreambooth_progress_container")
         status = self.jobs.status()
         self.status = gr.HTML(render.status_html(status), elem_id="dreambooth_status")
-        self.chart = gr.LinePlot(render.loss_frame(status), x="step", y="loss", title="Loss (smoothed)", height=220,
-                                 visible=bool(status.get("losses")), elem_id="dreambooth_loss_chart")
+        with gr.Row(elem_id="dreambooth_charts"):  # side by side where the column is wide enough, else one below
+            self.chart = gr.LinePlot(render.loss_frame(status), x="step", y="loss", title="Loss (smoothed)",
+                                     height=220, min_width=CHART_MIN_WIDTH, visible=bool(status.get("losses")),
+                                     elem_id="dreambooth_loss_chart")
+            monitor = status.get("monitor")
+            frame = render.monitor_frame(monitor)
+            self.monitor_chart = gr.LinePlot(
+                frame, x="step", y="value", color="signal", title="Learning monitor", y_title="relative value",
+                color_legend_title="signal", tooltip=["step", "signal", "value", "verdict"], overlay_point=True,
+                caption=render.monitor_caption(monitor), height=220, min_width=CHART_MIN_WIDTH,
+                visible=frame is not None, elem_id="dreambooth_monitor_chart")
         self.gallery = gr.Gallery(label="Sample images", columns=4, elem_id="dreambooth_gallery")
-        self.load_model_button = gr.Button("Load this model now", visible=False, elem_id="dreambooth_load_model")
+        with gr.Row(elem_id="dreambooth_load_row"):
+            self.load_model_button = gr.Button("Load this model now", visible=False, elem_id="dreambooth_load_model")
+            self.load_best_button = gr.Button("Load best", visible=False, elem_id="dreambooth_load_best")
         # Changed after each action that may change the host's checkpoint list or selection (CSS-hidden, not
         # visible=False: a component that is not rendered fires no change event).
         self.selection_token = gr.Textbox("", elem_id="dreambooth_selection_token", elem_classes=HIDDEN)
@@ -199,7 +211,7 @@ class DreamboothTab:
 
     def _wire(self) -> None:
         form = self.form
-        view = [self.chart, self.gallery, self.seen, self.load_model_button]
+        view = self.view_components
         # the status HTML last: the host appends its timing to it
         start_outputs = view + [self.checkpoint_pick, self.selection_token, self.status]
         run_inputs = [self.task_id, self.checkpoint_pick, self.seen] + form
@@ -208,6 +220,7 @@ class DreamboothTab:
         self.start_button.click(self.start, run_inputs, start_outputs, **quiet, **js_kwarg("dreambooth_start"))
         self.resume_button.click(self.resume, run_inputs, start_outputs, **quiet, **js_kwarg("dreambooth_start"))
         self.load_model_button.click(self.load_model, [], [self.project_message, self.selection_token])
+        self.load_best_button.click(self.load_best, [], [self.project_message, self.selection_token])
         self.cancel_button.click(self.cancel, [self.seen], view + [self.status], **quiet)
         self.check_button.click(self.check_dataset, [self.checkpoint_pick] + form, [self.dataset_report])
         for button in (self.start_button, self.resume_button):  # a run's status has its own dataset check
@@ -226,6 +239,12 @@ class DreamboothTab:
                                 [self.project_pick, self.existing_projects, self.project_message],
                                 **js_kwarg("dreambooth_confirm_save"))
         self.project_load.click(self.load, [self.project_pick], form + [self.project_message])
+
+    @property
+    def view_components(self) -> list[gr.components.Component]:
+        """What `_view` returns values for, in its order (the status HTML, which follows, aside)."""
+        return [self.chart, self.gallery, self.seen, self.load_model_button, self.monitor_chart,
+                self.load_best_button]
 
     def attach_checkpoint_dropdown(self, dropdown: gr.components.Component) -> None:
         """Keep the host's checkpoint dropdown in step with what Start, Resume and "Load this model now" did.
@@ -274,24 +293,27 @@ class DreamboothTab:
         return self._start_outputs(status.to_dict(), None)
 
     def _start_outputs(self, status: dict, seen: Any, error: str = "") -> list:
-        chart, gallery, seen, load_button, status_html = self._view(status, with_notice(seen, error))
-        return [chart, gallery, seen, load_button, update(choices=[DEFAULT_PICK] + self._titles()), new_token(),
-                status_html]
+        *view, status_html = self._view(status, with_notice(seen, error))
+        return [*view, update(choices=[DEFAULT_PICK] + self._titles()), new_token(), status_html]
 
     def _view(self, status: dict, seen: Any) -> list:
-        """Chart, gallery, what the page now shows (`seen`), the Load button and the status HTML.
+        """Values for `view_components` (loss chart, gallery, what the page now shows (`seen`), the Load button,
+        the monitor's chart, the Load best button), then the status HTML.
 
-        `seen` = [run start, loss points, samples, model version, notice, status HTML]: the chart and gallery are
-        sent only when they changed; the model version is the one `refresh` last drew the model box for; the
-        notice (the last action's error) stays above the status until the next action, however often the page
-        polls; the status HTML is what was last sent (`refresh` leaves the page's as it is when it is unchanged)."""
+        `seen` = [run start, loss points, samples, model version, notice, status HTML, monitor points]: the charts
+        and gallery are sent only when they changed; the model version is the one `refresh` last drew the model box
+        for; the notice (the last action's error) stays above the status until the next action, however often the
+        page polls; the status HTML is what was last sent (`refresh` leaves the page's as it is when it is
+        unchanged)."""
         valid = is_seen(seen)
+        monitor = status.get("monitor")
         key = [status.get("started_at"), len(status.get("losses") or []), len(status.get("samples") or []),
-               seen[3] if valid else None, seen[4] if valid else ""]
+               seen[3] if valid else None, seen[4] if valid else "", None, monitor_key(monitor)]
         same_run = valid and seen[0] == key[0]
         chart = update() if same_run and seen[1] == key[1] else update(value=render.loss_frame(status),
                                                                        visible=key[1] > 0)
         gallery = update() if same_run and seen[2] == key[2] else render.gallery_items(status)
+        monitor_chart = update() if same_run and seen[6] == key[6] else self._monitor_chart(monitor)
         result = (status.get("checkpoints") or [None])[-1] if status.get("state") == FINISHED else None
         in_use = result is not None and self._in_use(result)
         can_load = bool(self.adapter.load_checkpoint and result and not in_use)
@@ -301,7 +323,31 @@ class DreamboothTab:
                                                                                         in_use=in_use)
         else:
             status_html = render.status_html(status, in_use=in_use)
-        return [chart, gallery, key + [status_html], update(visible=can_load), status_html]
+        key[5] = status_html
+        return [chart, gallery, key, update(visible=can_load), monitor_chart, self._load_best_button(status),
+                status_html]
+
+    @staticmethod
+    def _monitor_chart(monitor: dict | None) -> dict:
+        frame = render.monitor_frame(monitor)
+        return update(value=frame, caption=render.monitor_caption(monitor), visible=frame is not None)
+
+    def best_model(self, status: dict) -> str | None:
+        """The file of the learning monitor's best saved step, when the run has ended, the host can load it and has
+        not loaded it already (then "Load best" offers it); None otherwise."""
+        if not self.adapter.load_checkpoint or status.get("state") not in TERMINAL or not status.get("monitor"):
+            return None
+        try:
+            path = str(self.jobs.saved_model("best"))
+        except DreamboothError:
+            return None
+        return None if self._in_use(path) else path
+
+    def _load_best_button(self, status: dict) -> dict:
+        path = self.best_model(status)
+        if path is None:
+            return update(visible=False)
+        return update(value=f"Load best (step {status['monitor']['best_step']})", visible=True)
 
     def _in_use(self, path: str) -> bool:
         """Whether the host has this file loaded now (then "Load this model now" has nothing left to do)."""
@@ -317,12 +363,12 @@ class DreamboothTab:
         """The polled view, plus the model box when the host loaded another model since it was drawn (also on
         the page's first poll: the box built with the tab predates the host's model)."""
         outputs = self._view(self.jobs.status(), seen)
-        if is_seen(seen) and seen[5] == outputs[4]:
-            outputs[4] = update()  # unchanged: what the host appended to it (time taken, peak VRAM) stays
+        if is_seen(seen) and seen[5] == outputs[-1]:
+            outputs[-1] = update()  # unchanged: what the host appended to it (time taken, peak VRAM) stays
         version = self.adapter.model_version()
-        if outputs[2][3] == version:
+        if outputs[SEEN][3] == version:
             return outputs + [update()]
-        outputs[2][3] = version
+        outputs[SEEN][3] = version
         return outputs + [self.model_box(pick)]
 
     def cancel(self, seen: Any = None) -> list:
@@ -375,6 +421,17 @@ class DreamboothTab:
         if not checkpoints or not self.adapter.load_checkpoint:
             return [render.message_html("No finished model to load.", error=True), update()]
         note = self._load_checkpoint(checkpoints[-1])
+        return [render.message_html(note, error=note.startswith("Could not")), new_token()]
+
+    def load_best(self) -> list:
+        """Load the model of the learning monitor's best saved step, as "Load this model now" loads the last one."""
+        if not self.adapter.load_checkpoint:
+            return [render.message_html("This host has no loaded model to replace.", error=True), update()]
+        try:
+            path = self.jobs.saved_model("best")
+        except DreamboothError as exc:
+            return [render.message_html(error_message(exc), error=True), update()]
+        note = self._load_checkpoint(str(path))
         return [render.message_html(note, error=note.startswith("Could not")), new_token()]
 
     def _load_checkpoint(self, path: str) -> str:
@@ -444,7 +501,8 @@ class DreamboothTab:
             return render.message_html(f"Could not read the loaded model: {error_message(exc)}", error=True)
 
 
-SEEN_FIELDS = 6
+SEEN_FIELDS = 7
+SEEN = 2  # where `_view` puts `seen` among its values
 
 
 def is_seen(seen: Any) -> bool:
@@ -455,8 +513,15 @@ def is_seen(seen: Any) -> bool:
 def with_notice(seen: Any, notice: str) -> list:
     """`seen` with the notice replaced (an action clears the previous action's error, or sets its own)."""
     if is_seen(seen):
-        return [*seen[:4], notice, None]
-    return [None, None, None, None, notice, None]
+        return [*seen[:4], notice, None, seen[6]]
+    return [None, None, None, None, notice, None, None]
+
+
+def monitor_key(monitor: dict | None) -> list | None:
+    """What the monitor's chart shows, in brief: its points (each with whether it was saved) and the best step."""
+    if not monitor:
+        return None
+    return [[p.get("step"), bool(p.get("saved"))] for p in monitor.get("points") or []] + [monitor.get("best_step")]
 
 
 def new_token() -> str:
