@@ -56,7 +56,7 @@ _VAE_MARKERS = ("decoder.conv_in.weight", "first_stage_model.decoder.conv_in.wei
 
 
 def is_forge() -> bool:
-    """Forge loads models through sd_models.forge_model_reload (a stub-free WebUI has no such function)."""
+    """Forge loads models through sd_models.forge_model_reload, which the WebUI lacks."""
     from modules import sd_models
 
     return hasattr(sd_models, "forge_model_reload")
@@ -89,11 +89,6 @@ def is_vae_file(path: str | os.PathLike) -> bool:
 def selected_vae() -> str | None:
     """The VAE file among the selected modules (the one Forge loads in place of the checkpoint's), or None."""
     return next((path for path in selected_modules() if is_vae_file(path)), None)
-
-
-def modules_label() -> str:
-    """The selected modules' file names for the model box ("" when none is selected: the checkpoint's own)."""
-    return ", ".join(Path(path).name for path in selected_modules())
 
 
 def loading_parameters() -> dict[str, Any]:
@@ -210,14 +205,21 @@ def quantized_note(storage: str) -> str:
 def _clean_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     """A module's state dict with every weight a merged LoRA replaced put back from the loader's backup."""
     state = module.state_dict()
-    backup = getattr(getattr(module, "lora_loader", None), "backup", None) or {}
-    restored = [key for key in backup if key in state]
-    for key in restored:
-        state[key] = backup[key]
-    if restored:
-        log.info("Forge has a LoRA merged into %d weights; training starts from the clean weights it kept.",
-                 len(restored))
+    for key, clean in _lora_backup(module).items():
+        if key in state:
+            state[key] = clean
     return state
+
+
+def _lora_backup(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return getattr(getattr(module, "lora_loader", None), "backup", None) or {}
+
+
+def merged_lora_weights(model: Any) -> int:
+    """How many weights of the loaded model a merged LoRA changed (Forge keeps their originals)."""
+    objects = model.forge_objects
+    return sum(len(_lora_backup(module)) for module in (objects.unet.model, objects.vae.first_stage_model,
+                                                        objects.clip.cond_stage_model))
 
 
 def _strip(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
@@ -265,6 +267,10 @@ def live_state_dict(model: Any) -> dict[str, torch.Tensor]:
     left out, so that a result has the file's keys."""
     path = str(model.sd_checkpoint_info.filename)
     live = module_state_dict(model)
+    merged = merged_lora_weights(model)
+    if merged:
+        log.info("Forge has a LoRA merged into %d weights; training starts from the clean weights it kept (Forge's "
+                 "model is left as it is).", merged)
     shapes = _file_keys(path)
     if shapes is not None:
         live = {k: v for k, v in live.items() if k in shapes}
