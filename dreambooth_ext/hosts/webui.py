@@ -1,7 +1,7 @@
 """The WebUI as a host: train the model it has loaded, save next to its checkpoints, share its device and progress.
 
-This is the only engine module that imports the WebUI's `modules` package, always inside functions: importing
-this file outside the WebUI is harmless, calling into it is not.
+With hosts/forge.py (Forge's differences), the only engine module that imports the WebUI's `modules` package,
+always inside functions: importing this file outside the WebUI is harmless, calling into it is not.
 
 What the live model looks like (AUTOMATIC1111 v1.10.1, read from its source and seen on a running host):
 - `state_dict()` has the prompt hijack's extra levels: `cond_stage_model.wrapped.…` and the token embedding's
