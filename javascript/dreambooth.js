@@ -96,7 +96,9 @@ function dreamboothAddLoraCard(tab, name, cardHtml) {
     if (typeof applyExtraNetworkFilter === 'function') applyExtraNetworkFilter(tab + '_lora');
 }
 
-// _js of Start and Resume: the first input is the task id the host's progress API tracks.
+// _js of Start and Resume: the first input is the task id the host's progress API tracks. The page hands it the
+// event's inputs and then its outputs; gradio takes as many values as there are inputs. None of those inputs is a
+// gr.State: gradio 4 fills a State input only when the list returned has exactly as many values as inputs.
 function dreambooth_start() {
     var args = Array.from(arguments);
     var id = typeof randomId === 'function' ? randomId() : 'task(' + Math.random().toString(36).slice(2, 12) + ')';

@@ -34,6 +34,7 @@ from ui_helpers import (
     make_models_dir,
     page_texts,
     quick_run_data,
+    start_cancel_resume,
     wording_problems,
 )
 
@@ -101,14 +102,14 @@ def smoke(root: Path) -> int:
             check(response.status == 200 and b"dreambooth_start" in response.read(), "the page is served")
         with urllib.request.urlopen(served.url.rstrip("/") + f"{PREFIX}/status", timeout=30) as response:
             check(json.load(response)["state"] == "idle", "the API is served beside the page")
-        in_browser(served.url)
+        in_browser(served.url, models, images)
     finally:
         served.close()
     print("gradio 4 smoke test passed")
     return 0
 
 
-def in_browser(url: str) -> None:
+def in_browser(url: str, models: Path, images: Path) -> None:
     """Press the tab's controls in headless Chromium, as a user of Forge would."""
     from playwright.sync_api import sync_playwright
 
@@ -122,6 +123,11 @@ def in_browser(url: str) -> None:
             page.wait_for_selector("#dreambooth_start", timeout=60_000)
             check_rates_follow_train_mode(page)
             check(True, "in the browser, switching Train mode shows that mode's learning rates and hides the others")
+            page.wait_for_function("typeof dreambooth_start === 'function'", timeout=30_000)
+            step = start_cancel_resume(page, models, images, "g4 browser")
+            check(True, f"in the browser, Start trains, Cancel stops it at step {step} and Resume finishes it")
+            page.wait_for_selector("#dreambooth_monitor_chart :text('Best saved step:')", timeout=30_000)
+            check(True, "in the browser, the learning monitor's chart shows after the run")
         finally:
             browser.close()
 

@@ -13,9 +13,11 @@ import pytest
 from ui_helpers import (
     CHROMIUM_ARGS,
     check_rates_follow_train_mode,
+    fill,
     find_chromium,
     make_instance_images,
     make_models_dir,
+    start_cancel_resume,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -53,12 +55,6 @@ def page():
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         yield page
         browser.close()
-
-
-def fill(page, elem_id: str, value: str) -> None:
-    field = page.locator(f"#{elem_id} textarea, #{elem_id} input[type=number], #{elem_id} input[type=text]").first
-    field.fill(value)
-    field.press("Tab")
 
 
 def test_train_a_tiny_model_from_the_browser(served, page):
@@ -128,3 +124,12 @@ def test_the_learning_rates_shown_follow_the_train_mode(served, page):
     page.goto(served[0].url)
     page.wait_for_selector("#dreambooth_start", timeout=60_000)
     check_rates_follow_train_mode(page)
+
+
+def test_start_cancel_and_resume_in_the_browser(served, page):
+    app, models, images, root = served
+    page.goto(app.url)
+    page.wait_for_selector("#dreambooth_start", timeout=60_000)
+    page.wait_for_function("typeof dreambooth_start === 'function'", timeout=30_000)
+    step = start_cancel_resume(page, models, images, "resumed in browser")
+    assert (models / "Stable-diffusion" / "resumed in browser" / f"resumed in browser_{step + 2}.safetensors").is_file()

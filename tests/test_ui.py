@@ -385,6 +385,18 @@ def test_the_blocks_render_to_a_gradio_config(tab_factory):
     assert "function dreambooth_start(" in script and "function dreambooth_confirm_save(" in script
 
 
+def test_no_event_with_page_js_takes_a_state(tab_factory):
+    """gradio 4's page hands an event's JS its inputs and outputs, and fills a State input only when the JS returns
+    exactly as many values as inputs: with a State among Start's inputs, every value after it landed one field
+    further on (the project name in the base model, "full" in the resolution) and no run started."""
+    tab = tab_factory()
+    config = tab.blocks.get_config_file()
+    states = {c["id"] for c in config["components"] if c["type"] == "state"}
+    with_js = [d for d in config["dependencies"] if d.get("js")]
+    assert {"dreambooth_start", "dreambooth_confirm_save"} <= {d["js"] for d in with_js}
+    assert all(not states & set(d["inputs"]) for d in with_js), [d["js"] for d in with_js if states & set(d["inputs"])]
+
+
 def test_closing_the_page_is_bounded_when_a_connection_stays_open(ui_models, tmp_path):
     from dreambooth_ext.ui.standalone import serve
 

@@ -165,3 +165,51 @@ def _expect_shown(page, shown: tuple[str, ...], hidden: tuple[str, ...]) -> None
         page.wait_for_selector(selector, state="visible", timeout=30_000)
     for selector in hidden:
         page.wait_for_selector(selector, state="hidden", timeout=30_000)
+
+
+# -- driving the tab in a browser (gradio 3.41 and 4.40 alike) -------------------------------------------------
+
+
+def fill(page, elem_id: str, value: str) -> None:
+    """Type `value` into a text or number field of the tab, then leave it (gradio reads it on change)."""
+    field = page.locator(f"#{elem_id} textarea, #{elem_id} input[type=number], #{elem_id} input[type=text]").first
+    field.fill(value)
+    field.press("Tab")
+
+
+def open_group(page, group: str, field: str) -> None:
+    """Open the tab's group (an accordion) unless `field`, one of its fields, shows already."""
+    if not page.locator(f"#{field}").is_visible():
+        page.click(f"#dreambooth_group_{group} .label-wrap")
+    page.wait_for_selector(f"#{field}", state="visible", timeout=30_000)
+
+
+def status_text(page) -> str:
+    return page.inner_text("#dreambooth_status")
+
+
+def start_cancel_resume(page, models: Path, images: Path, project: str) -> int:
+    """Start a long run in the tab, Cancel it once it trains, then Resume it with the steps cut to two more than it
+    made: the resumed run must finish. Returns the step it was cancelled at."""
+    fill(page, "dreambooth_project_name", project)
+    fill(page, "dreambooth_base_model", str(models / "Stable-diffusion" / "tiny.safetensors"))
+    fill(page, "dreambooth_c0_instance_dir", str(images))
+    fill(page, "dreambooth_resolution", "64")
+    page.locator("#dreambooth_prior_preservation input[type=checkbox]").uncheck()
+    open_group(page, "training", "dreambooth_max_train_steps")
+    fill(page, "dreambooth_max_train_steps", "5000")
+    page.click("#dreambooth_start")
+    page.wait_for_selector("#dreambooth_status [data-state='running'] .dreambooth-numbers:has-text('loss')",
+                           timeout=120_000)
+    page.click("#dreambooth_cancel")
+    page.wait_for_selector("#dreambooth_status [data-state='cancelled']", timeout=120_000)
+    stopped = re.search(r"Cancelled at step (\d+)", status_text(page))
+    if stopped is None:
+        raise AssertionError(f"the cancelled run's status reads {status_text(page)!r}")
+    step = int(stopped.group(1))
+    fill(page, "dreambooth_max_train_steps", str(step + 2))
+    page.click("#dreambooth_resume")
+    page.wait_for_selector("#dreambooth_status [data-state='finished']", timeout=120_000)
+    if f"Finished: {step + 2} steps" not in status_text(page):
+        raise AssertionError(f"the resumed run's status reads {status_text(page)!r}")
+    return step

@@ -214,11 +214,16 @@ class DreamboothTab:
         view = self.view_components
         # the status HTML last: the host appends its timing to it
         start_outputs = view + [self.checkpoint_pick, self.selection_token, self.status]
-        run_inputs = [self.task_id, self.checkpoint_pick, self.seen] + form
+        # No gr.State among the inputs of an event with page JS: gradio 4's page hands the JS the inputs and the
+        # outputs, and fills a State input only when the JS returns exactly as many values as inputs, so every value
+        # after a State would land one field further on.
+        run_inputs = [self.task_id, self.checkpoint_pick] + form
         self._gpu_run = self.adapter.foreground(self._run_job, [update()] * (len(start_outputs) - 1))
         quiet = {"show_progress": "hidden"}  # progress shows in the status area and the host's progress bar
-        self.start_button.click(self.start, run_inputs, start_outputs, **quiet, **js_kwarg("dreambooth_start"))
-        self.resume_button.click(self.resume, run_inputs, start_outputs, **quiet, **js_kwarg("dreambooth_start"))
+        self.start_button.click(self.start_clicked, run_inputs, start_outputs, **quiet,
+                                **js_kwarg("dreambooth_start"))
+        self.resume_button.click(self.resume_clicked, run_inputs, start_outputs, **quiet,
+                                 **js_kwarg("dreambooth_start"))
         self.load_model_button.click(self.load_model, [], [self.project_message, self.selection_token])
         self.load_best_button.click(self.load_best, [], [self.project_message, self.selection_token])
         self.cancel_button.click(self.cancel, [self.seen], view + [self.status], **quiet)
@@ -287,6 +292,13 @@ class DreamboothTab:
 
     def resume(self, task_id: str, pick: str | None, seen: Any, *values: Any) -> list:
         return self.start(task_id, pick, seen, *values, resume=True)
+
+    def start_clicked(self, task_id: str, pick: str | None, *values: Any) -> list:
+        """Start from the page, whose inputs carry no `seen` (see `_wire`): a refusal draws the view afresh."""
+        return self.start(task_id, pick, None, *values)
+
+    def resume_clicked(self, task_id: str, pick: str | None, *values: Any) -> list:
+        return self.start(task_id, pick, None, *values, resume=True)
 
     def _run_job(self, task_id: str, job, host) -> list:
         status = job.run(host)
