@@ -33,6 +33,7 @@ from ui_helpers import (
     make_instance_images,
     make_models_dir,
     page_texts,
+    press_the_other_buttons,
     quick_run_data,
     start_cancel_resume,
     wording_problems,
@@ -128,6 +129,8 @@ def in_browser(url: str, models: Path, images: Path) -> None:
             check(True, f"in the browser, Start trains, Cancel stops it at step {step} and Resume finishes it")
             page.wait_for_selector("#dreambooth_monitor_chart :text('Best saved step:')", timeout=30_000)
             check(True, "in the browser, the learning monitor's chart shows after the run")
+            press_the_other_buttons(page, "g4 pressed")
+            check(True, "in the browser, Check dataset, Save, Refresh list, Load, Lowest memory and Refresh work")
         finally:
             browser.close()
 

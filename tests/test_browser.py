@@ -17,6 +17,7 @@ from ui_helpers import (
     find_chromium,
     make_instance_images,
     make_models_dir,
+    press_the_other_buttons,
     start_cancel_resume,
 )
 
@@ -126,10 +127,12 @@ def test_the_learning_rates_shown_follow_the_train_mode(served, page):
     check_rates_follow_train_mode(page)
 
 
-def test_start_cancel_and_resume_in_the_browser(served, page):
+def test_start_cancel_resume_and_the_other_buttons_in_the_browser(served, page):
     app, models, images, root = served
     page.goto(app.url)
     page.wait_for_selector("#dreambooth_start", timeout=60_000)
     page.wait_for_function("typeof dreambooth_start === 'function'", timeout=30_000)
     step = start_cancel_resume(page, models, images, "resumed in browser")
     assert (models / "Stable-diffusion" / "resumed in browser" / f"resumed in browser_{step + 2}.safetensors").is_file()
+    press_the_other_buttons(page, "pressed in browser")
+    assert (root / "work" / "pressed in browser" / "project.json").is_file()

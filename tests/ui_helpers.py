@@ -195,8 +195,8 @@ def start_cancel_resume(page, models: Path, images: Path, project: str) -> int:
     fill(page, "dreambooth_base_model", str(models / "Stable-diffusion" / "tiny.safetensors"))
     fill(page, "dreambooth_c0_instance_dir", str(images))
     fill(page, "dreambooth_resolution", "64")
-    page.locator("#dreambooth_prior_preservation input[type=checkbox]").uncheck()
     open_group(page, "training", "dreambooth_max_train_steps")
+    page.locator("#dreambooth_prior_preservation input[type=checkbox]").uncheck()
     fill(page, "dreambooth_max_train_steps", "5000")
     page.click("#dreambooth_start")
     page.wait_for_selector("#dreambooth_status [data-state='running'] .dreambooth-numbers:has-text('loss')",
@@ -213,3 +213,26 @@ def start_cancel_resume(page, models: Path, images: Path, project: str) -> int:
     if f"Finished: {step + 2} steps" not in status_text(page):
         raise AssertionError(f"the resumed run's status reads {status_text(page)!r}")
     return step
+
+
+def press_the_other_buttons(page, project: str) -> None:
+    """With the form filled in (a tiny run's folders): Check dataset, Save, Refresh list, Load, Lowest memory and
+    the model box's Refresh each do what they say."""
+    page.click("#dreambooth_check")
+    page.wait_for_selector("#dreambooth_dataset_report :text('Dataset check')", timeout=60_000)
+    fill(page, "dreambooth_project_name", project)
+    page.click("#dreambooth_project_save")
+    page.wait_for_selector(f"#dreambooth_project_message :text('{project}')", timeout=30_000)
+    page.click("#dreambooth_project_refresh")
+    choose(page, "dreambooth_project_pick", project)  # listed
+    fill(page, "dreambooth_resolution", "128")
+    page.click("#dreambooth_project_load")
+    page.wait_for_selector(f"#dreambooth_project_message :text(\"Loaded project '{project}'\")", timeout=30_000)
+    resolution = page.locator("#dreambooth_resolution input[type=number]").first
+    page.wait_for_function("field => field.value === '64'", arg=resolution.element_handle(), timeout=30_000)
+    open_group(page, "memory", "dreambooth_lowest_memory")
+    page.click("#dreambooth_lowest_memory")
+    optimizer = page.locator("#dreambooth_optimizer input").first
+    page.wait_for_function("field => field.value === 'adafactor'", arg=optimizer.element_handle(), timeout=30_000)
+    page.click("#dreambooth_model_refresh")
+    page.wait_for_selector("#dreambooth_model_info :text('No model is loaded here')", timeout=30_000)
