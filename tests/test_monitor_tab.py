@@ -177,7 +177,7 @@ def test_no_best_step_without_the_monitor_or_without_a_save_and_no_model_from_a_
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, ui_models, ui_images):
-    """A tiny run from the tab with a save at every second step, on a folder host whose "load" records the file."""
+    """A tiny run from the tab with a save at every step, on a folder host whose "load" records the file."""
     root = tmp_path_factory.mktemp("monitor_run")
     loaded = []
     adapter = folder_adapter(ui_models, root / "work")
@@ -185,7 +185,7 @@ def finished_run(tmp_path_factory, ui_models, ui_images):
     adapter.loaded_file = lambda: loaded[-1] if loaded else None
     tab = build_tab(adapter, JobManager())
     data = quick_run_data(str(ui_models / "Stable-diffusion" / "tiny.safetensors"), ui_images, project="monitored",
-                          max_train_steps=4, save_every_n_steps=2, monitor_every_n_steps=1)
+                          max_train_steps=2, save_every_n_steps=1)
     outputs = tab.start("task(m)", None, None, *tab.form_values(schema.from_dict(data)))
     return tab, adapter, loaded, outputs
 
@@ -196,10 +196,10 @@ def test_after_a_run_the_chart_shows_the_monitor_and_load_best_loads_the_best_st
     assert status["state"] == FINISHED, outputs[-1]
     monitor = status["monitor"]
     best = monitor["best_step"]
-    assert [p["step"] for p in monitor["points"]] == [0, 1, 2, 3, 4] and best in (2, 4)
+    assert [p["step"] for p in monitor["points"]] == [0, 1, 2] and best in (1, 2)
     chart = outputs[4]
     assert chart["visible"] and f"Best saved step: {best}." in chart["caption"]
-    assert set(chart["value"]["step"]) == {0, 1, 2, 3, 4}
+    assert set(chart["value"]["step"]) == {0, 1, 2}
     assert rows(chart["value"], f"best saved step ({best})")[0] == (best, 0.0)
     best_file = adapter.prepare(schema.default_config(), None)[1].checkpoint_path("monitored", best)
     assert outputs[5] == gr.update(value=f"Load best (step {best})", visible=True)
@@ -209,7 +209,7 @@ def test_after_a_run_the_chart_shows_the_monitor_and_load_best_loads_the_best_st
     assert loaded == [str(best_file)] and f"Loaded {best_file.name}" in message and token
     polled = tab.refresh(None)
     assert polled[5]["visible"] is False  # the host has it loaded now: nothing left to do
-    assert polled[3]["visible"] is (best != 4)  # "Load this model now" offers the last step's file
+    assert polled[3]["visible"] is (best != 2)  # "Load this model now" offers the last step's file
 
 
 def test_api_loads_the_best_or_a_saved_step_and_refuses_a_step_without_a_file(finished_run):
@@ -220,13 +220,13 @@ def test_api_loads_the_best_or_a_saved_step_and_refuses_a_step_without_a_file(fi
     best = tab.jobs.status()["monitor"]["best_step"]
     host = adapter.prepare(schema.default_config(), None)[1]
     loaded.clear()
-    for step, expected in (("best", best), (2, 2), (4, 4)):
+    for step, expected in (("best", best), (1, 1), (2, 2)):
         response = api.post(f"{PREFIX}/load", json={"step": step})
         assert response.status_code == 200, response.text
         assert loaded[-1] == str(host.checkpoint_path("monitored", expected))
     response = api.post(f"{PREFIX}/load", json={"step": 3})
     assert response.status_code == 422
-    assert "no saved model at step 3; its saved steps: 2, 4." in response.json()["detail"]["problems"][0]
+    assert "no saved model at step 3; its saved steps: 1, 2." in response.json()["detail"]["problems"][0]
     for body in ({"step": "last"}, {"step": -1}, {"step": True}, {"step": 2, "checkpoint": "x"}):
         response = api.post(f"{PREFIX}/load", json=body)
         assert response.status_code == 422 and '"step"' in response.json()["detail"]["problems"][0], body
