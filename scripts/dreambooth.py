@@ -22,6 +22,7 @@ from dreambooth_ext.ui.tab import build_tab  # noqa: E402
 
 SECTION = ("dreambooth", "Dreambooth")
 CHECKPOINT_DROPDOWN = "setting_sd_model_checkpoint"  # the elem_id of the host's checkpoint quicksetting
+FORGE_CHECKPOINT_DROPDOWN = "model_selection"  # Forge's dropdown has no elem_id, this elem_classes (main_entry.py)
 
 jobs = JobManager()
 tabs = []  # the tab built by on_ui_tabs, waiting for the host's checkpoint dropdown
@@ -56,7 +57,8 @@ def _adapter() -> HostAdapter:
         checkpoint_selection=webui.checkpoint_selection,
         loaded_file=webui.loaded_file,
         # a load, or a selection that changed without one (the model box then names the selection a run loads)
-        model_version=lambda: (model_loads[0], shared.opts.sd_model_checkpoint),
+        model_version=lambda: (model_loads[0], shared.opts.sd_model_checkpoint,
+                               tuple(getattr(shared.opts, "forge_additional_modules", None) or ())),  # Forge's VAE / TE
         load_after_training=lambda: bool(getattr(shared.opts, "dreambooth_load_after_training", False)),
     )
 
@@ -69,7 +71,9 @@ def on_ui_tabs():
 
 def on_after_component(component, **kwargs):
     """The host creates its checkpoint dropdown after the extension tabs: connect the tab to it then."""
-    if kwargs.get("elem_id") == CHECKPOINT_DROPDOWN and tabs:
+    classes = kwargs.get("elem_classes") or ()
+    forge_dropdown = FORGE_CHECKPOINT_DROPDOWN in ([classes] if isinstance(classes, str) else classes)
+    if (kwargs.get("elem_id") == CHECKPOINT_DROPDOWN or forge_dropdown) and tabs:
         tabs[0].attach_checkpoint_dropdown(component)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import sys
@@ -50,7 +51,7 @@ def build_ui() -> list:
     Each tab's components take the values saved in ui-config.json (modules.ui_loadsave), as in the host.
     The page is `shared.demo`; returns the extension tabs."""
     import gradio as gr
-    from modules import script_callbacks, sd_models, shared, ui_loadsave
+    from modules import script_callbacks, shared, ui_loadsave
 
     loadsave = ui_loadsave.UiLoadsave(shared.cmd_opts.ui_config_file)
     script_callbacks.before_ui_callback()
@@ -59,11 +60,7 @@ def build_ui() -> list:
     interfaces = script_callbacks.ui_tabs_callback()
     with gr.Blocks(analytics_enabled=False, title="Stable Diffusion") as demo:
         with gr.Row(elem_id="quicksettings"):
-            dropdown = gr.Dropdown(label="Stable Diffusion checkpoint", choices=sd_models.checkpoint_tiles(),
-                                   value=shared.opts.sd_model_checkpoint, elem_id="setting_sd_model_checkpoint")
-            script_callbacks.after_component_callback(dropdown, label="Stable Diffusion checkpoint",
-                                                      elem_id="setting_sd_model_checkpoint")
-            shared.settings_components["sd_model_checkpoint"] = dropdown
+            shared.settings_components["sd_model_checkpoint"] = _checkpoint_dropdown()
         with gr.Tabs(elem_id="tabs"):
             for interface, label, ifid in host_tabs + interfaces:
                 with gr.TabItem(label, id=ifid, elem_id=f"tab_{ifid}"):
@@ -72,6 +69,23 @@ def build_ui() -> list:
     loadsave.dump_defaults()
     shared.demo = demo
     return interfaces
+
+
+def _checkpoint_dropdown():
+    """The checkpoint dropdown of the quicksettings row: the WebUI's setting component, or, on the Forge stand-in,
+    Forge's own (modules_forge.main_entry.make_checkpoint_manager_ui, which its add_quicksettings calls there)."""
+    import gradio as gr
+    from modules import script_callbacks, sd_models, shared
+
+    if importlib.util.find_spec("modules_forge") is not None:
+        from modules_forge import main_entry
+
+        return main_entry.make_checkpoint_manager_ui()
+    dropdown = gr.Dropdown(label="Stable Diffusion checkpoint", choices=sd_models.checkpoint_tiles(),
+                           value=shared.opts.sd_model_checkpoint, elem_id="setting_sd_model_checkpoint")
+    script_callbacks.after_component_callback(dropdown, label="Stable Diffusion checkpoint",
+                                              elem_id="setting_sd_model_checkpoint")
+    return dropdown
 
 
 def _generation_tab(tabname: str):

@@ -1,5 +1,5 @@
-"""Forge's modules_forge.main_entry without its gradio parts: the checkpoint and "VAE / Text Encoder" selection
-(what the dropdowns at the top of the page call) and the loading parameters they produce."""
+"""Forge's modules_forge.main_entry: the checkpoint and "VAE / Text Encoder" selection (what the dropdowns at the
+top of the page call), the loading parameters they produce, and of its gradio parts the checkpoint dropdown alone."""
 
 import os
 
@@ -82,3 +82,16 @@ def modules_change(module_values, save=True, refresh=True):
     if refresh:
         refresh_model_loading_parameters()
     return True
+
+
+def make_checkpoint_manager_ui():
+    """The checkpoint dropdown Forge puts in the quicksettings row (no elem_id; elem_classes model_selection).
+    Forge's patched gradio announces every component to the after-component callbacks with its keyword arguments;
+    the stand-in announces this one the same way."""
+    import gradio as gr
+    from modules import script_callbacks
+
+    kwargs = dict(label="Checkpoint", elem_classes=["model_selection"], choices=list(refresh_models()[0]))
+    dropdown = gr.Dropdown(value=lambda: shared.opts.sd_model_checkpoint, **kwargs)
+    script_callbacks.after_component_callback(dropdown, **kwargs)
+    return dropdown
