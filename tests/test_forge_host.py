@@ -4,6 +4,7 @@ Forge cannot load is an error with Forge's reason."""
 
 from __future__ import annotations
 
+import html
 from pathlib import Path
 
 import pytest
@@ -169,6 +170,9 @@ def test_a_quantized_unet_is_read_from_the_file_and_the_box_says_so(forge, low_b
 
     summary = webui_host.loaded_model_summary()
     assert "quantized" in summary["note"] and summary["problem"] is None
+    from dreambooth_ext.ui.render import model_summary_html
+
+    assert html.escape(summary["note"]) in model_summary_html(summary)  # the tab's model box says so
     bundle = WebUIHost().load_base(config())
     original = tiny_state_dict()
     assert all(torch.equal(bundle.base[k], original[k]) for k in original if k.startswith(UNET))  # the file's fp32

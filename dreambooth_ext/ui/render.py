@@ -126,6 +126,8 @@ def model_summary_html(summary: dict[str, Any]) -> str:
                     + (" — picked below, read from its file" if summary.get("picked") else "") + "</p>")
         vae = summary.get("vae") or ("its own, or the vae option" if summary.get("picked") else "the checkpoint’s own")
         rows.append(f"<p>VAE: {html.escape(vae)}</p>")
+    if summary.get("note"):  # e.g. Forge holds the model quantized: it is read from its file instead
+        rows.append(f"<p class='dreambooth-note'>{html.escape(summary['note'])}</p>")
     if summary.get("problem"):
         rows.append(f"<p class='dreambooth-warning'>{html.escape(summary['problem'])}</p>")
     return "<div class='dreambooth-model'>" + "".join(rows) + "</div>"
