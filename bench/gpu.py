@@ -6,9 +6,11 @@ UNet's loss as the engine computes it, gradient checkpointing) at batch 1 and at
 with torch's FlopCounterMode, recomputation included), achieved TFLOP/s and its share of the chip's bf16 dense
 peak. Then the peak VRAM at batch 1 of the memory-lean combinations (bf16 weights with stochastic rounding +
 Adafactor + fused backward; LoRA rank 16) against the goals. Latents and text embeddings are random tensors of the
-real shapes (as the engine's caches hold them), so the VAE and text encoders are not in memory.
+real shapes (as the engine's caches hold them), so the VAE and text encoders are not in memory. Last, the learning
+monitor's cost (bench/monitor_cost.py): whole runs of the engine at SD1.5's real size and 512 px with the monitor off
+and at its defaults, and its share of a default-length run.
 
-    python bench/gpu.py                 # under 8 minutes on one H100/H200
+    python bench/gpu.py                 # about 10 minutes on one H100/H200
     python bench/gpu.py --device cpu --tiny   # a smoke run of the script itself on small shapes
 """
 
@@ -193,6 +195,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--max-batch", type=int, default=64)
     parser.add_argument("--peak-tflops", type=float, help="the chip's dense bf16 peak, if not recognised")
+    parser.add_argument("--monitor-steps", type=int, default=40,
+                        help="steps of the learning monitor's cost runs (0: not measured)")
     args = parser.parse_args()
     device = torch.device(args.device)
     peak = chip_peak(device, args.peak_tflops)
@@ -219,6 +223,17 @@ def main() -> None:
     reference = REFERENCE_TFLOP["sd15"]
     print(f"(SD1.5 at 512 px: {reference[0]} TFLOP per image forward+backward, about {reference[1]} with "
           "gradient checkpointing; the TFLOP/img column is what the step executed, optimizer included)")
+    if args.monitor_steps:
+        print("\n".join(monitor_cost_figures(args)))
+
+
+def monitor_cost_figures(args) -> list[str]:
+    """The learning monitor's cost on this device: bench/monitor_cost.py at SD1.5's real size (small with --tiny)."""
+    import monitor_cost
+
+    size = ["--shrink", "8", "--resolution", "128"] if args.tiny else ["--shrink", "1", "--resolution", "512"]
+    return monitor_cost.figures(monitor_cost.parser().parse_args(
+        [*size, "--steps", str(args.monitor_steps), "--repeats", "1", "--device", args.device]))
 
 
 def _print(model: str, setup: str, row: dict, tflop_per_image: float, peak: float | None) -> None:

@@ -153,3 +153,50 @@ def test_the_start_bench_measures_interleaved_and_says_where(small_sd15, monkeyp
     assert "computes bf16 natively" in header
     monkeypatch.setattr(devices, "cpu_computes_bf16", lambda: False)
     assert "no native bf16" in start.header(2.1, repeats=3)
+
+
+def test_the_monitor_cost_bench_times_each_point_and_extrapolates_to_a_default_run(tmp_path):
+    from argparse import Namespace
+
+    import monitor_cost
+    from PIL import Image
+
+    from dreambooth_ext.models.tiny import save_tiny_checkpoint
+
+    base = save_tiny_checkpoint(tmp_path / "tiny.safetensors", "sd1", seed=0)
+    for name, color in (("images", (200, 40, 40)), ("classes", (40, 120, 200))):
+        (tmp_path / name).mkdir()
+        for i in range(2):
+            Image.new("RGB", (64, 64), (color[0], color[1] + 20 * i, color[2])).save(tmp_path / name / f"{i}.png")
+    args = Namespace(base=str(base), images=str(tmp_path / "images"), classes=str(tmp_path / "classes"),
+                     resolution=64, steps=4, device="cpu", shrink=8, repeats=1)
+    results = {"off": [monitor_cost.run_one(args, False)], "on": [monitor_cost.run_one(args, True)]}
+    assert results["off"][0]["points"] == []
+    points = results["on"][0]["points"]
+    assert [p["step"] for p in points] == [0, 1, 2, 3, 4]
+    assert [p["render"] for p in points] == [True, False, False, False, True]
+    assert all(p["seconds"] > 0 for p in points)
+    costs = monitor_cost.point_costs(points)
+    default = monitor_cost.share(costs, 0.5, 1000, 0, False)
+    assert (default["points"], default["renders"]) == (11, 2)
+    assert monitor_cost.share(costs, 0.5, 1000, 250, False)["renders"] == 5  # the base, 250, 500, 750, 1000
+    assert monitor_cost.share(costs, 0.5, 1000, 0, True)["renders"] == 11
+    assert default["seconds"] == pytest.approx(costs["base"] + costs["render"] + 9 * costs["plain"])
+    assert default["share"] == pytest.approx(default["seconds"] / (default["seconds"] + 500))
+    lines = monitor_cost.report(results, args, pictures=2)
+    assert any("default run: 1000 steps" in line and "of the run" in line for line in lines)
+    assert lines[-1].startswith("Kept between points: base predictions 4 KiB")
+
+
+def test_the_gpu_bench_measures_the_monitor_cost_at_sd15s_real_size_on_its_device(monkeypatch):
+    from argparse import Namespace
+
+    import gpu
+    import monitor_cost
+
+    asked = []
+    monkeypatch.setattr(monitor_cost, "figures", lambda args: asked.append(args) or ["figures"])
+    assert gpu.monitor_cost_figures(Namespace(tiny=False, monitor_steps=40, device="cuda")) == ["figures"]
+    assert (asked[0].shrink, asked[0].resolution, asked[0].steps, asked[0].device) == (1, 512, 40, "cuda")
+    gpu.monitor_cost_figures(Namespace(tiny=True, monitor_steps=4, device="cpu"))
+    assert (asked[1].shrink, asked[1].resolution, asked[1].device) == (8, 128, "cpu")
