@@ -1,12 +1,13 @@
 """The learning monitor's cost: the same run with the monitor off (monitor_every_n_steps -1) and at its defaults,
 side by side, each in its own process (so peak memory is its own), interleaved and repeated.
 
-Each run reports its total time, its median step time (the monitor's points left out), its peak resident memory
-(and the GPU's peak allocation on a GPU) and, with the monitor on, the time of each monitor point: the base's (its
-pictures and text encoded too), the points with a render (memorization: at saves and the end) and those without. A
-short run has a point every few steps (the default schedule puts 10 in any run), so its own share says little; the
-share of a default-length run is computed from those times: the points of the default schedule (train/monitor.py's
-is_point) at their measured costs, over that many steps at the measured step time plus those points.
+Each run reports its total time (on a CPU the process's CPU time, which other work on a shared machine distorts far
+less than the wall clock), its median step time (the monitor's points left out), its peak resident memory (and the
+GPU's peak allocation on a GPU) and, with the monitor on, the time of each monitor point: the base's (its pictures
+and text encoded too), the points with a render (memorization: at saves and the end) and those without. A short run
+has a point every few steps (the default schedule puts 10 in any run), so its own share says little; the share of a
+default-length run is computed from those times: the points of the default schedule (train/monitor.py's is_point)
+at their measured costs, over that many steps at the measured step time plus those points.
 
     python bench/monitor_cost.py [--shrink 4] [--resolution 256] [--steps 20] [--repeats 2] [--device cpu]
     python bench/monitor_cost.py --device cuda --shrink 1 --resolution 512 --steps 40   # SD1.5's real size
@@ -54,9 +55,10 @@ def run_one(args, monitored: bool) -> dict:
     stamps: list[float] = []  # when each step was reported, on a clock that stops during the monitor's points
     points: list[dict] = []
     last = {"time": 0.0, "paused": 0.0}
+    clock = _clock(args.device)
 
     def on_progress(progress) -> None:
-        now = time.perf_counter()
+        now = clock()
         if progress.phase == "training":
             stamps.append(now - last["paused"])
         elif progress.phase == "monitoring" and progress.message.startswith("Monitor at step"):
@@ -69,14 +71,20 @@ def run_one(args, monitored: bool) -> dict:
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    started = time.perf_counter()
+    started = clock()
     with tempfile.TemporaryDirectory() as out:
         TrainingRun(from_dict(data), FolderHost(out), on_progress=on_progress).run()
-    total = time.perf_counter() - started
+    total = clock() - started
     steps = [b - a for a, b in zip(stamps, stamps[1:], strict=False)][WARMUP - 1:]
     gpu_gib = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     return {"total_s": total, "step_s": statistics.median(steps), "peak_mib": _peak_mib(), "gpu_gib": gpu_gib,
             "points": points}
+
+
+def _clock(device: str):
+    """On a CPU the process's CPU time (all its threads): a machine shared with other work slows a run unevenly,
+    but not the work it does. On a GPU the wall clock (the GPU's time is not the process's)."""
+    return time.process_time if torch.device(device).type == "cpu" else time.perf_counter
 
 
 def measure(monitored: bool, paths: dict[str, str], args) -> dict:
@@ -127,7 +135,7 @@ def report(results: dict[str, list[dict]], args, pictures: int) -> list[str]:
     points = results["on"][0]["points"]
     costs = {k: min(point_costs(r["points"])[k] for r in results["on"]) for k in ("base", "render", "plain")}
     where = torch.cuda.get_device_name(args.device) if torch.device(args.device).type == "cuda" else (
-        f"CPU, {torch.get_num_threads()} threads")
+        f"CPU, {torch.get_num_threads()} threads, times in CPU seconds of the process")
     lines = [f"The learning monitor's cost: SD1.5-shaped model (widths / {args.shrink}), {args.resolution} px, "
              f"{pictures} training pictures + class images, {args.steps} steps, {where}, best of {args.repeats} "
              "interleaved runs each",
