@@ -102,6 +102,20 @@ def test_a_work_folder_inside_the_training_folder_is_refused_before_the_model_lo
     assert host.loads == 0 and not (photos / "t").exists()
 
 
+def test_a_work_folder_inside_the_held_out_folder_is_refused_before_the_model_loads(tiny_sd1, instance_dir,  # noqa: F811
+                                                                                   tmp_path):
+    held_out = tmp_path / "held_out"
+    held_out.mkdir()
+    from PIL import Image
+
+    Image.new("RGB", (64, 64), (20, 200, 30)).save(held_out / "other.png")
+    host = CountingHost(tmp_path / "models", held_out)
+    config = make_config(tiny_sd1, instance_dir, prior_preservation=True, validation_dir=str(held_out))
+    with pytest.raises(DreamboothError, match=r"validation_dir = .* holds the project's work folder"):
+        TrainingRun(config, host).run()
+    assert host.loads == 0 and not (held_out / "t").exists()
+
+
 def test_the_command_line_refuses_it_in_one_paragraph(tiny_sd1, instance_dir, tmp_path, capsys):  # noqa: F811
     from dreambooth_ext import cli
 

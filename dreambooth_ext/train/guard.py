@@ -291,12 +291,19 @@ def _shown(path: Path, project: str) -> Path:
 
 def _check_images_apart(config: Config, host: Host) -> None:
     """Generated class images and samples go to the project's work folder (class_dir empty): that folder must not
-    be inside a training images folder, or the next run trains on them as the subject."""
+    be inside a training images folder, or the next run trains on them as the subject, nor inside validation_dir,
+    or the monitor measures them as held-out photos."""
     work = host.work_dir(config.project_name)
     written = [folder for folder, concept in _class_folders(config, work) if not concept.class_dir]
     if config.sample_every_n_steps:
         written.append(work / "samples")
     for folder in written:
+        if config.validation_dir and contains(resolved(config.validation_dir), resolved(folder)):
+            raise DreamboothError(
+                f"validation_dir = {config.validation_dir!r} holds the project's work folder {work}, where the run "
+                f"writes images ({folder}): they would be measured as held-out photos of your subject. Give "
+                "validation_dir a folder of its own, or a work folder elsewhere (--work-dir; in the WebUI "
+                "--dreambooth-dir).")
         for index, concept in enumerate(config.concepts):
             if concept.instance_dir and contains(resolved(concept.instance_dir), resolved(folder)):
                 raise DreamboothError(
