@@ -1,0 +1,193 @@
+"""The learning monitor against the ground truth of a small world (CPU): does it call each saved step what the
+scores show, and does it keep the step the scores would keep?
+
+The small built-in model is taught a captioned world of toys (bench/world.py: three classes, six colours, five
+places; cached), then Dreambooth runs teach it one subject ("photo of ohwx ball": a red ball with a yellow band,
+always photographed in a room) and save every few steps. Every saved step is scored DreamBench's way by a small
+network taught on the world's pictures (bench/world.py, `Scorer`): subject fidelity (the renders' object embedding
+against the subject photos'), prompt fidelity (renders of "photo of ohwx ball on grass", "... in snow", ... show
+the asked place), class preservation (renders of "photo of ball" are still balls, still varied). The table sets
+these beside the monitor's verdict at each saved step and its best step beside the scores' best: the saved step
+nearest both the best subject and the best prompt fidelity of its run (the highest of the two ratios' minimum).
+
+The sweep varies the steps (each run's saves go from too few to too many), prior preservation, full vs LoRA, the
+text encoder trained or not, and the learning rate.
+
+    python bench/quality.py [--runs default,no-prior,...] [--steps 400] [--base-steps 400] [--out DIR] [--json FILE]
+
+Its first line says how much the base responds to its captions (the UNet's prediction between captions of different
+places, relative to its size). Measured so far: 0.006 for the base taught 400 steps (the random model's is about
+0.07): that base has learned the world's pictures but not yet their captions, so its renders do not follow the
+asked place and the scores stay near chance (prompt fidelity about 0.2 of 1, for 5 places); such a table justifies
+no threshold. A base that follows its captions needs more teaching (--base-steps) than the few minutes measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import world  # noqa: E402
+
+from dreambooth_ext.config import from_dict  # noqa: E402
+from dreambooth_ext.hosts.files import FolderHost  # noqa: E402
+from dreambooth_ext.train.monitor import MONITOR_FILE  # noqa: E402
+from dreambooth_ext.train.run import TrainingRun  # noqa: E402
+
+SUBJECT_PHOTOS = 6
+CLASS_PICTURES = 12
+LEARNING_RATE = 2e-4
+MONITOR_PROMPTS = "on grass\nin snow"
+
+# name: (what it varies, the options it changes from the default run)
+RUNS = {
+    "default": ("full, text encoder, prior preservation", {}),
+    "no-prior": ("prior preservation off", {"prior_preservation": False}),
+    "lora": ("LoRA (rank 8, 10x the rate)", {"train_mode": "lora", "lora_rank": 8, "lora_save_merged": True}),
+    "frozen-text": ("text encoder not trained", {"train_text_encoder": False}),
+    "low-lr": ("learning rate / 3", {"lr_factor": 1 / 3}),
+    "high-lr": ("learning rate x 3", {"lr_factor": 3.0}),
+}
+
+
+def prepare(root: Path, log=print, base_steps: int | None = None) -> dict:
+    """The base taught the world (cached), the subject's photos, the class pictures, and the scorer."""
+    base = world.taught_base(log, {**world.BASE, "steps": base_steps or world.BASE["steps"]})
+    subject = world.make_subject(root / "subject", SUBJECT_PHOTOS)
+    classes = world.make_class_pictures(root / "classes", CLASS_PICTURES)
+    bundle = world.load(base)
+    photos = world.encode_files(bundle.vae, sorted(subject.glob("*.png")))
+    scorer = world.Scorer(bundle.vae, photos)
+    base_scores = scorer.score(bundle)  # also fixes the base's class variety, the reference of the others
+    log(f"the base's response to its captions: {world.caption_response(bundle):.3f} (0: it ignores them)")
+    return {"base": base, "subject": subject, "classes": classes, "scorer": scorer, "base_scores": base_scores}
+
+
+def run_config(setup: dict, name: str, steps: int, save_every: int, options: dict,
+               learning_rate: float = LEARNING_RATE) -> dict:
+    options = dict(options)
+    rate = learning_rate * options.pop("lr_factor", 1.0)
+    lora = options.get("train_mode") == "lora"
+    return {"project_name": name, "base_model": str(setup["base"]), "resolution": world.SIZE,
+            "max_train_steps": steps, "learning_rate": rate, "lora_learning_rate": 10 * rate,
+            "text_encoder_lr": rate / 2, "lora_text_encoder_lr": 5 * rate, "lr_scheduler": "constant",
+            "train_batch_size": 1, "train_text_encoder": True, "prior_preservation": True,
+            "save_precision": "fp32", "seed": 7, "save_every_n_steps": save_every,
+            "monitor_every_n_steps": save_every, "monitor_prompts": MONITOR_PROMPTS,
+            "concepts": [{"instance_dir": str(setup["subject"]), "token": world.TOKEN,
+                          "class_word": world.CLASS_WORD, "class_dir": str(setup["classes"]),
+                          "num_class_images": CLASS_PICTURES}],
+            **({"lora_save_merged": True} if lora else {}), **options}
+
+
+def train(root: Path, config: dict) -> tuple[dict[int, Path], dict]:
+    """Runs it; returns the saved checkpoints by step and the monitor's monitor.json."""
+    host = FolderHost(root / "models")
+    name, every, steps = config["project_name"], config["save_every_n_steps"], config["max_train_steps"]
+    TrainingRun(from_dict(config), host).run()
+    saved = sorted({*range(every, steps, every), steps}) if every else [steps]
+    checkpoints = {step: host.checkpoint_path(name, step) for step in saved}
+    missing = [str(p) for p in checkpoints.values() if not p.exists()]
+    if missing:
+        raise FileNotFoundError(f"the run saved no checkpoint at {missing}")
+    monitor = json.loads((host.work_dir(name) / MONITOR_FILE).read_text(encoding="utf-8"))
+    return checkpoints, monitor
+
+
+def score_steps(scorer, checkpoints: dict[int, Path]) -> dict[int, dict]:
+    return {step: scorer.score(world.load(path)).as_dict() for step, path in checkpoints.items()}
+
+
+def scores_best(scores: dict[int, dict]) -> int:
+    """The saved step nearest both the best subject and the best prompt fidelity among the steps scored."""
+    top_subject = max(s["subject"] for s in scores.values())
+    top_prompt = max(s["prompt"] for s in scores.values())
+    return max(scores, key=lambda step: (min(scores[step]["subject"] / top_subject,
+                                             scores[step]["prompt"] / top_prompt), -step))
+
+
+def shortfall(scores: dict[int, dict], step: int) -> dict[str, float]:
+    """How far the step's subject and prompt fidelity fall below the best of the steps scored (0.1: 10 % below)."""
+    return {key: 1 - scores[step][key] / max(s[key] for s in scores.values()) for key in ("subject", "prompt")}
+
+
+def study(root: Path, setup: dict, name: str, steps: int, save_every: int, options: dict,
+          learning_rate: float = LEARNING_RATE) -> dict:
+    """One run: its scores and the monitor's points at every saved step, the two best steps."""
+    started = time.perf_counter()
+    checkpoints, monitor = train(root, run_config(setup, name, steps, save_every, options, learning_rate))
+    trained = time.perf_counter() - started
+    scores = score_steps(setup["scorer"], checkpoints)
+    points = {p["step"]: p for p in monitor["points"]}
+    best = scores_best(scores)
+    return {"name": name, "steps": steps, "scores": scores, "points": points,
+            "monitor_best": monitor["best_step"], "scores_best": best,
+            "shortfall": shortfall(scores, monitor["best_step"]) if monitor["best_step"] in scores else None,
+            "train_seconds": round(trained, 1), "score_seconds": round(time.perf_counter() - started - trained, 1)}
+
+
+def table(results: list[dict], base_scores) -> str:
+    base = base_scores.as_dict()
+    lines = ["| run | step | subject | prompt | class | fit / base | memorization | class drift | prompt response "
+             "| verdict |", "|---|---|---|---|---|---|---|---|---|---|",
+             f"| base | 0 | {base['subject']:.3f} | {base['prompt']:.3f} | {base['class']:.3f} | | | | | |"]
+    for result in results:
+        base_fit = result["points"][0]["fit"]
+        for step, s in result["scores"].items():
+            p = result["points"].get(step, {})
+            marks = ("M" if step == result["monitor_best"] else "") + ("S" if step == result["scores_best"] else "")
+            lines.append(f"| {result['name']} | {step}{' ' + marks if marks else ''} | {s['subject']:.3f} | "
+                         f"{s['prompt']:.3f} | {s['class']:.3f} | {_num(p.get('fit'), base_fit)} | "
+                         f"{_num(p.get('memorization'))} | {_num(p.get('class_drift'))} | "
+                         f"{_num(p.get('prompt_response'))} | {p.get('verdict', '')} |")
+    return "\n".join(lines)
+
+
+def _num(value, per=None) -> str:
+    if value is None:
+        return ""
+    return f"{value / per:.2f}" if per else f"{value:.2f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", default=",".join(RUNS), help=f"runs to make, of {', '.join(RUNS)}")
+    parser.add_argument("--steps", type=int, default=400, help="steps of every run (saved every eighth)")
+    parser.add_argument("--base-steps", type=int, default=world.BASE["steps"],
+                        help="steps teaching the base the world (batch 8; cached per value)")
+    parser.add_argument("--out", type=Path, default=None, help="work folder (default: a new temporary one)")
+    parser.add_argument("--json", type=Path, default=None, help="the figures' file (default: OUT/quality.json)")
+    args = parser.parse_args()
+    root = args.out or Path(tempfile.mkdtemp(prefix="bench_quality_"))
+    started = time.perf_counter()
+    setup = prepare(root, base_steps=args.base_steps)
+    print(f"base and scorer ready in {time.perf_counter() - started:.0f} s; judge accuracy on new pictures: "
+          f"{setup['scorer'].accuracy:.2f} (places)", flush=True)
+    results = []
+    for name in args.runs.split(","):
+        what, options = RUNS[name]
+        result = study(root, setup, name, args.steps, max(1, args.steps // 8), options)
+        results.append(result)
+        print(f"{name} ({what}): monitor's best step {result['monitor_best']}, the scores' {result['scores_best']} "
+              f"({result['train_seconds']:.0f} s training, {result['score_seconds']:.0f} s scoring)", flush=True)
+    print()
+    print(table(results, setup["base_scores"]))
+    print("\nM: the monitor's best step; S: the scores' best (nearest both the best subject and prompt fidelity)")
+    for result in results:
+        if result["shortfall"]:
+            print(f"{result['name']}: the monitor's best step is {result['shortfall']['subject']:.0%} below the "
+                  f"run's best subject fidelity, {result['shortfall']['prompt']:.0%} below its best prompt fidelity")
+    out = args.json or root / "quality.json"
+    out.write_text(json.dumps({"base": setup["base_scores"].as_dict(), "accuracy": setup["scorer"].accuracy,
+                               "runs": results}, indent=1, default=str), encoding="utf-8")
+    print(f"\n{time.perf_counter() - started:.0f} s in all; figures in {out}")
+
+
+if __name__ == "__main__":
+    main()
