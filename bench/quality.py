@@ -16,10 +16,11 @@ text encoder trained or not, and the learning rate.
     python bench/quality.py [--runs default,no-prior,...] [--steps 400] [--base-steps 400] [--out DIR] [--json FILE]
 
 Its first line says how much the base responds to its captions (the UNet's prediction between captions of different
-places, relative to its size). Measured so far: 0.006 for the base taught 400 steps (the random model's is about
-0.07): that base has learned the world's pictures but not yet their captions, so its renders do not follow the
-asked place and the scores stay near chance (prompt fidelity about 0.2 of 1, for 5 places); such a table justifies
-no threshold. A base that follows its captions needs more teaching (--base-steps) than the few minutes measured.
+places, relative to its size). Measured so far: 0.006 for the base taught 400 steps (the random model's: 0.043;
+0.001 with its text encoder taught too): that base has learned the world's pictures but not yet their captions, so
+its renders do not follow the asked place and the scores stay near chance (prompt fidelity about 0.2 of 1, for 5
+places); such a table justifies no threshold. A base that follows its captions needs more teaching (--base-steps)
+than the few minutes measured.
 """
 
 from __future__ import annotations
