@@ -297,17 +297,14 @@ def _check_images_apart(config: Config, host: Host) -> None:
     written = [folder for folder, concept in _class_folders(config, work) if not concept.class_dir]
     if config.sample_every_n_steps:
         written.append(work / "samples")
+    readers = [("validation_dir", config.validation_dir, "measured as held-out photos of your subject",
+                "Give validation_dir a folder of its own")]
+    readers += [(f"concepts[{index}].instance_dir", concept.instance_dir, "trained as your subject next time",
+                 "Move the training images out of it") for index, concept in enumerate(config.concepts)]
     for folder in written:
-        if config.validation_dir and contains(resolved(config.validation_dir), resolved(folder)):
-            raise DreamboothError(
-                f"validation_dir = {config.validation_dir!r} holds the project's work folder {work}, where the run "
-                f"writes images ({folder}): they would be measured as held-out photos of your subject. Give "
-                "validation_dir a folder of its own, or a work folder elsewhere (--work-dir; in the WebUI "
-                "--dreambooth-dir).")
-        for index, concept in enumerate(config.concepts):
-            if concept.instance_dir and contains(resolved(concept.instance_dir), resolved(folder)):
+        for name, value, fate, fix in readers:
+            if value and contains(resolved(value), resolved(folder)):
                 raise DreamboothError(
-                    f"concepts[{index}].instance_dir = {concept.instance_dir!r} holds the project's work folder "
-                    f"{work}, where the run writes images ({folder}): they would be trained as your subject next "
-                    "time. Move the training images out of it, or give a work folder elsewhere (--work-dir; in the "
-                    "WebUI --dreambooth-dir).")
+                    f"{name} = {value!r} holds the project's work folder {work}, where the run writes images "
+                    f"({folder}): they would be {fate}. {fix}, or give a work folder elsewhere (--work-dir; in "
+                    "the WebUI --dreambooth-dir).")
