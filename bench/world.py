@@ -54,7 +54,7 @@ ROOM = "in a room"
 SUBJECT = {"shape": "ball", "colour": "red", "place": ROOM, "band": True}
 TOKEN = "ohwx"
 CLASS_WORD = "ball"
-BASE = {"pictures_per_kind": 2, "steps": 400, "batch": 8, "learning_rate": 1e-3, "seed": 3, "text_encoder": False}
+BASE = {"pictures_per_kind": 2, "steps": 10000, "batch": 8, "learning_rate": 1e-3, "seed": 3, "text_encoder": False}
 CACHE_ENV = "DREAMBOOTH_QUALITY_CACHE"
 
 
