@@ -1,25 +1,22 @@
 """The learning monitor against the ground truth of a small world (CPU): does it call each saved step what the
 scores show, and does it keep the step the scores would keep?
 
-The small built-in model is taught a captioned world of toys (bench/world.py: three classes, six colours, five
-places; cached), then Dreambooth runs teach it one subject ("photo of ohwx ball": a red ball with a yellow band,
-always photographed in a room) and save every few steps. Every saved step is scored DreamBench's way by a small
-network taught on the world's pictures (bench/world.py, `Scorer`): subject fidelity (the renders' object embedding
-against the subject photos'), prompt fidelity (renders of "photo of ohwx ball on grass", "... in snow", ... show
-the asked place), class preservation (renders of "photo of ball" are still balls, still varied). The table sets
-these beside the monitor's verdict at each saved step and its best step beside the scores' best: the saved step
-nearest both the best subject and the best prompt fidelity of its run (the highest of the two ratios' minimum).
+The small built-in model taught a captioned world of toys (bench/world.py: three classes, six colours, five places;
+its UNet and VAE and the judge come from the committed pack bench/data/world.safetensors), then Dreambooth runs
+teach it one subject ("photo of ohwx ball": a red ball with a yellow band, always photographed in a room) and save
+every eighth of the run. Every saved step is scored DreamBench's way on renders decoded by the base's VAE, by the
+judge (a network taught on the world's pictures): subject fidelity (renders of "photo of ohwx ball", alone and in
+each other place, show the subject's marks), prompt fidelity (renders of "photo of ohwx ball on grass", "... in
+snow", ... show the asked place), class preservation (renders of "photo of ball" still show a ball, not the
+subject), copying (renders' distance to the nearest photo over the photos' own). The table sets these beside the
+monitor's verdict at each saved step, and its best step beside the scores' best: the saved step nearest both the
+best subject and the best prompt fidelity of its run (the highest of the two ratios' minimum). The renders of each
+run are saved as OUT/<run>.png (a row per saved step, the base's first).
 
 The sweep varies the steps (each run's saves go from too few to too many), prior preservation, full vs LoRA, the
 text encoder trained or not, and the learning rate.
 
-    python bench/quality.py [--runs default,no-prior,...] [--steps 400] [--base-steps 10000] [--out DIR] [--json FILE]
-
-Its first line says how much the base responds to its captions (the UNet's prediction between captions of different
-places, relative to its size). Measured: the random model 0.043; the base taught 400 steps 0.006 (0.001 with its
-text encoder taught too), 2400 steps 0.020: such bases have learned the world's pictures but not their captions, and
-renders of any place score near chance (about 0.2 for 5 places). Taught 10000 steps (the default: about 13 minutes
-on 2 idle cores, then cached) its response is 0.217 and its renders follow the asked place (prompt fidelity 0.45).
+    python bench/quality.py [--runs default,no-prior,...] [--steps 600] [--out DIR] [--json FILE]
 """
 
 from __future__ import annotations
@@ -30,6 +27,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -56,17 +55,19 @@ RUNS = {
 }
 
 
-def prepare(root: Path, log=print, base_steps: int | None = None) -> dict:
-    """The base taught the world (cached), the subject's photos, the class pictures, and the scorer."""
-    base = world.taught_base(log, {**world.BASE, "steps": base_steps or world.BASE["steps"]})
+def prepare(root: Path, log=print) -> dict:
+    """The base taught the world and its judge (unpacked, or cached), the subject's photos, the class pictures, and
+    the scorer."""
+    base = world.taught_base(log)
     subject = world.make_subject(root / "subject", SUBJECT_PHOTOS)
     classes = world.make_class_pictures(root / "classes", CLASS_PICTURES)
     bundle = world.load(base)
-    photos = world.encode_files(bundle.vae, sorted(subject.glob("*.png")))
-    scorer = world.Scorer(bundle.vae, photos)
-    base_scores = scorer.score(bundle)  # also fixes the base's class variety, the reference of the others
+    photos = [Image.open(path).convert("RGB") for path in sorted(subject.glob("*.png"))]
+    scorer = world.Scorer(bundle.vae, *world.load_judge(base), photos)
+    base_scores, base_renders = scorer.score(bundle)
     log(f"the base's response to its captions: {world.caption_response(bundle):.3f} (0: it ignores them)")
-    return {"base": base, "subject": subject, "classes": classes, "scorer": scorer, "base_scores": base_scores}
+    return {"base": base, "subject": subject, "classes": classes, "scorer": scorer, "base_scores": base_scores,
+            "base_renders": base_renders}
 
 
 def run_config(setup: dict, name: str, steps: int, save_every: int, options: dict,
@@ -100,21 +101,28 @@ def train(root: Path, config: dict) -> tuple[dict[int, Path], dict]:
     return checkpoints, monitor
 
 
-def score_steps(scorer, checkpoints: dict[int, Path]) -> dict[int, dict]:
-    return {step: scorer.score(world.load(path)).as_dict() for step, path in checkpoints.items()}
+def score_steps(scorer, checkpoints: dict[int, Path]) -> tuple[dict[int, dict], list]:
+    """Each saved step's scores, and its decoded renders (one row each)."""
+    scores, rows = {}, []
+    for step, path in checkpoints.items():
+        step_scores, renders = scorer.score(world.load(path))
+        scores[step] = step_scores.as_dict()
+        rows.append(renders)
+    return scores, rows
 
 
 def scores_best(scores: dict[int, dict]) -> int:
     """The saved step nearest both the best subject and the best prompt fidelity among the steps scored."""
-    top_subject = max(s["subject"] for s in scores.values())
-    top_prompt = max(s["prompt"] for s in scores.values())
+    top_subject = max(max(s["subject"] for s in scores.values()), 1e-6)
+    top_prompt = max(max(s["prompt"] for s in scores.values()), 1e-6)
     return max(scores, key=lambda step: (min(scores[step]["subject"] / top_subject,
                                              scores[step]["prompt"] / top_prompt), -step))
 
 
 def shortfall(scores: dict[int, dict], step: int) -> dict[str, float]:
     """How far the step's subject and prompt fidelity fall below the best of the steps scored (0.1: 10 % below)."""
-    return {key: 1 - scores[step][key] / max(s[key] for s in scores.values()) for key in ("subject", "prompt")}
+    return {key: 1 - scores[step][key] / max(max(s[key] for s in scores.values()), 1e-6)
+            for key in ("subject", "prompt")}
 
 
 def study(root: Path, setup: dict, name: str, steps: int, save_every: int, options: dict,
@@ -123,7 +131,8 @@ def study(root: Path, setup: dict, name: str, steps: int, save_every: int, optio
     started = time.perf_counter()
     checkpoints, monitor = train(root, run_config(setup, name, steps, save_every, options, learning_rate))
     trained = time.perf_counter() - started
-    scores = score_steps(setup["scorer"], checkpoints)
+    scores, rows = score_steps(setup["scorer"], checkpoints)
+    world.sheet([setup["base_renders"], *rows], root / f"{name}.png")
     points = {p["step"]: p for p in monitor["points"]}
     best = scores_best(scores)
     return {"name": name, "steps": steps, "scores": scores, "points": points,
@@ -134,16 +143,18 @@ def study(root: Path, setup: dict, name: str, steps: int, save_every: int, optio
 
 def table(results: list[dict], base_scores) -> str:
     base = base_scores.as_dict()
-    lines = ["| run | step | subject | prompt | class | fit / base | memorization | class drift | prompt response "
-             "| verdict |", "|---|---|---|---|---|---|---|---|---|---|",
-             f"| base | 0 | {base['subject']:.3f} | {base['prompt']:.3f} | {base['class']:.3f} | | | | | |"]
+    lines = ["| run | step | subject | prompt | class | copying | fit / base | memorization | class drift "
+             "| prompt response | verdict |", "|---|---|---|---|---|---|---|---|---|---|---|",
+             f"| base | 0 | {base['subject']:.2f} | {base['prompt']:.2f} | {base['class']:.2f} | "
+             f"{base['copying']:.2f} | | | | | |"]
     for result in results:
         base_fit = result["points"][0]["fit"]
         for step, s in result["scores"].items():
             p = result["points"].get(step, {})
             marks = ("M" if step == result["monitor_best"] else "") + ("S" if step == result["scores_best"] else "")
-            lines.append(f"| {result['name']} | {step}{' ' + marks if marks else ''} | {s['subject']:.3f} | "
-                         f"{s['prompt']:.3f} | {s['class']:.3f} | {_num(p.get('fit'), base_fit)} | "
+            lines.append(f"| {result['name']} | {step}{' ' + marks if marks else ''} | {s['subject']:.2f} | "
+                         f"{s['prompt']:.2f} | {s['class']:.2f} | {s['copying']:.2f} | "
+                         f"{_num(p.get('fit'), base_fit)} | "
                          f"{_num(p.get('memorization'))} | {_num(p.get('class_drift'))} | "
                          f"{_num(p.get('prompt_response'))} | {p.get('verdict', '')} |")
     return "\n".join(lines)
@@ -158,17 +169,16 @@ def _num(value, per=None) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", default=",".join(RUNS), help=f"runs to make, of {', '.join(RUNS)}")
-    parser.add_argument("--steps", type=int, default=400, help="steps of every run (saved every eighth)")
-    parser.add_argument("--base-steps", type=int, default=world.BASE["steps"],
-                        help="steps teaching the base the world (batch 8; cached per value)")
+    parser.add_argument("--steps", type=int, default=600, help="steps of every run (saved every eighth)")
     parser.add_argument("--out", type=Path, default=None, help="work folder (default: a new temporary one)")
     parser.add_argument("--json", type=Path, default=None, help="the figures' file (default: OUT/quality.json)")
     args = parser.parse_args()
     root = args.out or Path(tempfile.mkdtemp(prefix="bench_quality_"))
     started = time.perf_counter()
-    setup = prepare(root, base_steps=args.base_steps)
-    print(f"base and scorer ready in {time.perf_counter() - started:.0f} s; judge accuracy on new pictures: "
-          f"{setup['scorer'].accuracy:.2f} (places)", flush=True)
+    setup = prepare(root)
+    accuracy = ", ".join(f"{kind} {value:.2f}" for kind, value in setup["scorer"].accuracy.items())
+    print(f"base and scorer ready in {time.perf_counter() - started:.0f} s; the judge's accuracy on new pictures: "
+          f"{accuracy}", flush=True)
     results = []
     for name in args.runs.split(","):
         what, options = RUNS[name]

@@ -6,11 +6,11 @@ the run's seed), so points compare along a run and between runs, and the global 
 
 - fit: the denoising loss on (up to FIT_PICTURES of) the training pictures with their captions at the noise levels
   FIT_LEVELS, computed as the training loss is (v-prediction aware);
-- memorization: a few-step render of the instance prompt, as latents, against the training latents: its distance to
-  the nearest training picture relative to the training pictures' median distance to their own nearest neighbour
-  (copies of a training photo drive it to 0). A render is the costliest signal: it is measured at the base, at every
-  save and at the end only (where the best step is chosen; at every point with stop_when_memorizing); None at the
-  other points;
+- memorization: RENDERS few-step renders of the instance prompt, as latents, against the training latents: their
+  median distance to the nearest training picture relative to the training pictures' median distance to their own
+  nearest neighbour (copies of a training photo drive it to 0). Rendering is the costliest signal: it is measured at
+  the base, at every save and at the end only (where the best step is chosen; at every point with
+  stop_when_memorizing); None at the other points;
 - held-out gap (with held-out photos: validation_dir, hold_out_photos): the same fit on (up to FIT_PICTURES of) the
   photos of the subject never trained on, over the training pictures' fit, a ratio (the held-out fit is in the
   point too): near the base's value while the model learns the subject, growing while it learns the training photos
@@ -26,7 +26,7 @@ computes them again from the base, before its weights are restored) and kept: th
 memorization compares renders with all of them) and of up to FIT_PICTURES held-out ones: 64 KB each at 512 px,
 256 KB at 1024 px.
 
-The verdict rules and their thresholds (below) are provisional until bench/quality.py justifies them.
+The verdict rules and their thresholds are below; the README says what bench/quality.py found of them.
 """
 
 from __future__ import annotations
@@ -58,9 +58,11 @@ PROBE_LEVEL = 0.5  # the noise level of the class drift and prompt response
 CLASS_PICTURES = 4
 PROMPT_PICTURES = 2
 RENDER_STEPS = 8
+RENDERS = 4  # renders per measure of memorization (their median distance is kept)
 
-# Provisional thresholds (to be justified by bench/quality.py).
-COPYING_BELOW = 0.5  # memorization: a render nearer a training picture than half their own nearest distance
+# Thresholds: see the README's "Learning monitor" for what bench/quality.py found (copying and ignoring prompts are
+# set by it; forgetting and learned are still provisional).
+COPYING_BELOW = 1.0  # memorization: renders nearer a training picture than the pictures are to each other
 FORGETTING_ABOVE = 0.35  # class drift: the class predictions moved by over 35 % of their size
 IGNORING_BELOW = 0.5  # prompt response: a context changes the prediction less than half as much as it did
 LEARNED_AT = 0.9  # fit: at most 90 % of the base model's
@@ -313,28 +315,29 @@ class Monitor:
         return change / max(self.base_change or 0.0, 1e-12)
 
     def _memorization(self) -> float | None:
-        """The render's distance to its nearest training latents over the training latents' median distance to
-        their own nearest neighbour (both per element); None with fewer than two training pictures of its size."""
-        render = self._render().cpu()
-        same = [p.latents for p in self.instances if p.latents.shape == render.shape]
+        """The renders' median distance to their nearest training latents over the training latents' median distance
+        to their own nearest neighbour (both per element); None with fewer than two training pictures of its size."""
+        renders = self._render().cpu()
+        same = [p.latents for p in self.instances if p.latents.shape == renders.shape[1:]]
         if len(same) < 2:
             return None
         stacked = torch.stack(same).flatten(1)
-        nearest = (stacked - render.flatten()).norm(dim=1).min().item()
+        nearest = torch.cdist(renders.flatten(1), stacked).min(dim=1).values.median().item()
         mutual = torch.cdist(stacked, stacked)
         mutual.fill_diagonal_(float("inf"))
         reference = mutual.min(dim=1).values.median().item()
         return nearest / max(reference, 1e-12)
 
     def _render(self) -> torch.Tensor:
-        """A RENDER_STEPS DDIM render (classifier-free guidance at sample_guidance) of the instance prompt, from
-        noise fixed by the monitor's generator, as latents (not decoded)."""
+        """RENDERS renders of the instance prompt in one batch, RENDER_STEPS DDIM steps each (classifier-free guidance
+        at sample_guidance), from noise fixed by the monitor's generator, as latents (not decoded)."""
         bundle, unet, size = self.bundle, self.bundle.unet, self.config.resolution
         scheduler = DDIMScheduler.from_config(bundle.noise_scheduler.config, clip_sample=False, set_alpha_to_one=False,
                                               steps_offset=1, **_spacing(bundle.noise_scheduler))
         scheduler.set_timesteps(RENDER_STEPS, device=self.device)
-        conditioning = (self._render_conditioning() if self.text is None else self.text[1]).to(self.device)
-        shape = (1, unet.config.in_channels, size // 8, size // 8)
+        uncond, cond = (self._render_conditioning() if self.text is None else self.text[1]).rows()
+        conditioning = Conditioning.stack([uncond] * RENDERS + [cond] * RENDERS).to(self.device)
+        shape = (RENDERS, unet.config.in_channels, size // 8, size // 8)
         latents = torch.randn(shape, generator=generator_for(self.config.seed, "monitor render")).to(self.device)
         latents = latents * scheduler.init_noise_sigma
         guidance = self.config.sample_guidance
@@ -342,7 +345,7 @@ class Monitor:
             model_input = scheduler.scale_model_input(torch.cat([latents, latents]), t)
             uncond, cond = unet(model_input, t, **conditioning.unet_kwargs(unet.dtype)).sample.float().chunk(2)
             latents = scheduler.step(uncond + guidance * (cond - uncond), t, latents).prev_sample
-        return latents[0].float()
+        return latents.float()
 
     # -- saved results, the series ----------------------------------------------------------------------
 
