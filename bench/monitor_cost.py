@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from speed import _peak_mib, prepare  # noqa: E402
+from speed import _peak_mib, add_run_options, prepare, run_apart  # noqa: E402
 
 GOAL = 0.05  # the monitor's share of a default run's time, at most
 WARMUP = 2
@@ -88,11 +87,7 @@ def _clock(device: str):
 
 
 def measure(monitored: bool, paths: dict[str, str], args) -> dict:
-    command = [sys.executable, __file__, "--run", "on" if monitored else "off", "--base", paths["base"],
-               "--images", paths["images"], "--classes", paths["classes"], "--resolution", str(args.resolution),
-               "--steps", str(args.steps), "--device", args.device]
-    out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    return run_apart(__file__, "on" if monitored else "off", paths, args, "--device", args.device)
 
 
 def point_costs(points: list[dict]) -> dict[str, float]:
@@ -177,14 +172,8 @@ def figures(args) -> list[str]:
 
 def parser() -> argparse.ArgumentParser:
     parsed = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parsed.add_argument("--shrink", type=int, default=4, help="SD1.5's widths divided by this (1: real size)")
-    parsed.add_argument("--resolution", type=int, default=256)
-    parsed.add_argument("--steps", type=int, default=20)
-    parsed.add_argument("--repeats", type=int, default=2)
+    add_run_options(parsed, steps=20)
     parsed.add_argument("--device", default="cpu")
-    parsed.add_argument("--run", help=argparse.SUPPRESS)
-    for name in ("--base", "--images", "--classes"):
-        parsed.add_argument(name, help=argparse.SUPPRESS)
     return parsed
 
 

@@ -170,23 +170,34 @@ def prepare(folder: Path, shrink: int, resolution: int) -> dict[str, str]:
     return {"base": str(base), "images": str(images), "classes": str(classes)}
 
 
-def measure(variant: str, paths: dict[str, str], args) -> dict:
-    command = [sys.executable, __file__, "--run", variant, "--base", paths["base"], "--images", paths["images"],
-               "--classes", paths["classes"], "--resolution", str(args.resolution), "--steps", str(args.steps)]
+def run_apart(script: str, run: str, paths: dict[str, str], args, *extra: str) -> dict:
+    """One run of a bench `script` in a process of its own (its hidden --run options), with the model and pictures
+    of `prepare`; its figures are the JSON of its last line of output."""
+    command = [sys.executable, script, "--run", run, "--base", paths["base"], "--images", paths["images"],
+               "--classes", paths["classes"], "--resolution", str(args.resolution), "--steps", str(args.steps), *extra]
     out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_run_options(parser: argparse.ArgumentParser, steps: int) -> None:
+    """The options of a bench that measures each run with `run_apart`: its shapes, and the run's own (hidden)."""
     parser.add_argument("--shrink", type=int, default=4, help="SD1.5's widths divided by this (1: real size)")
     parser.add_argument("--resolution", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=steps)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--variants", help="names of the runs to measure, separated by ; (default: all)")
     parser.add_argument("--run", help=argparse.SUPPRESS)
     for name in ("--base", "--images", "--classes"):
         parser.add_argument(name, help=argparse.SUPPRESS)
+
+
+def measure(variant: str, paths: dict[str, str], args) -> dict:
+    return run_apart(__file__, variant, paths, args)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_run_options(parser, steps=10)
+    parser.add_argument("--variants", help="names of the runs to measure, separated by ; (default: all)")
     args = parser.parse_args()
     if args.run:
         overrides = VARIANTS[args.run]

@@ -28,7 +28,6 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
-import math
 import os
 import shutil
 import sys
@@ -41,8 +40,10 @@ from PIL import Image, ImageDraw
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dreambooth_ext.config import from_dict  # noqa: E402
+from dreambooth_ext.data.images import image_to_tensor, tensor_to_image  # noqa: E402
 from dreambooth_ext.hosts.files import FolderHost  # noqa: E402
 from dreambooth_ext.models.bundle import load_bundle_from_file  # noqa: E402
+from dreambooth_ext.models.tiny import set_latent_scale, tiny_checkpoint  # noqa: E402
 from dreambooth_ext.train.run import TrainingRun  # noqa: E402
 from dreambooth_ext.train.sampling import _guided_conditioning, _spacing  # noqa: E402
 
@@ -144,8 +145,8 @@ def cache_root() -> Path:
 
 def world_key(params: dict) -> str:
     """What the base depends on: the world's pictures and captions, and the base's parameters."""
-    sources = (draw, _caption, make_world, random_pictures, with_taught_vae, teach_vae, _set_latent_scale, teach_base,
-               Judge, teach_judge, vary)
+    sources = (draw, _caption, make_world, random_pictures, with_taught_vae, teach_vae, set_latent_scale,
+               image_to_tensor, teach_base, encode, decode, round_trip, Judge, teach_judge, vary)
     digest = hashlib.sha256("".join(inspect.getsource(f) for f in sources).encode())
     digest.update(json.dumps([SHAPES, COLOURS, PLACES, params], sort_keys=True).encode())
     return digest.hexdigest()[:16]
@@ -177,7 +178,6 @@ def finish(taught: Path, key: str, work: Path, folder: Path, params: dict, log=p
     log(f"  the judge's accuracy on new pictures: {accuracy}")
     pack(taught, judge, accuracy, key, work / PACK_FILE)
     unpack(work / PACK_FILE, folder)
-    folder.mkdir(parents=True, exist_ok=True)
     os.replace(work / PACK_FILE, folder / PACK_FILE)
     shutil.rmtree(work, ignore_errors=True)
     return folder / "base.safetensors"
@@ -227,8 +227,6 @@ def unpack(path: Path, folder: Path) -> Path:
     import safetensors.torch
     from safetensors import safe_open
 
-    from dreambooth_ext.models.tiny import tiny_checkpoint
-
     with safe_open(str(path), framework="pt") as file:
         accuracy = (file.metadata() or {})["accuracy"]
         tensors = {k: file.get_tensor(k) for k in file.keys()}
@@ -275,8 +273,6 @@ def with_taught_vae(path: Path, params: dict, log=print) -> Path:
     import safetensors.torch
 
     from dreambooth_ext.models.convert import vae_to_ldm
-    from dreambooth_ext.models.tiny import tiny_checkpoint
-
     state_dict = tiny_checkpoint("sd1", seed=0)
     safetensors.torch.save_file(state_dict, str(path))
     vae = load_bundle_from_file(path).vae.float()
@@ -292,7 +288,7 @@ def teach_vae(vae, params: dict, log=print) -> None:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(params["seed"])
         images, _ = random_pictures(params["vae_steps"] * params["vae_batch"] // 4, params["seed"] + 100)
-        pixels = torch.stack([_pixels(image) for image in images])
+        pixels = torch.stack([image_to_tensor(image) for image in images])
         optimizer = torch.optim.AdamW(vae.parameters(), lr=params["vae_learning_rate"], weight_decay=0.0)
         rng = torch.Generator().manual_seed(params["seed"])
         vae.train()
@@ -309,18 +305,7 @@ def teach_vae(vae, params: dict, log=print) -> None:
             if (step + 1) % max(1, params["vae_steps"] // 5) == 0:
                 log(f"  VAE step {step + 1}/{params['vae_steps']}, reconstruction loss {loss.item():.4f}")
         vae.eval()
-        _set_latent_scale(vae, pixels[:256])
-
-
-@torch.no_grad()
-def _set_latent_scale(vae, pixels: torch.Tensor, posterior_std: float = 0.05) -> None:
-    channels = vae.config.latent_channels
-    scale = 1.0 / (vae.encode(pixels).latent_dist.mean.std().item() * vae.config.scaling_factor)
-    vae.quant_conv.weight[:channels] *= scale
-    vae.quant_conv.bias[:channels] *= scale
-    vae.quant_conv.weight[channels:] = 0.0
-    vae.quant_conv.bias[channels:] = 2.0 * math.log(posterior_std)
-    vae.post_quant_conv.weight /= scale
+        set_latent_scale(vae, pixels[:256])
 
 
 def _every_tenth(log):
@@ -371,12 +356,8 @@ def render_latents(bundle, prompts: list[str], seeds: list[int], steps: int = 20
 @torch.no_grad()
 def encode(vae, images: list[Image.Image]) -> torch.Tensor:
     """Pictures as the scaled latents the model is trained on (the posterior mean)."""
-    pixels = torch.stack([_pixels(image) for image in images])
+    pixels = torch.stack([image_to_tensor(image) for image in images])
     return vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor
-
-
-def _pixels(image: Image.Image) -> torch.Tensor:
-    return torch.from_numpy(__import__("numpy").asarray(image, dtype="float32")).permute(2, 0, 1) / 127.5 - 1.0
 
 
 # -- the scorer --------------------------------------------------------------------------------------------------
@@ -526,9 +507,7 @@ class Scorer:
 
 def sheet(rows: list[torch.Tensor], path: Path) -> Path:
     """Rows of decoded renders as one picture (each row one scored step)."""
-    grid = torch.cat([torch.cat(list(row), 2) for row in rows], 1)
-    array = ((grid.permute(1, 2, 0).numpy() + 1) * 127.5).round().clip(0, 255).astype("uint8")
-    Image.fromarray(array).save(path)
+    tensor_to_image(torch.cat([torch.cat(list(row), 2) for row in rows], 1)).save(path)
     return path
 
 

@@ -62,9 +62,16 @@ def tiny_modules(name: str = "sd1") -> tuple:
     return unet, vae, text_encoder
 
 
+def _calibrate_vae(vae: torch.nn.Module) -> None:
+    """Give the random VAE the latent scale of a real one, measured on a random probe picture."""
+    size = 8 * 2 ** (len(vae.config.block_out_channels) - 1)
+    probe = torch.rand(8, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    set_latent_scale(vae, torch.nn.functional.interpolate(probe, size=size, mode="nearest"))
+
+
 @torch.no_grad()
-def _calibrate_vae(vae: torch.nn.Module, posterior_std: float = 0.05) -> None:
-    """Give the random VAE the latent scale of a real one.
+def set_latent_scale(vae: torch.nn.Module, pixels: torch.Tensor, posterior_std: float = 0.05) -> None:
+    """Give a small VAE the latent scale of a real one, measured on `pixels`.
 
     A random encoder's means are small (scaled std about 0.05) next to its posterior noise (log-variance
     about 0, so std 1): a latent sampled from it is mostly noise, and training on it learns little about the
@@ -72,10 +79,7 @@ def _calibrate_vae(vae: torch.nn.Module, posterior_std: float = 0.05) -> None:
     latent interface is rescaled to match: quant_conv's mean rows by k, a small constant posterior std, and
     post_quant_conv's input by 1/k, so decoding a mean latent is unchanged."""
     channels = vae.config.latent_channels
-    size = 8 * 2 ** (len(vae.config.block_out_channels) - 1)
-    probe = torch.rand(8, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    probe = torch.nn.functional.interpolate(probe, size=size, mode="nearest")
-    scale = 1.0 / (vae.encode(probe).latent_dist.mean.std().item() * vae.config.scaling_factor)
+    scale = 1.0 / (vae.encode(pixels).latent_dist.mean.std().item() * vae.config.scaling_factor)
     vae.quant_conv.weight[:channels] *= scale
     vae.quant_conv.bias[:channels] *= scale
     vae.quant_conv.weight[channels:] = 0.0
