@@ -227,6 +227,8 @@ def run_training(config, args: argparse.Namespace, *, resume: bool = False) -> R
         # A second Ctrl+C: stopped at once, without saving the steps since the last save point.
         raise DreamboothError("Interrupted. Saved models and the last saved training state are kept; run again "
                               "with --resume to continue from the last save point.") from None
+    finally:
+        processes.leave()
 
 
 @contextlib.contextmanager

@@ -17,7 +17,7 @@ from PIL import Image
 from dreambooth_ext.models.checkpoint import read_checkpoint
 from dreambooth_ext.models.tiny import save_tiny_checkpoint
 from dreambooth_ext.train.launch import child_environment, launch_command
-from dreambooth_ext.train.run import Progress
+from dreambooth_ext.train.run import Progress, RunResult
 
 ROOT = Path(__file__).resolve().parents[1]
 UNET = "model.diffusion_model."
@@ -235,6 +235,43 @@ def test_gradients_are_exchanged_while_the_backward_pass_runs(monkeypatch, tmp_p
             hook.remove()
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_each_process_leaves_its_group_when_its_run_ends(data, tmp_path, monkeypatch, fails):
+    """A run's process closes its process group before Python shuts down, finished or failed: left to the
+    interpreter's shutdown, gloo's threads can abort a process whose run has finished (SIGABRT), and the launcher
+    then calls the run failed."""
+    import torch.distributed as dist
+
+    from dreambooth_ext import cli
+    from dreambooth_ext.errors import DreamboothError
+    from dreambooth_ext.train import launch, parallel
+
+    class State:
+        num_processes, process_index, is_main_process, device = 1, 0, True, torch.device("cpu")
+
+    class Run:
+        cancelled = False
+
+        def run(self):
+            assert dist.is_initialized()  # the group is there for the whole run
+            if fails:
+                raise DreamboothError("the run failed")
+            return RunResult(status="cancelled", step=0, total_steps=STEPS)
+
+    def join(device_option):
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+        return parallel.DataParallel(State())
+
+    monkeypatch.setattr(parallel, "join_processes", join)
+    monkeypatch.setattr(launch, "training_run", lambda *args, **kwargs: Run())
+    try:
+        assert cli.main(flags(data, tmp_path)) == (2 if fails else 3)
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def test_the_gpus_option_launches_the_processes_itself(data, one_process, tmp_path, capsys, monkeypatch):

@@ -62,6 +62,9 @@ class SingleProcess:
     def wait_for_all(self) -> None:
         pass
 
+    def leave(self) -> None:
+        """This process is done with the others (at the end of its run, finished or failed)."""
+
 
 class DataParallel(SingleProcess):
     """One of several processes of a torch.distributed group that accelerate has set up."""
@@ -180,6 +183,13 @@ class DataParallel(SingleProcess):
 
     def wait_for_all(self) -> None:
         self.state.wait_for_everyone()
+
+    def leave(self) -> None:
+        """Close the process group while Python is still whole. Left to the interpreter's shutdown, gloo's worker
+        threads may still hold work when it tears down, and a process that finished its run dies with SIGABRT
+        ("terminate called without an active exception"): the launcher then reports the run as failed."""
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 def launched_processes() -> int:
