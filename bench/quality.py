@@ -14,7 +14,8 @@ best subject and the best prompt fidelity of its run (the highest of the two rat
 run are saved as OUT/<run>.png (a row per saved step, the base's first).
 
 The sweep varies the steps (each run's saves go from too few to too many), prior preservation, full vs LoRA, the
-text encoder trained or not, and the learning rate.
+text encoder trained or not, the learning rate, and the photos' captions (naming their room or not). Every run is
+given other photos of the subject as its validation_dir (the monitor's held-out gap).
 
     python bench/quality.py [--runs default,no-prior,...] [--steps 600] [--out DIR] [--json FILE]
 """
@@ -40,6 +41,7 @@ from dreambooth_ext.train.monitor import MONITOR_FILE  # noqa: E402
 from dreambooth_ext.train.run import TrainingRun  # noqa: E402
 
 SUBJECT_PHOTOS = 6
+HELD_OUT_PHOTOS = 4  # other photos of the subject, never trained on: the monitor's held-out gap (validation_dir)
 CLASS_PICTURES = 12
 LEARNING_RATE = 2e-4
 MONITOR_PROMPTS = "on grass\nin snow"
@@ -52,6 +54,8 @@ RUNS = {
     "frozen-text": ("text encoder not trained", {"train_text_encoder": False}),
     "low-lr": ("learning rate / 3", {"lr_factor": 1 / 3}),
     "high-lr": ("learning rate x 3", {"lr_factor": 3.0}),
+    "lora-high-lr": ("LoRA, learning rate x 3", {"train_mode": "lora", "lora_rank": 8, "lr_factor": 3.0}),
+    "captioned": ("the photos' captions name their room", {"captioned": True}),
 }
 
 
@@ -60,20 +64,23 @@ def prepare(root: Path, log=print) -> dict:
     the scorer."""
     base = world.taught_base(log)
     subject = world.make_subject(root / "subject", SUBJECT_PHOTOS)
+    captioned = world.make_subject(root / "subject_captioned", SUBJECT_PHOTOS, captioned=True)
+    held_out = world.make_subject(root / "held_out", HELD_OUT_PHOTOS, seed=13)
     classes = world.make_class_pictures(root / "classes", CLASS_PICTURES)
     bundle = world.load(base)
     photos = [Image.open(path).convert("RGB") for path in sorted(subject.glob("*.png"))]
     scorer = world.Scorer(bundle.vae, *world.load_judge(base), photos)
     base_scores, base_renders = scorer.score(bundle)
     log(f"the base's response to its captions: {world.caption_response(bundle):.3f} (0: it ignores them)")
-    return {"base": base, "subject": subject, "classes": classes, "scorer": scorer, "base_scores": base_scores,
-            "base_renders": base_renders}
+    return {"base": base, "subject": subject, "captioned": captioned, "held_out": held_out, "classes": classes,
+            "scorer": scorer, "base_scores": base_scores, "base_renders": base_renders}
 
 
 def run_config(setup: dict, name: str, steps: int, save_every: int, options: dict,
                learning_rate: float = LEARNING_RATE) -> dict:
     options = dict(options)
     rate = learning_rate * options.pop("lr_factor", 1.0)
+    photos = setup["captioned" if options.pop("captioned", False) else "subject"]
     lora = options.get("train_mode") == "lora"
     return {"project_name": name, "base_model": str(setup["base"]), "resolution": world.SIZE,
             "max_train_steps": steps, "learning_rate": rate, "lora_learning_rate": 10 * rate,
@@ -81,7 +88,8 @@ def run_config(setup: dict, name: str, steps: int, save_every: int, options: dic
             "train_batch_size": 1, "train_text_encoder": True, "prior_preservation": True,
             "save_precision": "fp32", "seed": 7, "save_every_n_steps": save_every,
             "monitor_every_n_steps": save_every, "monitor_prompts": MONITOR_PROMPTS,
-            "concepts": [{"instance_dir": str(setup["subject"]), "token": world.TOKEN,
+            "validation_dir": str(setup["held_out"]),
+            "concepts": [{"instance_dir": str(photos), "token": world.TOKEN,
                           "class_word": world.CLASS_WORD, "class_dir": str(setup["classes"]),
                           "num_class_images": CLASS_PICTURES}],
             **({"lora_save_merged": True} if lora else {}), **options}
@@ -144,9 +152,9 @@ def study(root: Path, setup: dict, name: str, steps: int, save_every: int, optio
 def table(results: list[dict], base_scores) -> str:
     base = base_scores.as_dict()
     lines = ["| run | step | subject | prompt | class | copying | fit / base | memorization | class drift "
-             "| prompt response | verdict |", "|---|---|---|---|---|---|---|---|---|---|---|",
+             "| prompt response | held-out gap | verdict |", "|---|---|---|---|---|---|---|---|---|---|---|---|",
              f"| base | 0 | {base['subject']:.2f} | {base['prompt']:.2f} | {base['class']:.2f} | "
-             f"{base['copying']:.2f} | | | | | |"]
+             f"{base['copying']:.2f} | | | | | | |"]
     for result in results:
         base_fit = result["points"][0]["fit"]
         for step, s in result["scores"].items():
@@ -156,7 +164,8 @@ def table(results: list[dict], base_scores) -> str:
                          f"{s['prompt']:.2f} | {s['class']:.2f} | {s['copying']:.2f} | "
                          f"{_num(p.get('fit'), base_fit)} | "
                          f"{_num(p.get('memorization'))} | {_num(p.get('class_drift'))} | "
-                         f"{_num(p.get('prompt_response'))} | {p.get('verdict', '')} |")
+                         f"{_num(p.get('prompt_response'))} | {_num(p.get('held_out_gap'))} | "
+                         f"{p.get('verdict', '')} |")
     return "\n".join(lines)
 
 

@@ -117,12 +117,16 @@ def make_world(folder: Path, per_kind: int, seed: int) -> Path:
     return folder
 
 
-def make_subject(folder: Path, count: int, seed: int = 11) -> Path:
-    """The subject's photos: the red ball with a yellow band, in the room (captioned by the run's template)."""
+def make_subject(folder: Path, count: int, seed: int = 11, *, captioned: bool = False) -> Path:
+    """The subject's photos: the red ball with a yellow band, in the room. Captioned by the run's template, or with
+    `captioned` each by a sidecar naming the room too ("photo of ohwx ball in a room")."""
     folder.mkdir(parents=True, exist_ok=True)
     rng = torch.Generator().manual_seed(seed)
     for i in range(count):
         draw(SUBJECT["shape"], SUBJECT["colour"], SUBJECT["place"], rng, band=True).save(folder / f"s{i:02d}.png")
+        if captioned:
+            (folder / f"s{i:02d}.txt").write_text(f"photo of {TOKEN} {CLASS_WORD} {SUBJECT['place']}",
+                                                  encoding="utf-8")
     return folder
 
 
@@ -462,8 +466,8 @@ class Scorer:
     `accuracy`: the judge's on round trips of pictures it was not taught, per kind."""
 
     CONTEXTS = [p for p in PLACES if p != ROOM]
-    SEEDS = (101, 102, 103)
-    CLASS_SEEDS = (201, 202, 203, 204, 205, 206)
+    SEEDS = (101, 102, 103, 104, 105, 106)  # 6 renders per prompt: with 3 the scores of neighbouring steps
+    CLASS_SEEDS = tuple(range(201, 213))     # swung by 0.2-0.4
 
     def __init__(self, vae, judge: Judge, accuracy: dict, subject_photos: list[Image.Image]):
         self.vae, self.judge, self.accuracy = vae, judge, accuracy

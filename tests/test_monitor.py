@@ -24,6 +24,7 @@ from dreambooth_ext.train.monitor import (
     STILL_LEARNING,
     best_step,
     is_point,
+    learned_fit,
     verdict,
 )
 from dreambooth_ext.train.run import Progress, TrainingRun
@@ -121,12 +122,23 @@ def test_the_schedule_and_the_rules():
     assert {s for s in range(1001) if is_point(config, s, 1000)} == set(range(0, 1001, 100)) | {250, 750}
     off = make_config(Path("base"), Path("photos"), monitor_every_n_steps=-1)
     assert not any(is_point(off, s, 4) for s in range(5))
-    base = {"fit": 1.0, "memorization": 2.0, "class_drift": 0.0, "prompt_response": 1.0}
-    assert verdict(base, 1.0) == STILL_LEARNING
-    assert verdict({**base, "fit": 0.8}, 1.0) == LEARNED
-    assert verdict({**base, "fit": 0.8, "memorization": 0.1}, 1.0) == "copying the photos"
-    assert verdict({**base, "class_drift": 0.6}, 1.0) == "forgetting the class"
-    assert verdict({**base, "prompt_response": 0.2}, 1.0) == "ignoring prompts"
+    base = {"step": 0, "fit": 1.0, "memorization": 2.0, "class_drift": 0.0, "prompt_response": 1.0}
+    assert verdict(base, None) == STILL_LEARNING
+    assert verdict({**base, "fit": 0.2}, 1.0) == STILL_LEARNING  # a low fit, but renders still far from the photos
+    assert verdict({**base, "memorization": 1.2}, None) == LEARNED  # renders near the photos, not nearer than they are
+    assert verdict({**base, "fit": 0.8, "memorization": 0.1}, None) == "copying the photos"
+    assert verdict({**base, "class_drift": 0.6}, None) == "forgetting the class"
+    assert verdict({**base, "prompt_response": 0.2}, None) == "ignoring prompts"
+    # without renders: learned once the fit is as low as where this run's renders came near the photos
+    unrendered = {**base, "fit": 0.8, "memorization": None}
+    assert verdict(unrendered, None) == STILL_LEARNING and verdict(unrendered, 0.85) == LEARNED
+    assert verdict({**unrendered, "fit": 0.9}, 0.85) == STILL_LEARNING
+    series_ = [base, {**base, "step": 2, "fit": 0.9, "memorization": 1.5}, {**base, "step": 4, "fit": 0.85,
+                                                                               "memorization": 1.1},
+               {**base, "step": 6, "fit": 0.7, "memorization": 1.2}, {**base, "step": 7, "fit": 0.6,
+                                                                      "memorization": None}]
+    assert learned_fit(series_[:2]) is None and learned_fit(series_) == 0.85
+    assert learned_fit([{**base, "memorization": 1.0}]) is None  # the base is no evidence of learning
     points = [{"step": 2, "fit": 0.8, "verdict": LEARNED, "saved": True},
               {"step": 4, "fit": 0.7, "verdict": LEARNED, "saved": True},
               {"step": 6, "fit": 0.5, "verdict": "copying the photos", "saved": True},

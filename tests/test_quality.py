@@ -15,9 +15,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import quality  # noqa: E402
 import world  # noqa: E402
 
-from dreambooth_ext.train.monitor import COPYING, STILL_LEARNING  # noqa: E402
+from dreambooth_ext.train.monitor import COPYING, LEARNED, STILL_LEARNING  # noqa: E402
 
 LONG = {"steps": 600, "save_every": 150, "options": quality.RUNS["high-lr"][1]}
+GENTLE = {"steps": 300, "save_every": 150, "options": quality.RUNS["low-lr"][1]}
 SHORT_STEPS = 4
 
 
@@ -56,3 +57,14 @@ def test_the_monitor_calls_a_short_run_still_learning(setup, tmp_path):
     short = quality.study(tmp_path, setup, "short", SHORT_STEPS, SHORT_STEPS, {"prior_preservation": False})
     assert short["points"][SHORT_STEPS]["verdict"] == STILL_LEARNING, short["points"]
     assert short["scores"][SHORT_STEPS]["subject"] < 0.1, short["scores"]  # it does not look like the subject yet
+
+
+def test_the_monitor_does_not_call_a_run_learned_while_its_renders_do_not_show_the_subject(setup, tmp_path):
+    """At a third of the rate, 300 steps bring the fit far below the base's, but the renders still show neither the
+    subject's marks nor anything near the photos: that is still learning (a rule on the fit alone called it
+    learned)."""
+    gentle = quality.study(tmp_path, setup, "gentle", GENTLE["steps"], GENTLE["save_every"], GENTLE["options"])
+    scores, points = gentle["scores"], gentle["points"]
+    assert all(s["subject"] < 0.1 for s in scores.values()), scores
+    assert points[GENTLE["steps"]]["fit"] < 0.6 * points[0]["fit"], points  # it did fit the photos
+    assert all(points[step]["verdict"] != LEARNED for step in scores), points

@@ -60,12 +60,12 @@ PROMPT_PICTURES = 2
 RENDER_STEPS = 8
 RENDERS = 4  # renders per measure of memorization (their median distance is kept)
 
-# Thresholds: see the README's "Learning monitor" for what bench/quality.py found (copying and ignoring prompts are
-# set by it; forgetting and learned are still provisional).
+# Thresholds: see the README's "Learning monitor" for what bench/quality.py found (copying, ignoring prompts and
+# learned are set by it; forgetting is still provisional).
 COPYING_BELOW = 1.0  # memorization: renders nearer a training picture than the pictures are to each other
 FORGETTING_ABOVE = 0.35  # class drift: the class predictions moved by over 35 % of their size
 IGNORING_BELOW = 0.5  # prompt response: a context changes the prediction less than half as much as it did
-LEARNED_AT = 0.9  # fit: at most 90 % of the base model's
+LEARNED_BELOW = 1.25  # memorization: renders within 1.25 x the pictures' spacing of a training picture
 
 STILL_LEARNING, LEARNED, COPYING, FORGETTING, IGNORING = (
     "still learning", "learned", "copying the photos", "forgetting the class", "ignoring prompts")
@@ -108,20 +108,32 @@ def is_save(config, step: int, total_steps: int) -> bool:
     return step == total_steps or bool(every and 0 < step < total_steps and step % every == 0)
 
 
-def verdict(point: dict, base_fit: float | None) -> str:
+def verdict(point: dict, learned_fit: float | None) -> str:
     """The first rule that holds: copying (memorization < COPYING_BELOW), forgetting (class drift >
-    FORGETTING_ABOVE), ignoring prompts (prompt response < IGNORING_BELOW), learned (fit <= LEARNED_AT x the base
-    model's fit), else still learning. A signal that was not measured holds no rule."""
-    if _below(point.get("memorization"), COPYING_BELOW):
+    FORGETTING_ABOVE), ignoring prompts (prompt response < IGNORING_BELOW), learned, else still learning. Learned:
+    the renders came within LEARNED_BELOW of the training pictures (memorization); at a point without renders, the fit
+    is as low as `learned_fit`, the highest fit at which this run's renders had come that near (None: not yet). A
+    signal that was not measured holds no rule."""
+    memorization = point.get("memorization")
+    if _below(memorization, COPYING_BELOW):
         return COPYING
     drift = point.get("class_drift")
     if drift is not None and drift > FORGETTING_ABOVE:
         return FORGETTING
     if _below(point.get("prompt_response"), IGNORING_BELOW):
         return IGNORING
-    if base_fit and point["fit"] <= LEARNED_AT * base_fit:
+    if _below(memorization, LEARNED_BELOW):
+        return LEARNED
+    if memorization is None and learned_fit is not None and point["fit"] <= learned_fit:
         return LEARNED
     return STILL_LEARNING
+
+
+def learned_fit(points: list[dict]) -> float | None:
+    """The highest fit among the trained points whose renders came within LEARNED_BELOW of the training pictures:
+    where the run has shown it learns the subject (None before any such point)."""
+    near = [p["fit"] for p in points if p["step"] > 0 and _below(p.get("memorization"), LEARNED_BELOW)]
+    return max(near) if near else None
 
 
 def _below(value: float | None, limit: float) -> bool:
@@ -225,7 +237,7 @@ class Monitor:
         point["held_out_gap"] = (point["held_out_fit"] / max(point["fit"], 1e-12)
                                  if point["held_out_fit"] is not None else None)
         point["saved"] = False
-        point["verdict"] = verdict(point, point["fit"] if base else self.base_fit)
+        point["verdict"] = verdict(point, None if base else learned_fit(self.points + [point]))
         if not base:
             self.points.append(point)
             self._write()
