@@ -56,6 +56,12 @@ RUNS = {
     "high-lr": ("learning rate x 3", {"lr_factor": 3.0}),
     "lora-high-lr": ("LoRA, learning rate x 3", {"train_mode": "lora", "lora_rank": 8, "lr_factor": 3.0}),
     "captioned": ("the photos' captions name their room", {"captioned": True}),
+    "captioned-lr-x2": ("captions naming the room, learning rate x 2", {"captioned": True, "lr_factor": 2.0}),
+    "captioned-frozen-text-lr-x3": ("captions naming the room, text encoder not trained, learning rate x 3",
+                                    {"captioned": True, "train_text_encoder": False, "lr_factor": 3.0}),
+    "captioned-lora-lr-x3": ("captions naming the room, LoRA, learning rate x 3",
+                             {"captioned": True, "train_mode": "lora", "lora_rank": 8, "lr_factor": 3.0}),
+    "lr-x10": ("learning rate x 10", {"lr_factor": 10.0}),
 }
 
 

@@ -15,10 +15,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import quality  # noqa: E402
 import world  # noqa: E402
 
-from dreambooth_ext.train.monitor import COPYING, LEARNED, STILL_LEARNING  # noqa: E402
+from dreambooth_ext.train.monitor import COPYING, IGNORING, LEARNED, STILL_LEARNING  # noqa: E402
 
 LONG = {"steps": 600, "save_every": 150, "options": quality.RUNS["high-lr"][1]}
 GENTLE = {"steps": 300, "save_every": 150, "options": quality.RUNS["low-lr"][1]}
+STEERED = {"steps": 150, "save_every": 75, "options": quality.RUNS["captioned-lora-lr-x3"][1]}
 SHORT_STEPS = 4
 
 
@@ -68,3 +69,15 @@ def test_the_monitor_does_not_call_a_run_learned_while_its_renders_do_not_show_t
     assert all(s["subject"] < 0.1 for s in scores.values()), scores
     assert points[GENTLE["steps"]]["fit"] < 0.6 * points[0]["fit"], points  # it did fit the photos
     assert all(points[step]["verdict"] != LEARNED for step in scores), points
+
+
+def test_the_monitor_does_not_call_a_run_ignoring_prompts_while_its_renders_follow_them(setup, tmp_path):
+    """LoRA at 3x the rate on photos whose captions name their room: the renders show the asked place at least as
+    often as the base's do, so no step may be called ignoring prompts (the former threshold, 0.5, called step 150
+    so)."""
+    steered = quality.study(tmp_path, setup, "steered", STEERED["steps"], STEERED["save_every"], STEERED["options"])
+    scores, points = steered["scores"], steered["points"]
+    base_prompt = setup["base_scores"].prompt
+    followed = [step for step, s in scores.items() if s["prompt"] >= base_prompt]
+    assert followed, (scores, base_prompt)
+    assert all(points[step]["verdict"] != IGNORING for step in followed), points

@@ -64,7 +64,7 @@ RENDERS = 4  # renders per measure of memorization (their median distance is kep
 # learned are set by it; forgetting is still provisional).
 COPYING_BELOW = 1.0  # memorization: renders nearer a training picture than the pictures are to each other
 FORGETTING_ABOVE = 0.35  # class drift: the class predictions moved by over 35 % of their size
-IGNORING_BELOW = 0.5  # prompt response: a context changes the prediction less than half as much as it did
+IGNORING_BELOW = 0.35  # prompt response: a context changes the prediction less than 35 % as much as it did
 LEARNED_BELOW = 1.25  # memorization: renders within 1.25 x the pictures' spacing of a training picture
 
 STILL_LEARNING, LEARNED, COPYING, FORGETTING, IGNORING = (
