@@ -97,6 +97,8 @@ def smoke(root: Path) -> int:
     check(any(p.startswith("bogus:") for p in problems) and any(p.startswith("resolution = 100") for p in problems),
           "invalid config -> 422 problems")
 
+    check_lora_cards_rebuilt()
+
     served = serve(models, root / "work2", port=None)
     try:
         with urllib.request.urlopen(served.url.rstrip("/") + "/config", timeout=30) as response:
@@ -108,6 +110,37 @@ def smoke(root: Path) -> int:
         served.close()
     print("gradio 4 smoke test passed")
     return 0
+
+
+def check_lora_cards_rebuilt() -> None:
+    """Forge's txt2img and img2img keep their Lora cards' HTML and serve it to every page load, as the WebUI does;
+    after a LoRA run the extension rebuilds it, finding each tab's list through the handler of its hidden Refresh
+    button. gradio 4 keeps its events otherwise than gradio 3: the card must still be there for a page loaded
+    after the run (the stand-in's extra-networks UI, built by gradio 4 as Forge builds its own)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "webui_stub"))
+    from modules import shared, ui_extra_networks
+
+    from dreambooth_ext.hosts import webui
+
+    class LoraPage(ui_extra_networks.ExtraNetworksPage):
+        names: list[str] = ["old"]
+
+        def list_items(self):
+            return [{"name": name} for name in self.names]
+
+    ui_extra_networks.initialize()
+    ui_extra_networks.register_page(LoraPage("Lora"))
+    with gr.Blocks() as demo:
+        uis = []
+        for tab in ("txt2img", "img2img"):
+            with gr.Tabs():
+                uis.append(ui_extra_networks.create_ui(demo, [], tab))
+    shared.demo = demo
+    for ui in uis:  # the first page load builds each tab's list
+        ui.pages_contents = [page.create_html(ui.tabname) for page in ui.stored_extra_pages]
+    LoraPage.names.append("trained")  # the run wrote a LoRA
+    check(webui.refresh_lora_cards() and all("data-name='trained'" in ui.pages_contents[0] for ui in uis),
+          "a new LoRA's card is in the Lora lists of txt2img and img2img that Forge serves to every page load")
 
 
 def in_browser(url: str, models: Path, images: Path) -> None:

@@ -174,25 +174,35 @@ def refresh_lora_cards() -> bool:
 
 
 def _extra_networks_uis() -> list[Any]:
-    """The `ExtraNetworksUi` of txt2img and of img2img. v1.10.1 keeps them nowhere but in the handlers it gives the
-    hidden Refresh buttons of their pages (`{tab}_lora_extra_refresh_internal`): found there, in the page's events.
-    Empty without a page, or with a gradio that keeps its events otherwise (Forge's gradio 4)."""
+    """The `ExtraNetworksUi` of txt2img and of img2img. v1.10.1 and Forge keep them nowhere but in the handlers they
+    give the hidden Refresh buttons of their pages (`{tab}_lora_extra_refresh_internal`): found there, in the page's
+    events. Empty without a page."""
     from modules import shared
 
     demo = getattr(shared, "demo", None)
-    dependencies, handlers = getattr(demo, "dependencies", None), getattr(demo, "fns", None)
-    if not isinstance(dependencies, list) or not isinstance(handlers, list):
-        return []
     suffix = f"_{LORA_PAGE}_extra_refresh_internal"
     found = []
-    for dependency, handler in zip(dependencies, handlers, strict=False):
-        targets = [demo.blocks.get(target) for target in dependency.get("targets", ())]
-        if not any(str(getattr(target, "elem_id", "")).endswith(suffix) for target in targets):
+    for targets, fn in _events(demo):
+        blocks = [demo.blocks.get(target[0] if isinstance(target, (list, tuple)) else target) for target in targets]
+        if not any(str(getattr(block, "elem_id", "")).endswith(suffix) for block in blocks):
             continue
-        tab = _closure_value(handler.fn, "ui")
+        tab = _closure_value(fn, "ui")
         if tab is not None and hasattr(tab, "pages_contents") and all(tab is not other for other in found):
             found.append(tab)
     return found
+
+
+def _events(demo: Any) -> list[tuple[list, Any]]:
+    """Each event of a gradio page as (its targets, its handler). gradio 3 (the WebUI) keeps the targets in
+    `demo.dependencies` beside the handlers in the list `demo.fns`, as block ids; gradio 4 (Forge) keeps both in
+    the values of the dict `demo.fns`, the targets as (block id, event name)."""
+    handlers, dependencies = getattr(demo, "fns", None), getattr(demo, "dependencies", None)
+    if isinstance(handlers, dict):
+        return [(list(getattr(h, "targets", None) or ()), getattr(h, "fn", None)) for h in handlers.values()]
+    if isinstance(handlers, list) and isinstance(dependencies, list):
+        return [(list(d.get("targets", ())), getattr(h, "fn", None))
+                for d, h in zip(dependencies, handlers, strict=False)]
+    return []
 
 
 def _closure_value(fn: Any, name: str) -> Any:
