@@ -35,3 +35,26 @@ def test_the_tab_redraws_forges_checkpoint_dropdown_and_follows_its_module_selec
         assert adapter.model_version() != before  # the model box names the new VAE at its next poll
     finally:
         module.jobs.shutdown(10)
+
+
+def test_a_dropdown_forge_redraws_after_an_update_is_not_attached_again(forge):
+    """Seen in a real Forge: gradio 4 makes a new dropdown (render=False, outside the page's Blocks) each time an event
+    updates it, and Forge announces it to the after-component callbacks; attaching that one logged "Cannot call change
+    outside of a gradio.Blocks context" at every page load, Start, Resume and Load."""
+    from modules import errors
+    from webui_stub import load_extension as loader
+
+    (module,) = loader.load_scripts(REPO)
+    try:
+        loader.build_ui()
+        tab = module.tabs[0]
+        dropdown = forge.shared.settings_components["sd_model_checkpoint"]
+        reported = len(errors.reported)
+        forge.main_entry.redraw_checkpoint_dropdown()
+        assert errors.reported[reported:] == []
+        token_events = [d for d in forge.shared.demo.dependencies
+                        if tab.selection_token._id in [t[0] if isinstance(t, list | tuple) else t
+                                                       for t in d["targets"]]]
+        assert len(token_events) == 1 and _wired_to(forge.shared.demo, tab.selection_token, dropdown)
+    finally:
+        module.jobs.shutdown(10)

@@ -95,3 +95,18 @@ def make_checkpoint_manager_ui():
     dropdown = gr.Dropdown(value=lambda: shared.opts.sd_model_checkpoint, **kwargs)
     script_callbacks.after_component_callback(dropdown, **kwargs)
     return dropdown
+
+
+def redraw_checkpoint_dropdown():
+    """What Forge's gradio 4 does each time an event updates the checkpoint dropdown (gradio/blocks.py,
+    postprocess_data: `block.__class__(**constructor_args, render=False)`): a new dropdown from its constructor
+    arguments, outside any Blocks, which Forge's patched Component.__init__ announces to the after-component
+    callbacks like any other."""
+    import gradio as gr
+    from modules import script_callbacks
+
+    kwargs = dict(label="Checkpoint", elem_classes=["model_selection"], choices=list(refresh_models()[0]),
+                  value=shared.opts.sd_model_checkpoint, render=False)
+    dropdown = gr.Dropdown(**kwargs)
+    script_callbacks.after_component_callback(dropdown, **kwargs)
+    return dropdown
