@@ -117,15 +117,18 @@ def make_world(folder: Path, per_kind: int, seed: int) -> Path:
     return folder
 
 
-def make_subject(folder: Path, count: int, seed: int = 11, *, captioned: bool = False) -> Path:
-    """The subject's photos: the red ball with a yellow band, in the room. Captioned by the run's template, or with
-    `captioned` each by a sidecar naming the room too ("photo of ohwx ball in a room")."""
+def make_subject(folder: Path, count: int, seed: int = 11, *, captioned: bool = False,
+                 places: tuple[str, ...] = (ROOM,)) -> Path:
+    """The subject's photos: the red ball with a yellow band, in the room (or in each of `places` in turn).
+    Captioned by the run's template, or with `captioned` each by a sidecar naming its place too ("photo of ohwx ball
+    in a room")."""
     folder.mkdir(parents=True, exist_ok=True)
     rng = torch.Generator().manual_seed(seed)
     for i in range(count):
-        draw(SUBJECT["shape"], SUBJECT["colour"], SUBJECT["place"], rng, band=True).save(folder / f"s{i:02d}.png")
+        place = places[i % len(places)]
+        draw(SUBJECT["shape"], SUBJECT["colour"], place, rng, band=True).save(folder / f"s{i:02d}.png")
         if captioned:
-            caption = _caption(f"{TOKEN} {CLASS_WORD}", SUBJECT["colour"], SUBJECT["place"], 3)  # shape and place
+            caption = _caption(f"{TOKEN} {CLASS_WORD}", SUBJECT["colour"], place, 3)  # shape and place
             (folder / f"s{i:02d}.txt").write_text(caption, encoding="utf-8")
     return folder
 
@@ -456,7 +459,7 @@ class Scorer:
     network taught here on the VAE's round trips of new pictures of the world:
 
     - subject fidelity: the judge's probability that a render of the instance prompt (alone and with each place but
-      the photos' room) shows the subject's marks, red with the band (DINO / CLIP-I analogue: in this world they
+      the photos' own) shows the subject's marks, red with the band (DINO / CLIP-I analogue: in this world they
       are the subject's identity; the taught world shows no banded object);
     - prompt fidelity: its probability that a render with a place shows the asked place (CLIP-T analogue);
     - class preservation: its probability that renders of the class prompt show a ball that is not the subject, and
@@ -465,13 +468,16 @@ class Scorer:
       their own nearest one (0: copies).
     `accuracy`: the judge's on round trips of pictures it was not taught, per kind."""
 
-    CONTEXTS = [p for p in PLACES if p != ROOM]
     # 6 renders per prompt and 12 of the class: with half as many, the scores of neighbouring steps swung by 0.2-0.4
-    SEEDS = tuple(range(101, 107))
-    CLASS_SEEDS = tuple(range(201, 213))
+    SEEDS = 6
 
-    def __init__(self, vae, judge: Judge, accuracy: dict, subject_photos: list[Image.Image]):
+    def __init__(self, vae, judge: Judge, accuracy: dict, subject_photos: list[Image.Image], *,
+                 photo_places: tuple[str, ...] = (ROOM,), seeds: int = SEEDS):
+        """`photo_places`: where the subject's photos were taken (the contexts asked are the other places);
+        `seeds`: renders per prompt (twice as many of the class)."""
         self.vae, self.judge, self.accuracy = vae, judge, accuracy
+        self.contexts = [p for p in PLACES if p not in photo_places]
+        self.seeds, self.class_seeds = tuple(range(101, 101 + seeds)), tuple(range(201, 201 + 2 * seeds))
         self.photos = round_trip(vae, subject_photos).flatten(1)
         nearest = torch.cdist(self.photos, self.photos).fill_diagonal_(float("inf")).min(1).values
         self.photo_spacing = nearest.median().item()
@@ -484,12 +490,12 @@ class Scorer:
 
     @torch.no_grad()
     def renders(self, bundle) -> tuple[torch.Tensor, torch.Tensor]:
-        """Decoded renders: the instance prompt alone and with each context (SEEDS each), then the class prompt."""
+        """Decoded renders: the instance prompt alone and with each context (`seeds` each), then the class prompt."""
         instance = f"photo of {TOKEN} {CLASS_WORD}"
-        prompts = [instance] + [f"{instance} {c}" for c in self.CONTEXTS]
-        latents = render_latents(bundle, [p for p in prompts for _ in self.SEEDS],
-                                 [s for _ in prompts for s in self.SEEDS])
-        classes = render_latents(bundle, [f"photo of {CLASS_WORD}"] * len(self.CLASS_SEEDS), list(self.CLASS_SEEDS))
+        prompts = [instance] + [f"{instance} {c}" for c in self.contexts]
+        latents = render_latents(bundle, [p for p in prompts for _ in self.seeds],
+                                 [s for _ in prompts for s in self.seeds])
+        classes = render_latents(bundle, [f"photo of {CLASS_WORD}"] * len(self.class_seeds), list(self.class_seeds))
         return decode(self.vae, latents), decode(self.vae, classes)
 
     @torch.no_grad()
@@ -497,8 +503,8 @@ class Scorer:
         """The scores, and the decoded renders they were taken on (instance, then class)."""
         instance, classes = self.renders(bundle)
         answers = self.judge(instance)
-        asked = torch.tensor([list(PLACES).index(c) for c in self.CONTEXTS for _ in self.SEEDS])
-        place = answers["place"][len(self.SEEDS):].softmax(1)
+        asked = torch.tensor([list(PLACES).index(c) for c in self.contexts for _ in self.seeds])
+        place = answers["place"][len(self.seeds):].softmax(1)
         prompt = place.gather(1, asked[:, None]).mean().item()
         class_answers = self.judge(classes)
         class_subject = self.is_subject(class_answers)
