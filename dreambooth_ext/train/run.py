@@ -10,6 +10,7 @@ import logging
 import math
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,8 +40,8 @@ from .batches import (
 from .devices import (
     Precision,
     device_name,
-    free_memory,
     memory_in_use,
+    release_memory,
     require_8bit_adam,
     require_compile,
     resolve_device,
@@ -140,6 +141,15 @@ class Progress:
         return cls(**data)
 
 
+def cancelled_message(step: int, resumed: bool) -> str:
+    """What a cancelled run says of what is left to resume."""
+    if step:
+        return f"Cancelled at step {step}; Resume continues from there"
+    if resumed:
+        return "Cancelled before its first step; Resume continues from the saved state"
+    return "Cancelled before the first step: nothing was saved, so Start begins again"
+
+
 @dataclass
 class RunResult:
     status: str  # "finished" or "cancelled"
@@ -231,30 +241,38 @@ class TrainingRun(RunControl):
 
     def _train(self, config: Config, examples: tuple[list[Example], list[Example]], device: torch.device,
                precision: Precision, work_dir: Path, state: TrainingState | None) -> RunResult:
-        instances, held_out = examples
         self._emit(Progress("loading", message="Loading the base model"))
         # "auto" trains where the host's model is; a device the user picked may be another one.
         self.host.release_device(None if device_name(config.device) == "auto" else device)
         try:
-            bundle = self.host.load_base(config)
-            warnings = tuple(w for w in (*bundle.notes, resolution_warning(config, bundle)) if w)
-            for warning in warnings:
-                log.warning(warning)
-            if warnings:
-                self._emit(Progress("loading", message="Loaded the base model", warnings=warnings))
-            class_dirs = self._class_images(config, bundle, work_dir, device, precision, instances)
-            if self.processes.any(self.cancelled):  # also where the others wait for the main process's images
-                self.result = RunResult("cancelled", 0, 0)
-                return self.result
-            classes = (collect_class_examples(config, class_dirs, trained_concepts(instances))
-                       if config.prior_preservation else [])
-            _check_class_images(config, classes)
-            loop = _Loop(self, config, bundle, instances, classes, device, precision, work_dir, held_out)
-            self.result = loop.train(state)
-            return self.result
+            return self._train_loaded(config, examples, device, precision, work_dir, state)
+        except BaseException as exc:
+            traceback.clear_frames(exc.__traceback__)  # its frames let go of the run's model before it is freed
+            raise
         finally:
-            free_memory(device)
+            release_memory(device)  # before the host's model comes back to the device
             self.host.restore_device()
+
+    def _train_loaded(self, config: Config, examples: tuple[list[Example], list[Example]], device: torch.device,
+                      precision: Precision, work_dir: Path, state: TrainingState | None) -> RunResult:
+        """Load the base model, make the class images, train. Everything it loads is unreachable when it returns."""
+        instances, held_out = examples
+        bundle = self.host.load_base(config)
+        warnings = tuple(w for w in (*bundle.notes, resolution_warning(config, bundle)) if w)
+        for warning in warnings:
+            log.warning(warning)
+        if warnings:
+            self._emit(Progress("loading", message="Loaded the base model", warnings=warnings))
+        class_dirs = self._class_images(config, bundle, work_dir, device, precision, instances)
+        if self.processes.any(self.cancelled):  # also where the others wait for the main process's images
+            self.result = RunResult("cancelled", 0, 0)
+            return self.result
+        classes = (collect_class_examples(config, class_dirs, trained_concepts(instances))
+                   if config.prior_preservation else [])
+        _check_class_images(config, classes)
+        loop = _Loop(self, config, bundle, instances, classes, device, precision, work_dir, held_out)
+        self.result = loop.train(state)
+        return self.result
 
     def _check_dataset(self, config: Config, instances: list[Example], held_out: list[Example]) -> None:
         report = check_dataset(config, instances, held_out=held_out)
@@ -424,6 +442,7 @@ class _Loop:
                                      derive_seed(config.seed, "class order")) if classes else None)
         self.total_steps = self._total_steps()
         self.result = RunResult("finished", 0, self.total_steps)
+        self.fresh_losses: list[tuple[int, float]] = []  # read since the last report
         self.kind = trained_kind(config)
         self.started_at = time.time()
 
@@ -514,12 +533,17 @@ class _Loop:
     def train(self, state: TrainingState | None) -> RunResult:
         self._setup_modules()
         self._setup_data()
-        self.monitor = self._start_monitor(state)  # the base's predictions: before trained weights load
-        step = self._setup_optimization(state)
+        stepper = None
         try:
+            if self.processes.any(self.run.cancelled):  # cancelled while it cached: no base to measure first
+                return self._cancel(state.step if state is not None else 0, trained=False)
+            self.monitor = self._start_monitor(state)  # the base's predictions: before trained weights load
+            step = self._setup_optimization(state)
+            stepper = self.stepper
             return self._train_from(step)
         finally:
-            self.stepper.close()
+            if stepper is not None:
+                stepper.close()
             for feed in (self.instance_feed, self.class_feed):
                 if feed is not None:
                     feed.close()
@@ -779,14 +803,16 @@ class _Loop:
         if self.ema is not None and parts is not None and self.processes.count > 1:
             self.ema.made_whole(self.bundle.unet, parts, self.processes.device or self.device)
 
-    def _cancel(self, step: int) -> RunResult:
-        if step > 0:
+    def _cancel(self, step: int, *, trained: bool = True) -> RunResult:
+        """Stop at `step`, saving the state to resume from where this run trained (not where it stopped before its
+        first step: a resumed run's saved state is kept as it was)."""
+        if trained and step > 0:
             self._whole_ema()
             self._save_state(step)
         self.result.status, self.result.step = "cancelled", step
         fresh, self.fresh_losses = tuple(self.fresh_losses), []
         self.run._emit(Progress("cancelled", step=step, total_steps=self.total_steps, losses=fresh,
-                                message=f"Cancelled at step {step}; resume continues from there"))
+                                message=cancelled_message(step, self.run.resume)))
         return self.result
 
     def _base_record(self) -> dict:
