@@ -137,6 +137,36 @@ def test_cancel_then_resume_matches_an_uninterrupted_run(tiny_sd1, instance_dir,
     assert not (root / "models" / "dreambooth" / "t" / "state").exists()  # finished: state cleaned up
 
 
+def test_a_cancel_before_the_first_step_says_nothing_is_kept_and_skips_the_base_measure(
+        tiny_sd1, instance_dir, tmp_path):
+    """Seen in a real Forge: cancelled while it cached, a run first measured the base for the learning monitor (50 s
+    on an SDXL on a CPU), then said its state was kept for Resume, which then found none."""
+    config = make_config(tiny_sd1, instance_dir, max_train_steps=4)
+    seen = []
+
+    def cancel_while_caching(p: Progress) -> None:
+        seen.append(p)
+        if p.phase == "caching":
+            holder["run"].cancel()
+
+    holder = {}
+    holder["run"] = TrainingRun(config, FolderHost(tmp_path / "models"), on_progress=cancel_while_caching)
+    result = holder["run"].run()
+    assert result.status == "cancelled" and result.step == 0
+    assert not [p for p in seen if p.phase == "monitoring"]  # the base was not measured
+    assert seen[-1].message == "Cancelled before the first step: nothing was saved, so Start begins again"
+    assert not (tmp_path / "models" / "dreambooth" / "t" / "state").exists()
+
+    state = stop_at(config, tmp_path / "second", 2)  # a stopped run, resumed, then cancelled before its first step
+    before = {path.name: path.read_bytes() for path in state.iterdir()}
+    seen.clear()
+    holder["run"] = TrainingRun(config, FolderHost(tmp_path / "second" / "models"), resume=True,
+                                on_progress=cancel_while_caching)
+    result = holder["run"].run()
+    assert result.status == "cancelled" and seen[-1].message == "Cancelled at step 2; Resume continues from there"
+    assert {path.name: path.read_bytes() for path in state.iterdir()} == before  # its state as it was
+
+
 def test_resume_without_saved_state_is_a_clear_error(tiny_sd1, instance_dir, tmp_path):
     with pytest.raises(DreamboothError, match="has no stopped run to resume.*Start trains it from step 0"):
         train(make_config(tiny_sd1, instance_dir), tmp_path, resume=True)

@@ -19,7 +19,7 @@ from ..config import Config
 from ..errors import DreamboothError
 from ..hosts.base import Host
 from ..train.launch import ChildRun, training_run
-from ..train.run import Progress, RunResult, TrainingRun
+from ..train.run import Progress, RunResult, TrainingRun, cancelled_message
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +135,10 @@ class Job:
         if run is not None:
             run.cancel()
         if self.status.active:
-            self.status.message = "Cancelling: the run stops after the current step and saves its state"
+            self.status.message = ("Cancelling: the run stops after the current step and saves its state for Resume"
+                                   if self.status.step or self.resume else
+                                   "Cancelling: the run stops before its first step (nothing to resume: Start "
+                                   "begins again)")
 
     def run(self, host: Host) -> JobStatus:
         """Train in this thread. Never raises: an error becomes `status.error`; an expected refusal (a
@@ -198,8 +201,7 @@ class Job:
             listed.extend(str(path) for path in paths if str(path) not in listed)
         if result.status == "cancelled":
             status.state = CANCELLED
-            status.message = (f"Cancelled at step {result.step}; Resume continues from there"
-                              if result.step else "Cancelled before the first step")
+            status.message = cancelled_message(result.step, self.resume)
         else:
             status.state, status.message = FINISHED, f"Finished: {result.step} steps"
 

@@ -19,7 +19,7 @@ from ..train.devices import compile_problem
 from . import projects, render
 from .adapter import HostAdapter
 from .jobs import FINISHED, TERMINAL, JobManager, error_message, log_failure
-from .widgets import HIDDEN, js_kwarg, option_grid, update
+from .widgets import HIDDEN, js_kwarg, line_plot_options, option_grid, update
 
 log = logging.getLogger(__name__)
 
@@ -194,11 +194,11 @@ class DreamboothTab:
                                      elem_id="dreambooth_loss_chart")
             monitor = status.get("monitor")
             frame = render.monitor_frame(monitor)
-            self.monitor_chart = gr.LinePlot(
-                frame, x="step", y="value", color="signal", title="Learning monitor", y_title="relative value",
+            self.monitor_chart = gr.LinePlot(frame, **line_plot_options(
+                x="step", y="value", color="signal", title="Learning monitor", y_title="relative value",
                 color_legend_title="signal", tooltip=["step", "signal", "value", "verdict"], overlay_point=True,
                 caption=render.monitor_caption(monitor), height=220, min_width=CHART_MIN_WIDTH,
-                visible=frame is not None, elem_id="dreambooth_monitor_chart")
+                visible=frame is not None, elem_id="dreambooth_monitor_chart"))
         self.gallery = gr.Gallery(label="Sample images", columns=4, elem_id="dreambooth_gallery")
         with gr.Row(elem_id="dreambooth_load_row"):
             self.load_model_button = gr.Button("Load this model now", visible=False, elem_id="dreambooth_load_model")
@@ -384,11 +384,10 @@ class DreamboothTab:
         return outputs + [self.model_box(pick)]
 
     def cancel(self, seen: Any = None) -> list:
-        stopping = self.jobs.cancel()
+        stopping = self.jobs.cancel()  # the status then says what stops when, and what is kept
         outputs = self._view(self.jobs.status(), with_notice(seen, ""))
-        note = "Cancelling: the run stops after this step and keeps its state for Resume." if stopping else \
-            "No training run is active."
-        outputs[-1] = render.message_html(note) + outputs[-1]
+        if not stopping:
+            outputs[-1] = render.message_html("No training run is active.") + outputs[-1]
         return outputs
 
     def lowest_memory(self) -> list:
