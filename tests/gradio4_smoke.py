@@ -21,6 +21,7 @@ import os
 import sys
 import tempfile
 import urllib.request
+import warnings
 from pathlib import Path
 
 import gradio as gr
@@ -65,7 +66,12 @@ def smoke(root: Path) -> int:
     images = make_instance_images(root / "photos")
     adapter = folder_adapter(models, root / "work")
 
-    page, tab, jobs = build_page(adapter)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        page, tab, jobs = build_page(adapter)
+    components = [str(w.message) for w in caught if f"gradio{os.sep}components" in w.filename]
+    check(not components, "the tab's components take every argument given (gradio warns of none)"
+          + "".join(f"\n  {w}" for w in components))
     check(set(tab.widgets) == {o.name for o in schema.OPTIONS}, "every option has a widget")
     check(tab.collect([c.value for c in tab.form]) == schema.default_config(), "untouched form = defaults")
     config = page.get_config_file()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -19,6 +20,16 @@ HIDDEN = ["dreambooth-hidden"]  # CSS-hidden: unlike visible=False, gradio 4 sti
 def js_kwarg(code: str) -> dict[str, str]:
     """The keyword that attaches page JavaScript to an event: `_js` in gradio 3, `js` in gradio 4."""
     return {"_js": code} if GRADIO_MAJOR < 4 else {"js": code}
+
+
+def line_plot_options(**options: Any) -> dict[str, Any]:
+    """The LinePlot options the installed gradio takes. gradio 4.40's LinePlot (a native plot: Forge's) names the
+    legend's title `color_title` and has no `overlay_point` or `tooltip`; given them it warns that they are deprecated
+    (and Forge's gradio, that they are unexpected)."""
+    takes = inspect.signature(gr.LinePlot.__init__).parameters
+    if "color_legend_title" in options and "color_legend_title" not in takes and "color_title" in takes:
+        options["color_title"] = options.pop("color_legend_title")
+    return {name: value for name, value in options.items() if name in takes}
 
 
 def update(**kwargs: Any) -> dict:
