@@ -90,7 +90,7 @@ def run_one(args, overrides: dict) -> dict:
         original_init(self, *a, **k)
         loops.append(self)
 
-    engine._Loop.__init__ = keep
+    engine._Loop.__init__ = keep  # put back at the end: a caller in this process (the tests) trains again after
 
     def on_progress(progress) -> None:
         if progress.phase != "training":
@@ -112,12 +112,15 @@ def run_one(args, overrides: dict) -> dict:
             "concepts": [{"instance_dir": args.images, "class_dir": args.classes, "token": "ohwx",
                           "class_word": "toy", "num_class_images": 1, "generate_class_images": False}]}
     data.update(overrides)
-    with tempfile.TemporaryDirectory() as out:
-        host = FolderHost(out)
-        host.publish = lambda path: None
-        started = time.perf_counter()
-        engine.TrainingRun(from_dict(data), host, on_progress=on_progress).run()
-        figures["seconds"] = time.perf_counter() - started
+    try:
+        with tempfile.TemporaryDirectory() as out:
+            host = FolderHost(out)
+            host.publish = lambda path: None
+            started = time.perf_counter()
+            engine.TrainingRun(from_dict(data), host, on_progress=on_progress).run()
+            figures["seconds"] = time.perf_counter() - started
+    finally:
+        engine._Loop.__init__ = original_init
     return figures
 
 
