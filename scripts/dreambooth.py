@@ -72,10 +72,10 @@ def on_ui_tabs():
 def on_after_component(component, **kwargs):
     """The host creates its checkpoint dropdown after the extension tabs: connect the tab to it then. Not to the
     copies Forge announces too: its gradio 4 makes a new one (render=False, outside the page) at every update."""
-    classes = kwargs.get("elem_classes") or ()
-    forge_dropdown = FORGE_CHECKPOINT_DROPDOWN in ([classes] if isinstance(classes, str) else classes)
     if kwargs.get("render") is False:
         return
+    classes = kwargs.get("elem_classes") or ()
+    forge_dropdown = FORGE_CHECKPOINT_DROPDOWN in ([classes] if isinstance(classes, str) else classes)
     if (kwargs.get("elem_id") == CHECKPOINT_DROPDOWN or forge_dropdown) and tabs:
         tabs[0].attach_checkpoint_dropdown(component)
 

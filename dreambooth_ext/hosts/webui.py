@@ -183,8 +183,7 @@ def _extra_networks_uis() -> list[Any]:
     suffix = f"_{LORA_PAGE}_extra_refresh_internal"
     found = []
     for targets, fn in _events(demo):
-        blocks = [demo.blocks.get(target[0] if isinstance(target, (list, tuple)) else target) for target in targets]
-        if not any(str(getattr(block, "elem_id", "")).endswith(suffix) for block in blocks):
+        if not any(str(getattr(demo.blocks.get(target), "elem_id", "")).endswith(suffix) for target in targets):
             continue
         tab = _closure_value(fn, "ui")
         if tab is not None and hasattr(tab, "pages_contents") and all(tab is not other for other in found):
@@ -193,12 +192,13 @@ def _extra_networks_uis() -> list[Any]:
 
 
 def _events(demo: Any) -> list[tuple[list, Any]]:
-    """Each event of a gradio page as (its targets, its handler). gradio 3 (the WebUI) keeps the targets in
-    `demo.dependencies` beside the handlers in the list `demo.fns`, as block ids; gradio 4 (Forge) keeps both in
-    the values of the dict `demo.fns`, the targets as (block id, event name)."""
+    """Each event of a gradio page as (the block ids it is on, its handler). gradio 3 (the WebUI) keeps the block ids
+    in `demo.dependencies` beside the handlers in the list `demo.fns`; gradio 4 (Forge) keeps both in the values of
+    the dict `demo.fns`, each target as (block id, event name)."""
     handlers, dependencies = getattr(demo, "fns", None), getattr(demo, "dependencies", None)
     if isinstance(handlers, dict):
-        return [(list(getattr(h, "targets", None) or ()), getattr(h, "fn", None)) for h in handlers.values()]
+        return [([target[0] for target in getattr(h, "targets", None) or ()], getattr(h, "fn", None))
+                for h in handlers.values()]
     if isinstance(handlers, list) and isinstance(dependencies, list):
         return [(list(d.get("targets", ())), getattr(h, "fn", None))
                 for d, h in zip(dependencies, handlers, strict=False)]
